@@ -1,0 +1,4 @@
+from reccc.cli import main
+import sys
+
+sys.exit(main())

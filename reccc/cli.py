@@ -1,0 +1,148 @@
+"""The `reccc` command line.
+
+    reccc MODEL.onnx [--target=x86] [-O2] [-o OUT]     compile (the default command)
+    reccc inspect MODEL.onnx [--json]                  describe a model
+
+Exit status: 0 ok, 1 compile failure, 2 bad usage or input. Errors are one line on stderr; -v adds
+progress, TVM's own log and tracebacks.
+"""
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+
+from reccc import __version__
+from reccc.errors import ReccError, UsageError
+
+COMMANDS = ("inspect",)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as exit 2 through reccc's own one-line error path."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _compile_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="reccc",
+        description="Compile an ONNX recommender model into a library for a target, through Apache TVM.",
+        epilog="Other commands: 'reccc inspect MODEL' (see 'reccc inspect --help'). "
+        "Exit status: 0 ok, 1 compile failure, 2 bad usage or input.",
+    )
+    parser.add_argument("model", nargs="?", help="the ONNX model to compile")
+    parser.add_argument("-o", "--output", help="output path (default: MODEL with .so, or .opt.onnx with --emit=onnx)")
+    parser.add_argument(
+        "--target", default="x86",
+        help="'x86' (this host's CPU) or a TVM target as JSON, e.g. '{\"kind\":\"llvm\",\"mcpu\":\"skylake-avx512\"}' (default: x86)",
+    )
+    parser.add_argument("-O", dest="opt_level", type=int, default=2, choices=range(4), metavar="{0,1,2,3}",
+                        help="optimization level, as -O0 .. -O3 (default: -O2)")
+    parser.add_argument("--passes", help="run exactly these passes, comma-separated, instead of the level's pipeline")
+    parser.add_argument("--disable-pass", action="append", default=[], metavar="NAME", help="drop a pass from the pipeline (repeatable)")
+    parser.add_argument("--emit", choices=("library", "onnx"), default="library",
+                        help="'library': a shared library for reccc.load (default); 'onnx': the optimized graph as ONNX")
+    parser.add_argument("--index-check", choices=("error", "clamp"), default="error",
+                        help="out-of-range embedding ids at run time: raise naming the input (default), or clamp into the table")
+    parser.add_argument("--load-pass-plugin", action="append", default=[], metavar="MODULE",
+                        help="import a module or .py file that registers passes (repeatable)")
+    parser.add_argument("--list-passes", action="store_true", help="list the registered passes and exit")
+    parser.add_argument("--print-pipeline", action="store_true", help="print the passes that would run, and exit")
+    parser.add_argument("--print-after", action="append", default=[], metavar="NAME|all",
+                        help="print the graph after the named pass, or after every pass (repeatable)")
+    parser.add_argument("--time-passes", action="store_true", help="report each pass's time and what it changed")
+    parser.add_argument("--verify-each", action="store_true",
+                        help="after every pass, check the outputs against the input model in onnxruntime")
+    parser.add_argument("-v", "--verbose", action="store_true", help="progress, timings, TVM's log, tracebacks on error")
+    parser.add_argument("--version", action="version", version=f"reccc {__version__}")
+    return parser
+
+
+def _inspect_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="reccc inspect", description="Describe an ONNX model: ops, inputs and outputs, embedding tables, parameter bytes.")
+    parser.add_argument("model", help="the ONNX model")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("-v", "--verbose", action="store_true", help="tracebacks on error")
+    return parser
+
+
+def _run_compile(args: argparse.Namespace) -> int:
+    from reccc.compiler import CompileOptions, compile_model, pass_names
+    from reccc.native_output import silenced_stderr
+    from reccc.pass_manager import format_pass_report, registered_passes
+    from reccc.plugins import PASS_GROUP, load_entry_points, load_pass_plugin
+
+    for plugin in args.load_pass_plugin:
+        load_pass_plugin(plugin)
+    options = CompileOptions(
+        target=args.target,
+        opt_level=args.opt_level,
+        passes=[p.strip() for p in args.passes.split(",") if p.strip()] if args.passes is not None else None,
+        disabled_passes=args.disable_pass,
+        emit=args.emit,
+        index_check=args.index_check,
+        print_after=args.print_after,
+        verify_each=args.verify_each,
+    )
+    if args.list_passes:
+        load_entry_points(PASS_GROUP)
+        for name, cls in registered_passes().items():
+            print(f"{name:<28}{'' if cls.lossless else '[lossy] '}{cls.summary}")
+        return 0
+    if args.print_pipeline:
+        print(",".join(pass_names(options)))
+        return 0
+    if args.model is None:
+        raise UsageError("no input model (see 'reccc --help')")
+    output = Path(args.output) if args.output else Path(args.model).with_suffix(".opt.onnx" if args.emit == "onnx" else ".so")
+    with silenced_stderr(enabled=not args.verbose):
+        result = compile_model(args.model, output, options)
+    if args.time_passes:
+        print(format_pass_report(result.passes), file=sys.stderr)
+    if args.verbose:
+        size = result.output.stat().st_size
+        print(
+            f"reccc: passes {result.pass_seconds * 1e3:.1f} ms, lowering {result.lowering_seconds:.2f} s; "
+            f"wrote {result.output} ({size} bytes)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from reccc.inspection import format_report, model_report
+    from reccc.ir import Model
+    from reccc.model_file import read_model
+
+    report = model_report(Model.from_onnx(read_model(args.model), args.model))
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "-v" in argv or "--verbose" in argv
+    try:
+        if argv and argv[0] in COMMANDS:
+            return _run_inspect(_inspect_parser().parse_args(argv[1:]))
+        return _run_compile(_compile_parser().parse_args(argv))
+    except ReccError as error:
+        if verbose:
+            traceback.print_exc()
+        print(f"reccc: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("reccc: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # a bug in reccc or TVM: still one line unless -v
+        if verbose:
+            traceback.print_exc()
+        print(f"reccc: internal error: {type(error).__name__}: {error} (rerun with -v for details)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""reccc's IR: an onnx-graphsurgeon Graph plus what reccc adds to it.
+
+graphsurgeon does import/export, toposort and cleanup; this module adds checked shapes and dtypes
+(onnx shape inference in strict mode), opset validation, unique node names (errors name nodes),
+and a networkx view of the dataflow for analyses.
+"""
+
+from collections.abc import Iterator
+
+import networkx as nx
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from reccc.errors import CompileError, UsageError
+
+# Opsets of the default ONNX domain that both TVM's Relax importer and onnxruntime handle.
+SUPPORTED_OPSETS = range(13, 24)
+
+
+class Model:
+    """One ONNX model being compiled. Passes mutate `graph` in place."""
+
+    def __init__(self, graph: gs.Graph, source: str = "<model>"):
+        self.graph = graph
+        self.source = source
+
+    @classmethod
+    def from_onnx(cls, proto: onnx.ModelProto, source: str = "<model>") -> "Model":
+        opset = _default_opset(proto)
+        if opset not in SUPPORTED_OPSETS:
+            raise UsageError(
+                f"{source}: unsupported opset {opset} (reccc supports ONNX opsets "
+                f"{SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1})"
+            )
+        model = cls(gs.import_onnx(_inferred(proto, source)), source)
+        model._name_unnamed_nodes()
+        return model
+
+    def to_onnx(self) -> onnx.ModelProto:
+        """Export as a ModelProto with shapes re-inferred; raises UsageError if the graph is invalid."""
+        self.graph.toposort()
+        try:
+            return _inferred(gs.export_onnx(self.graph), self.source)
+        except UsageError as error:  # the input was valid, so a broken graph now is a compiler bug
+            raise CompileError(str(error)) from error
+
+    @property
+    def opset(self) -> int:
+        return self.graph.opset
+
+    def initializers(self) -> dict[str, gs.Constant]:
+        """Every constant tensor of the graph by name (initializers and Constant node values alike)."""
+        return {name: t for name, t in self.graph.tensors().items() if isinstance(t, gs.Constant)}
+
+    def parameter_bytes(self) -> int:
+        return sum(t.values.nbytes for t in self.initializers().values())
+
+    def nodes(self) -> Iterator[gs.Node]:
+        return iter(self.graph.nodes)
+
+    def dataflow(self) -> nx.DiGraph:
+        """Tensor-level dataflow: an edge from each input tensor of a node to each of its outputs,
+        labelled with the node's name. Graph inputs and initializers are sources."""
+        flow = nx.DiGraph()
+        flow.add_nodes_from(self.graph.tensors())
+        for node in self.graph.nodes:
+            for source in node.inputs:
+                for target in node.outputs:
+                    if source.name and target.name:
+                        flow.add_edge(source.name, target.name, node=node.name)
+        return flow
+
+    def _name_unnamed_nodes(self) -> None:
+        taken = {node.name for node in self.graph.nodes if node.name}
+        for index, node in enumerate(self.graph.nodes):
+            if node.name:
+                continue
+            name = f"{node.op}_{index}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+
+
+def tensor_dtype(tensor: gs.Tensor) -> np.dtype | None:
+    """The numpy dtype of a graphsurgeon tensor, or None when unknown."""
+    return None if tensor.dtype is None else np.dtype(tensor.dtype)
+
+
+def _default_opset(proto: onnx.ModelProto) -> int:
+    for entry in proto.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    return 1
+
+
+def _inferred(proto: onnx.ModelProto, source: str) -> onnx.ModelProto:
+    try:
+        return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as error:
+        first = str(error).strip().splitlines()[0]
+        raise UsageError(f"{source}: shape inference failed: {first}") from error

@@ -1,0 +1,109 @@
+"""Loading and running a compiled reccc artifact: `reccc.load("model.so").run({...})`.
+
+Inputs are checked against the artifact's manifest before they reach compiled code, so a wrong name,
+dtype, rank or batch size raises a ModelInputError naming the input instead of crashing the process.
+"""
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from reccc.errors import EmbeddingIndexError, ModelInputError
+from reccc.manifest import IndexGuard, Manifest, TensorSpec, read_manifest
+
+
+def load(path: str | Path) -> "CompiledModel":
+    """Load an artifact written by `reccc MODEL -o path` for a target this machine can run."""
+    return CompiledModel(Path(path))
+
+
+class CompiledModel:
+    def __init__(self, path: Path):
+        import tvm  # deferred: importing TVM takes a second, and `reccc --help` needs none of it
+        from tvm import relax
+
+        self.path = path
+        self.manifest: Manifest = read_manifest(path)
+        self._device = tvm.cpu()
+        self._vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), self._device)
+        self._main = self._vm["main"]
+        self._tensor = tvm.runtime.tensor
+
+    @property
+    def input_names(self) -> list[str]:
+        return [spec.name for spec in self.manifest.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [spec.name for spec in self.manifest.outputs]
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run once; returns the graph's outputs by name."""
+        arrays = _checked_inputs(self.manifest.inputs, inputs)
+        results = self._main(*(self._tensor(arrays[spec.name], self._device) for spec in self.manifest.inputs))
+        values = [results] if len(self.manifest.outputs) + len(self.manifest.index_guards) == 1 else list(results)
+        named = [spec.name for spec in self.manifest.outputs] + [g.flag_output for g in self.manifest.index_guards]
+        outputs = {name: value.numpy() for name, value in zip(named, values)}
+        for guard in self.manifest.index_guards:
+            if outputs.pop(guard.flag_output) > 0:
+                raise EmbeddingIndexError(_index_error_message(guard, arrays))
+        return outputs
+
+
+def _checked_inputs(specs: list[TensorSpec], inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    expected = [spec.name for spec in specs]
+    unknown = sorted(set(inputs) - set(expected))
+    if unknown:
+        raise ModelInputError(f"unknown input '{unknown[0]}' (the model's inputs are: {', '.join(expected)})")
+    missing = [name for name in expected if name not in inputs]
+    if missing:
+        raise ModelInputError(f"missing input '{missing[0]}' (the model's inputs are: {', '.join(expected)})")
+    bound: dict[str, tuple[int, str]] = {}  # symbolic dim -> (size, input that fixed it)
+    arrays = {}
+    for spec in specs:
+        array = np.asarray(inputs[spec.name])
+        if array.dtype != np.dtype(spec.dtype):
+            raise ModelInputError(f"input '{spec.name}' has dtype {array.dtype}, expected {spec.dtype}")
+        if array.ndim != len(spec.shape):
+            raise ModelInputError(
+                f"input '{spec.name}' has rank {array.ndim} (shape {array.shape}), expected rank {len(spec.shape)} "
+                f"(shape {_shape_text(spec.shape)})"
+            )
+        for axis, (size, dim) in enumerate(zip(array.shape, spec.shape)):
+            if isinstance(dim, int):
+                if size != dim:
+                    raise ModelInputError(
+                        f"input '{spec.name}' has size {size} in dim {axis}, expected {dim} (shape {_shape_text(spec.shape)})"
+                    )
+            elif dim in bound and bound[dim][0] != size:
+                size_before, first = bound[dim]
+                raise ModelInputError(
+                    f"input '{spec.name}' has {dim}={size} in dim {axis}, but input '{first}' has {dim}={size_before}"
+                )
+            else:
+                bound.setdefault(dim, (size, spec.name))
+        arrays[spec.name] = np.ascontiguousarray(array)
+    return arrays
+
+
+def _shape_text(shape: list[int | str]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def _index_error_message(guard: IndexGuard, arrays: dict[str, np.ndarray]) -> str:
+    valid = f"valid ids are {-guard.rows}..{guard.rows - 1}"
+    if guard.direct_input is not None:
+        ids = arrays[guard.direct_input]
+        bad = np.argwhere((ids < -guard.rows) | (ids >= guard.rows))
+        where = tuple(int(i) for i in bad[0]) if len(bad) else ()
+        value = ids[where] if len(bad) else "?"
+        return (
+            f"input '{guard.direct_input}': id {value} at {list(where)} is out of range for embedding table "
+            f"'{guard.table}' with {guard.rows} rows ({valid})"
+        )
+    sources = ", ".join(f"'{name}'" for name in guard.source_inputs) or "constants"
+    return (
+        f"Gather node '{guard.node}': ids computed from input {sources} are out of range for embedding table "
+        f"'{guard.table}' with {guard.rows} rows ({valid})"
+    )

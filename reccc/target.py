@@ -1,0 +1,74 @@
+"""What a compilation target is, and the registry that turns a --target spec into one.
+
+Concrete targets live in reccc.targets and register themselves; a spec is a registered name
+(`x86`) or a TVM target as JSON (`{"kind": "llvm", ...}`), which goes to whichever target
+registered that TVM kind.
+"""
+
+import abc
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from reccc.errors import UsageError
+from reccc.plugins import TARGET_GROUP, load_entry_points
+
+
+class Target(abc.ABC):
+    """Lowers an ONNX model through TVM and writes a loadable library."""
+
+    @abc.abstractmethod
+    def tvm_target(self) -> Any:
+        """The tvm.target.Target this target compiles for."""
+
+    @abc.abstractmethod
+    def compile(self, model: onnx.ModelProto, opt_level: int) -> Any:
+        """Lower `model` to a TVM executable (a Relax VM executable)."""
+
+    @abc.abstractmethod
+    def export(self, executable: Any, path: Path, addons: list[Path]) -> None:
+        """Write `executable` as a shared library at `path`, linking the extra sources `addons` into it."""
+
+    def description(self) -> dict:
+        """The TVM target as JSON-able data, for the artifact's manifest."""
+        return json.loads(json.dumps(dict(self.tvm_target().export()), default=str))
+
+
+_NAMED: dict[str, Callable[[], Target]] = {}
+_BY_TVM_KIND: dict[str, Callable[[dict], Target]] = {}
+
+
+def register_target(name: str, factory: Callable[[], Target]) -> None:
+    _NAMED[name] = factory
+
+
+def register_tvm_kind(kind: str, factory: Callable[[dict], Target]) -> None:
+    """`factory` builds a Target from a TVM target JSON dict whose "kind" is `kind`."""
+    _BY_TVM_KIND[kind] = factory
+
+
+def available_targets() -> list[str]:
+    load_entry_points(TARGET_GROUP)
+    return sorted(_NAMED)
+
+
+def resolve_target(spec: str) -> Target:
+    load_entry_points(TARGET_GROUP)
+    if spec.lstrip().startswith("{"):
+        try:
+            config = json.loads(spec)
+        except json.JSONDecodeError as error:
+            raise UsageError(f"--target: invalid JSON: {error}") from error
+        kind = config.get("kind") if isinstance(config, dict) else None
+        if kind not in _BY_TVM_KIND:
+            supported = ", ".join(sorted(_BY_TVM_KIND)) or "none"
+            raise UsageError(f"--target: TVM target kind '{kind}' is not supported (supported kinds: {supported})")
+        return _BY_TVM_KIND[kind](config)
+    if spec not in _NAMED:
+        raise UsageError(
+            f"--target: unknown target '{spec}' (available: {', '.join(sorted(_NAMED))}, or a TVM target as JSON)"
+        )
+    return _NAMED[spec]()
