@@ -6,7 +6,7 @@ compiled artifact serves every batch size.
 
 import onnx
 import tvm
-from tvm import relax
+from tvm import relax, te, tirx
 from tvm.relax.frontend.onnx import from_onnx
 from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
@@ -37,12 +37,27 @@ def to_relax(model: onnx.ModelProto) -> tvm.IRModule:
         raise CompileError(f"TVM could not import the model: {first}") from error
 
 
+def _relu_propagating_nan(block_builder: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    """ONNX Relu(NaN) is NaN; TOPI's max(x, 0) becomes LLVM's maxnum, which returns 0 for NaN."""
+
+    def relu(x: te.Tensor) -> te.Tensor:
+        zero = tirx.const(0, x.dtype)
+        return te.compute(x.shape, lambda *i: tirx.Select(x(*i) < zero, zero, x(*i)), name="relu")
+
+    return block_builder.call_te(relu, call.args[0], primfunc_name_hint="relu")
+
+
+# Legalizations that replace TVM's where its numerics differ from ONNX's (checked against onnxruntime).
+_ONNX_EXACT_LEGALIZATIONS = {"relax.nn.relu": _relu_propagating_nan}
+
+
 def build(model: onnx.ModelProto, target: tvm.target.Target, opt_level: int) -> tvm.runtime.Executable:
     """Import and compile. From -O1 on, Relax-level legalization, constant folding (weight transposes
     of Gemm are folded here instead of running every call) and operator fusion run before TVM's build."""
     module = to_relax(model)
     try:
         with target:
+            module = relax.transform.LegalizeOps(_ONNX_EXACT_LEGALIZATIONS)(module)
             if opt_level >= 1:
                 module = relax.get_pipeline("zero")(module)
             return tvm.compile(module, target=target)

@@ -65,9 +65,10 @@ class _GraphBuilder:
         return self.node("Gather", [self.table(rows, dim), ids], "emb_out", axis=0)
 
     def flatten_keep_batch(self, x: str, inner: int) -> str:
-        """Reshape to [batch, inner] with the shape computed from Shape(x), as exporters emit it."""
+        """Reshape to [batch, inner] with the shape computed from Shape(x), as torch exports x.view(x.size(0), -1)."""
         shape = self.node("Shape", [x])
-        batch = self.node("Gather", [shape, self.const("zero", np.array([0], np.int64))], axis=0)
+        batch = self.node("Gather", [shape, self.const("zero", np.array(0, np.int64))], axis=0)
+        batch = self.node("Unsqueeze", [batch, self.const("axis", np.array([0], np.int64))])
         target = self.node("Concat", [batch, self.const("inner", np.array([inner], np.int64))], axis=0)
         return self.node("Reshape", [x, target])
 

@@ -1,0 +1,155 @@
+"""Compiled artifacts through the public API: `reccc.load(path).run(inputs)` against onnxruntime,
+input checking, and the embedding index guard."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import reccc
+from reccc.errors import EmbeddingIndexError, ModelInputError, UsageError
+from reccc.ir import Model
+from reccc.manifest import read_manifest
+from reccc.reference import agreement, run_reference
+from reccc.sample_inputs import random_inputs
+
+from conftest import TESTSUITE_MODELS, assert_matches_onnxruntime, model_path
+
+
+@pytest.mark.parametrize("name", TESTSUITE_MODELS)
+def test_one_artifact_serves_every_batch_size(compiled, name):
+    model = reccc.load(compiled(name))
+    for batch in (1, 7, 64, 2048):
+        assert_matches_onnxruntime(model_path(name), model.run, batch, seed=batch)
+
+
+@pytest.mark.parametrize("level", [0, 1, 3])
+def test_every_optimization_level_matches_onnxruntime(compiled, level):
+    model = reccc.load(compiled("dlrm", opt_level=level))
+    assert_matches_onnxruntime(model_path("dlrm"), model.run, batch=9)
+
+
+def test_manifest_describes_the_interface(compiled):
+    manifest = read_manifest(compiled("dlrm"))
+    assert [(t.name, t.dtype, t.shape) for t in manifest.inputs] == [("dense", "float32", ["batch", 13])] + [
+        (f"cat_{i}", "int64", ["batch"]) for i in range(4)
+    ]
+    assert [(t.name, t.shape) for t in manifest.outputs] == [("ctr", ["batch", 1])]
+    assert manifest.passes == ["constant-folding", "dead-code-elimination"]
+    assert manifest.target["kind"] == "llvm" and manifest.target["mtriple"] == "x86_64-linux-gnu"
+    assert manifest.index_check == "error" and len(manifest.index_guards) == 4
+
+
+def test_reading_a_manifest_from_a_non_artifact_names_the_file(tmp_path):
+    bogus = tmp_path / "x.so"
+    bogus.write_bytes(b"\x7fELF" + bytes(100))
+    with pytest.raises(UsageError, match="x.so: not a reccc artifact"):
+        read_manifest(bogus)
+
+
+def _dlrm_inputs(batch=4):
+    return random_inputs(Model.from_onnx(onnx.load(model_path("dlrm"))), batch, seed=1)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda f: f.pop("cat_1"), "missing input 'cat_1'"),
+        (lambda f: f.update(extra=np.zeros(4)), "unknown input 'extra'"),
+        (lambda f: f.update(dense=f["dense"].astype(np.float64)), "input 'dense' has dtype float64, expected float32"),
+        (lambda f: f.update(cat_0=f["cat_0"].astype(np.int32)), "input 'cat_0' has dtype int32, expected int64"),
+        (lambda f: f.update(dense=f["dense"][None]), "input 'dense' has rank 3"),
+        (lambda f: f.update(dense=f["dense"][:, :12]), "input 'dense' has size 12 in dim 1, expected 13"),
+        (lambda f: f.update(cat_3=f["cat_3"][:3]), "input 'cat_3' has batch=3 in dim 0, but input 'dense' has batch=4"),
+    ],
+)
+def test_bad_inputs_raise_naming_the_input(compiled, change, message):
+    model = reccc.load(compiled("dlrm"))
+    feeds = _dlrm_inputs()
+    change(feeds)
+    with pytest.raises(ModelInputError, match=message.replace("[", r"\[")):
+        model.run(feeds)
+
+
+@pytest.mark.parametrize("good_id", [0, 999, -1, -1000])
+def test_ids_at_the_table_boundaries_match_onnxruntime(compiled, good_id):
+    model = reccc.load(compiled("dlrm"))
+    feeds = _dlrm_inputs()
+    feeds["cat_2"][2] = good_id
+    expected = run_reference(onnx.load(model_path("dlrm")), feeds)
+    for error, bound in agreement(expected, model.run(feeds)).values():
+        assert error <= bound
+
+
+@pytest.mark.parametrize("bad_id", [1000, 1063, 1064, 10**12, -1001, -(2**62)])
+def test_out_of_range_ids_raise_naming_the_input(compiled, bad_id):
+    model = reccc.load(compiled("dlrm"))
+    feeds = _dlrm_inputs()
+    feeds["cat_2"][2] = bad_id
+    with pytest.raises(EmbeddingIndexError, match=rf"input 'cat_2': id {bad_id} at \[2\] is out of range .* 1000 rows"):
+        model.run(feeds)
+
+
+def test_out_of_range_ids_in_a_multi_id_input(compiled):
+    model = reccc.load(compiled("deepfm"))
+    feeds = {"feat_ids": np.array([[1, 2, 3, 4, 5], [1, 2, 3, 300, 5]], np.int64)}
+    with pytest.raises(EmbeddingIndexError, match=r"input 'feat_ids': id 300 at \[1, 3\]"):
+        model.run(feeds)
+
+
+def test_clamp_mode_reads_the_nearest_row(compiled):
+    model = reccc.load(compiled("dlrm", index_check="clamp"))
+    feeds = _dlrm_inputs()
+    feeds["cat_0"][:4] = [1000, 10**9, -1001, -(10**9)]
+    clamped = dict(feeds, cat_0=np.clip(feeds["cat_0"], -1000, 999))
+    expected = run_reference(onnx.load(model_path("dlrm")), clamped)
+    for error, bound in agreement(expected, model.run(feeds)).values():
+        assert error <= bound
+
+
+def _offset_ids_model(path):
+    """A table gathered with ids computed inside the graph (input + 5), as hashed or offset ids are."""
+    table = numpy_helper.from_array(np.arange(40, dtype=np.float32).reshape(10, 4), "table")
+    offset = numpy_helper.from_array(np.array(5, np.int64), "offset")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Add", ["ids", "offset"], ["shifted"], name="shift"),
+            helper.make_node("Gather", ["table", "shifted"], ["rows"], name="lookup"),
+        ],
+        "offset_ids",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch"])],
+        [helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["batch", 4])],
+        [table, offset],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+
+
+def test_ids_computed_in_the_graph_are_checked_too(tmp_path):
+    _offset_ids_model(tmp_path / "m.onnx")
+    reccc.compile(tmp_path / "m.onnx", tmp_path / "m.so")
+    model = reccc.load(tmp_path / "m.so")
+    np.testing.assert_array_equal(model.run({"ids": np.array([0, 4])})["rows"], [[20, 21, 22, 23], [36, 37, 38, 39]])
+    with pytest.raises(EmbeddingIndexError, match="Gather node 'lookup': ids computed from input 'ids' are out of range"):
+        model.run({"ids": np.array([0, 5])})
+
+
+def test_nan_and_inf_in_dense_features_propagate(compiled):
+    model = reccc.load(compiled("dlrm"))
+    feeds = _dlrm_inputs()
+    feeds["dense"][1, 0] = np.nan
+    feeds["dense"][2, 0] = np.inf
+    out = model.run(feeds)["ctr"]
+    expected = run_reference(onnx.load(model_path("dlrm")), feeds)["ctr"]
+    assert np.isnan(out[1, 0]) == np.isnan(expected[1, 0])
+    np.testing.assert_allclose(out[[0, 3]], expected[[0, 3]], rtol=1e-5, atol=1e-6)
+
+
+def test_compile_through_the_python_api_with_options(tmp_path):
+    result = reccc.compile(model_path("two_tower"), tmp_path / "tt.so", opt_level=1, target="x86")
+    assert result.output == tmp_path / "tt.so" and [r.name for r in result.passes] == ["dead-code-elimination"]
+    model = reccc.load(result.output)
+    assert model.input_names == ["user_id", "user_features", "item_id", "item_features"]
+    assert model.output_names == ["score", "user_vector"]
+    assert_matches_onnxruntime(model_path("two_tower"), model.run, batch=5)

@@ -1,0 +1,336 @@
+"""Benchmark a model compiled by reccc against onnxruntime and plain TVM on this CPU.
+
+    python tools/bench.py                                   # the standard DLRM-style model, built in a temp dir
+    python tools/bench.py testsuite/models/dlrm.onnx --batches 1,64 --repeat 10
+
+Engines, all fed the same random valid inputs (reccc.sample_inputs) in one process:
+  onnxruntime    ORT_ENABLE_ALL with --threads intra-op threads (reccc.reference.reference_session)
+  reccc          reccc.load(artifact).run(feeds): numpy in, numpy out, inputs checked against the manifest
+  reccc_vm_call  the same artifact's Relax VM "main" called on inputs already converted to TVM tensors,
+                 so the difference to `reccc` is the Python wrapper's overhead
+  plain_tvm      tvm.compile(from_onnx(model)) with no reccc passes and no Relax pipeline, numpy in and out
+Repetitions are interleaved (each round runs every engine once, in an order that rotates per round),
+so drift in machine speed hits all engines alike. Results go to bench-results/bench-<model>.json.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "bench-results"
+
+# The model of the TVM notes' speed table: 8 tables 100k x 64, MLPs 13-512-256-64 and 576-512-256-1.
+STANDARD_MODEL = {"tables": 8, "rows": 100_000, "dim": 64, "dense": 13, "bottom": (512, 256), "top": (512, 256)}
+STANDARD_MODEL_STEM = "dlrm-standard"
+
+WARMUP_RUNS = 3
+# An engine stops repeating once its timed runs add up to this many seconds (and it has at least
+# MIN_RUNS): plain TVM takes about 2 s per run at batch 2048, where --repeat runs would take minutes.
+ENGINE_BUDGET_S = 20.0
+MIN_RUNS = 3
+INPUT_SEED = 0
+
+
+@dataclass
+class Engine:
+    name: str
+    run: Callable[[], object]
+    # Whether run() returns {output name: ndarray}, which is then checked against onnxruntime.
+    returns_outputs: bool = True
+    seconds: list[float] = field(default_factory=list)
+
+    def wants_more(self, repeat: int) -> bool:
+        if len(self.seconds) >= repeat:
+            return False
+        return len(self.seconds) < MIN_RUNS or sum(self.seconds) < ENGINE_BUDGET_S
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Time reccc's compiled model against onnxruntime and plain TVM (tvm.compile, no reccc passes).",
+    )
+    parser.add_argument(
+        "model", nargs="?", type=Path,
+        help="an .onnx model (default: build the standard DLRM-style model, "
+        "dlrm(tables=8, rows=100_000, dim=64, dense=13, bottom=(512, 256), top=(512, 256)), in a temp dir)",
+    )
+    parser.add_argument("--batches", type=batch_list, default=[1, 64, 2048], help="comma-separated batch sizes (default: 1,64,2048)")
+    parser.add_argument("--repeat", type=int, default=20, help="timed repetitions per engine and batch (default: 20; "
+                        f"an engine stops early after {ENGINE_BUDGET_S:g} s of timed runs, but not before {MIN_RUNS})")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="onnxruntime intra-op threads, and TVM's threads unless TVM_NUM_THREADS is set (default: all cores)")
+    parser.add_argument("-O", dest="opt_level", type=int, default=2, help="reccc optimization level (default: 2)")
+    parser.add_argument("--json", type=Path, help="where to write the results (default: bench-results/bench-<model stem>.json)")
+    parser.add_argument("--no-plain-tvm", action="store_true", help="skip the plain TVM baseline (its compile and runs are slow)")
+    args = parser.parse_args(argv)
+    if args.repeat < 1 or args.threads < 1:
+        parser.error("--repeat and --threads must be at least 1")
+    return args
+
+
+def batch_list(text: str) -> list[int]:
+    try:
+        batches = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, not '{text}'") from None
+    if any(batch < 1 for batch in batches):
+        raise argparse.ArgumentTypeError("batch sizes must be at least 1")
+    return batches
+
+
+def set_tvm_threads(threads: int) -> str:
+    """Give TVM's runtime --threads threads unless TVM_NUM_THREADS is set; must run before TVM starts
+    its thread pool. Without either, TVM takes half of hardware_concurrency on x86 (it assumes
+    hyper-threading), which is 1 thread on a 2-core machine while onnxruntime gets 2."""
+    if "TVM_NUM_THREADS" in os.environ:
+        return f"TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']} (from the environment)"
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    return f"TVM_NUM_THREADS={threads} (set by bench.py from --threads)"
+
+
+def build_standard_model(folder: Path) -> Path:
+    sys.path.insert(0, str(REPO_ROOT / "tools"))  # testmodels.py is a script beside this one, not a package
+    from testmodels import dlrm
+
+    path = folder / f"{STANDARD_MODEL_STEM}.onnx"
+    onnx.save(dlrm(**STANDARD_MODEL), str(path))
+    return path
+
+
+def machine_info() -> dict:
+    cpu_model = "unknown"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    return {"platform": platform.platform(), "machine": platform.machine(), "python": platform.python_version(),
+            "cpu_model": cpu_model, "cores": os.cpu_count()}
+
+
+def versions() -> dict:
+    import onnxruntime
+    import tvm
+
+    import reccc
+
+    return {"reccc": reccc.__version__, "tvm": tvm.__version__, "onnxruntime": onnxruntime.__version__,
+            "onnx": onnx.__version__, "numpy": np.__version__}
+
+
+def tvm_runtime_threads() -> int:
+    import tvm
+
+    return int(tvm.get_global_func("runtime.NumThreads")())
+
+
+def compile_with_reccc(model_path: Path, artifact: Path, opt_level: int) -> float:
+    import reccc
+
+    start = time.perf_counter()
+    reccc.compile(str(model_path), str(artifact), target="x86", opt_level=opt_level)
+    return time.perf_counter() - start
+
+
+def compile_plain_tvm(model: onnx.ModelProto) -> tuple[Callable, float]:
+    """The baseline: TVM's ONNX importer and tvm.compile's default pipeline for this host's CPU,
+    kept in memory (no export); returns the VM's main function and the compile seconds."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from reccc.targets.x86 import host_cpu
+
+    start = time.perf_counter()
+    executable = tvm.compile(from_onnx(model), target=host_cpu().tvm_target())
+    seconds = time.perf_counter() - start
+    return relax.VirtualMachine(executable, tvm.cpu())["main"], seconds
+
+
+def load_vm_main(artifact: Path) -> Callable:
+    """The artifact's Relax VM entry point, loaded without reccc's runtime wrapper."""
+    import tvm
+    from tvm import relax
+
+    return relax.VirtualMachine(tvm.runtime.load_module(str(artifact)), tvm.cpu())["main"]
+
+
+def graph_input_names(model: onnx.ModelProto) -> list[str]:
+    """The graph inputs in the order from_onnx makes them parameters of main (initializers excluded)."""
+    initializers = {init.name for init in model.graph.initializer}
+    return [value.name for value in model.graph.input if value.name not in initializers]
+
+
+def make_engines(feeds: dict[str, np.ndarray], session, compiled, vm_main: Callable, plain_main: Callable | None,
+                 plain_inputs: list[str], plain_outputs: list[str]) -> list[Engine]:
+    import tvm
+
+    ort_outputs = [output.name for output in session.get_outputs()]
+    # The raw VM call gets its TVM tensors made once, outside the timing.
+    vm_arguments = [tvm.runtime.tensor(feeds[spec.name]) for spec in compiled.manifest.inputs]
+
+    def plain_tvm() -> dict[str, np.ndarray]:
+        result = plain_main(*(tvm.runtime.tensor(feeds[name]) for name in plain_inputs))
+        values = [result] if isinstance(result, tvm.runtime.Tensor) else list(result)
+        return {name: value.numpy() for name, value in zip(plain_outputs, values)}
+
+    engines = [
+        Engine("onnxruntime", lambda: dict(zip(ort_outputs, session.run(ort_outputs, feeds)))),
+        Engine("reccc", lambda: compiled.run(feeds)),
+        Engine("reccc_vm_call", lambda: vm_main(*vm_arguments), returns_outputs=False),
+    ]
+    if plain_main is not None:
+        engines.append(Engine("plain_tvm", plain_tvm))
+    return engines
+
+
+def warm_up(engine: Engine) -> object:
+    """Run WARMUP_RUNS times (first-call allocation, page faults on the weights, thread-pool start);
+    returns the last result."""
+    for _ in range(WARMUP_RUNS):
+        result = engine.run()
+    return result
+
+
+def time_interleaved(engines: list[Engine], repeat: int) -> None:
+    """Fill each engine's `seconds`. Round r starts at engine r mod n, so every engine takes every
+    position in a round in turn: none is always the first after a pause, or always the one that runs
+    while the previous engine's thread pool is still spinning."""
+    round_number = 0
+    while any(engine.wants_more(repeat) for engine in engines):
+        shift = round_number % len(engines)
+        for engine in engines[shift:] + engines[:shift]:
+            if engine.wants_more(repeat):
+                start = time.perf_counter()
+                engine.run()
+                engine.seconds.append(time.perf_counter() - start)
+        round_number += 1
+
+
+def bench_batch(batch: int, model, proto: onnx.ModelProto, session, compiled, vm_main, plain_main, repeat: int) -> dict:
+    from reccc.reference import agreement
+    from reccc.sample_inputs import random_inputs
+
+    feeds = random_inputs(model, batch, seed=INPUT_SEED)
+    plain_outputs = [output.name for output in proto.graph.output]
+    engines = make_engines(feeds, session, compiled, vm_main, plain_main, graph_input_names(proto), plain_outputs)
+    results = {engine.name: warm_up(engine) for engine in engines}
+    reference = results["onnxruntime"]
+    errors, bounds = {}, {}
+    for engine in engines[1:]:
+        if engine.returns_outputs:
+            checked = agreement(reference, results[engine.name])
+            errors[engine.name] = {name: error for name, (error, _) in checked.items()}
+            bounds = {name: bound for name, (_, bound) in checked.items()}
+    time_interleaved(engines, repeat)
+    timings = {
+        engine.name: {"median_ms": 1e3 * statistics.median(engine.seconds), "min_ms": 1e3 * min(engine.seconds),
+                      "runs": len(engine.seconds)}
+        for engine in engines
+    }
+    baseline = timings["onnxruntime"]["median_ms"]
+    return {
+        "batch": batch,
+        "engines": timings,
+        "ratio_to_onnxruntime": {name: t["median_ms"] / baseline for name, t in timings.items() if name != "onnxruntime"},
+        "max_abs_error": errors,
+        "allowed_error": bounds,
+        "agrees": all(errors[engine][name] <= bounds[name] for engine in errors for name in bounds),
+    }
+
+
+def print_batch(result: dict) -> None:
+    print(f"\nbatch {result['batch']}")
+    print(f"  {'engine':<14} {'runs':>5} {'median ms':>11} {'min ms':>11} {'x onnxruntime':>14}")
+    for name, timing in result["engines"].items():
+        ratio = result["ratio_to_onnxruntime"].get(name)
+        ratio_text = f"{ratio:.2f}" if ratio is not None else "1"
+        print(f"  {name:<14} {timing['runs']:>5} {timing['median_ms']:>11.3f} {timing['min_ms']:>11.3f} {ratio_text:>14}")
+    for engine, per_output in result["max_abs_error"].items():
+        listed = ", ".join(f"{name} {error:.3g} (allowed {result['allowed_error'][name]:.3g})" for name, error in per_output.items())
+        print(f"  max abs error vs onnxruntime, {engine}: {listed}")
+    if not result["agrees"]:
+        print("  WARNING: outputs differ from onnxruntime beyond the fp32 tolerance")
+
+
+def run_benchmark(args: argparse.Namespace, model_path: Path, model_description: dict, scratch: Path) -> dict:
+    from reccc.ir import Model
+    from reccc.reference import reference_session
+
+    import reccc
+
+    proto = onnx.load(str(model_path))
+    model = Model.from_onnx(proto, str(model_path))
+    model_description["parameter_bytes"] = model.parameter_bytes()
+
+    artifact = scratch / "model.so"
+    print(f"compiling with reccc -O{args.opt_level} ...", flush=True)
+    reccc_seconds = compile_with_reccc(model_path, artifact, args.opt_level)
+    compiled = reccc.load(artifact)
+    print(f"  {reccc_seconds:.1f} s, artifact {artifact.stat().st_size / 1e6:.1f} MB", flush=True)
+    plain_main, plain_seconds = None, None
+    if not args.no_plain_tvm:
+        print("compiling plain TVM (tvm.compile, no reccc passes, no pipeline) ...", flush=True)
+        plain_main, plain_seconds = compile_plain_tvm(proto)
+        print(f"  {plain_seconds:.1f} s", flush=True)
+
+    session = reference_session(proto, threads=args.threads)
+    vm_main = load_vm_main(artifact)
+    batches = []
+    for batch in args.batches:
+        batches.append(bench_batch(batch, model, proto, session, compiled, vm_main, plain_main, args.repeat))
+        print_batch(batches[-1])
+    return {
+        "compile": {"reccc_seconds": reccc_seconds, "reccc_artifact_bytes": artifact.stat().st_size,
+                    "plain_tvm_seconds": plain_seconds},
+        "batches": batches,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    tvm_threads_source = set_tvm_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="reccc-bench-") as folder:
+        scratch = Path(folder)
+        if args.model is None:
+            print("building the standard DLRM-style model ...", flush=True)
+            model_path = build_standard_model(scratch)
+            model_description = {"built": "tools/testmodels.py dlrm", "config": STANDARD_MODEL}
+        else:
+            model_path = args.model
+            model_description = {"path": str(args.model)}
+        measured = run_benchmark(args, model_path, model_description, scratch)
+
+    report = {
+        "machine": machine_info(),
+        "versions": versions(),
+        "threads": {"onnxruntime_intra_op": args.threads, "tvm_runtime": tvm_runtime_threads(), "tvm_source": tvm_threads_source},
+        "model": model_description,
+        "opt_level": args.opt_level,
+        "repeat": args.repeat,
+        "warmup_runs": WARMUP_RUNS,
+        "engine_budget_seconds": ENGINE_BUDGET_S,
+        **measured,
+    }
+    stem = STANDARD_MODEL_STEM if args.model is None else args.model.stem
+    output = args.json or RESULTS_DIR / f"bench-{stem}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {output}")
+
+
+if __name__ == "__main__":
+    main()
