@@ -71,7 +71,6 @@ def _inspect_parser() -> argparse.ArgumentParser:
 
 def _run_compile(args: argparse.Namespace) -> int:
     from reccc.compiler import CompileOptions, compile_model, pass_names
-    from reccc.native_output import silenced_stderr
     from reccc.pass_manager import format_pass_report, registered_passes
     from reccc.plugins import PASS_GROUP, load_entry_points, load_pass_plugin
 
@@ -92,14 +91,14 @@ def _run_compile(args: argparse.Namespace) -> int:
         for name, cls in registered_passes().items():
             print(f"{name:<28}{'' if cls.lossless else '[lossy] '}{cls.summary}")
         return 0
+    names = pass_names(options)  # validates the pipeline flags before anything else
     if args.print_pipeline:
-        print(",".join(pass_names(options)))
+        print(",".join(names))
         return 0
     if args.model is None:
         raise UsageError("no input model (see 'reccc --help')")
     output = Path(args.output) if args.output else Path(args.model).with_suffix(".opt.onnx" if args.emit == "onnx" else ".so")
-    with silenced_stderr(enabled=not args.verbose):
-        result = compile_model(args.model, output, options)
+    result = compile_model(args.model, output, options, show_tvm_log=args.verbose)
     if args.time_passes:
         print(format_pass_report(result.passes), file=sys.stderr)
     if args.verbose:

@@ -18,6 +18,7 @@ from reccc.index_guard import INDEX_CHECK_MODES, guard_embedding_indices
 from reccc.ir import Model
 from reccc.manifest import Manifest, TensorSpec, write_manifest_source
 from reccc.model_file import read_model, write_model
+from reccc.native_output import silenced_stderr
 from reccc.pass_manager import PassManager, PassRecord, Verifier, create_pass
 from reccc.pipelines import PIPELINES, pipeline_for
 from reccc.plugins import PASS_GROUP, load_entry_points
@@ -58,7 +59,14 @@ def pass_names(options: CompileOptions) -> list[str]:
     return names
 
 
-def compile_model(model_path: str | Path, output: str | Path, options: CompileOptions, log: TextIO = sys.stderr) -> CompileResult:
+def compile_model(
+    model_path: str | Path,
+    output: str | Path,
+    options: CompileOptions,
+    log: TextIO | None = None,
+    show_tvm_log: bool = False,
+) -> CompileResult:
+    """`log` receives --print-after output (default: stderr); TVM's native log is shown only if asked for."""
     if options.emit not in EMIT_KINDS:
         raise UsageError(f"--emit: must be one of {', '.join(EMIT_KINDS)}, not '{options.emit}'")
     if options.index_check not in INDEX_CHECK_MODES:
@@ -73,7 +81,7 @@ def compile_model(model_path: str | Path, output: str | Path, options: CompileOp
         [create_pass(name) for name in names],
         print_after=options.print_after,
         verifier=_output_verifier(model, source) if options.verify_each else None,
-        log=log,
+        log=log or sys.stderr,
     )
     records = manager.run(model)
     pass_seconds = time.perf_counter() - start
@@ -85,7 +93,8 @@ def compile_model(model_path: str | Path, output: str | Path, options: CompileOp
 
     manifest_inputs, manifest_outputs = _interface(model)
     guards = guard_embedding_indices(model, options.index_check)
-    executable = target.compile(model.to_onnx(), options.opt_level)
+    with silenced_stderr(enabled=not show_tvm_log):
+        executable = target.compile(model.to_onnx(), options.opt_level)
     manifest = Manifest(
         reccc_version=__version__,
         target=target.description(),
@@ -96,7 +105,9 @@ def compile_model(model_path: str | Path, output: str | Path, options: CompileOp
         index_check=options.index_check,
         index_guards=guards,
     )
-    with tempfile.TemporaryDirectory(prefix="reccc-") as scratch, atomic_output(output) as temporary:
+    with tempfile.TemporaryDirectory(prefix="reccc-") as scratch, atomic_output(output) as temporary, silenced_stderr(
+        enabled=not show_tvm_log
+    ):
         target.export(executable, temporary, [write_manifest_source(manifest, Path(scratch))])
     return CompileResult(Path(output), records, pass_seconds, time.perf_counter() - start)
 

@@ -30,3 +30,11 @@ class ModelInputError(ValueError):
 
 class EmbeddingIndexError(IndexError):
     """An embedding id was outside its table's rows (with --index-check=error)."""
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message as one line: its first paragraph with whitespace collapsed, without the
+    '==> Context' trailer ONNX's checker appends."""
+    text = str(error).split("==> Context")[0].strip()
+    paragraph = text.split("\n\n")[0]
+    return " ".join(paragraph.split()) or type(error).__name__

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from reccc.errors import CompileError, UsageError
+from reccc.errors import CompileError, UsageError, one_line
 
 # Opsets of the default ONNX domain that both TVM's Relax importer and onnxruntime handle.
 SUPPORTED_OPSETS = range(13, 24)
@@ -99,5 +99,4 @@ def _inferred(proto: onnx.ModelProto, source: str) -> onnx.ModelProto:
     try:
         return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as error:
-        first = str(error).strip().splitlines()[0]
-        raise UsageError(f"{source}: shape inference failed: {first}") from error
+        raise UsageError(f"{source}: shape inference failed: {one_line(error)}") from error

@@ -6,7 +6,7 @@ from pathlib import Path
 import onnx
 
 from reccc.atomic_file import atomic_output
-from reccc.errors import UsageError
+from reccc.errors import UsageError, one_line
 
 
 def read_model(path: str | os.PathLike) -> onnx.ModelProto:
@@ -21,13 +21,13 @@ def read_model(path: str | os.PathLike) -> onnx.ModelProto:
     try:
         model = onnx.load(str(file))
     except Exception as error:  # protobuf raises DecodeError, RuntimeWarning-like and ValueError variants
-        raise UsageError(f"{file}: not a valid ONNX model ({_first_line(error)})") from error
+        raise UsageError(f"{file}: not a valid ONNX model ({one_line(error)})") from error
     if not model.graph.node and not model.graph.output:
         raise UsageError(f"{file}: not a valid ONNX model (no graph)")
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as error:
-        raise UsageError(f"{file}: invalid ONNX model: {_first_line(error)}") from error
+        raise UsageError(f"{file}: invalid ONNX model: {one_line(error)}") from error
     return model
 
 
@@ -36,7 +36,3 @@ def write_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
     with atomic_output(path) as temporary:
         onnx.save(model, str(temporary))
 
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]

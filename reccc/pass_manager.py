@@ -91,12 +91,12 @@ class PassManager:
         *,
         print_after: Sequence[str] = (),
         verifier: Verifier | None = None,
-        log: TextIO = sys.stderr,
+        log: TextIO | None = None,
     ):
         self.passes = list(passes)
         self.print_after = set(print_after)
         self.verifier = verifier
-        self.log = log
+        self.log = log or sys.stderr
 
     def run(self, model: Model) -> list[PassRecord]:
         records = []

@@ -10,7 +10,7 @@ from tvm import relax, te, tirx
 from tvm.relax.frontend.onnx import from_onnx
 from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
-from reccc.errors import CompileError
+from reccc.errors import CompileError, one_line
 
 # Ops the importer handles outside its convert map.
 _IMPORTER_BUILTIN_OPS = {"Constant", "If"}
@@ -33,8 +33,7 @@ def to_relax(model: onnx.ModelProto) -> tvm.IRModule:
     try:
         return from_onnx(model, keep_params_in_input=False)
     except Exception as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CompileError(f"TVM could not import the model: {first}") from error
+        raise CompileError(f"TVM could not import the model: {one_line(error)}") from error
 
 
 def _relu_propagating_nan(block_builder: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
@@ -62,5 +61,4 @@ def build(model: onnx.ModelProto, target: tvm.target.Target, opt_level: int) -> 
                 module = relax.get_pipeline("zero")(module)
             return tvm.compile(module, target=target)
     except Exception as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CompileError(f"TVM failed to compile the model: {first}") from error
+        raise CompileError(f"TVM failed to compile the model: {one_line(error)}") from error

@@ -6,7 +6,7 @@ from pathlib import Path
 import onnx
 import tvm
 
-from reccc.errors import UsageError
+from reccc.errors import UsageError, one_line
 from reccc.target import Target, register_target, register_tvm_kind
 from reccc.targets import relax_lowering
 
@@ -29,7 +29,7 @@ class CpuTarget(Target):
         try:
             self._target = tvm.target.Target(config)
         except Exception as error:
-            raise UsageError(f"--target: TVM rejects {config}: {str(error).strip().splitlines()[0]}") from error
+            raise UsageError(f"--target: TVM rejects {config}: {one_line(error)}") from error
 
     def tvm_target(self) -> tvm.target.Target:
         return self._target

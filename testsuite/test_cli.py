@@ -1,0 +1,273 @@
+"""The `reccc` command as a build system meets it: exit codes, one-line errors, atomic output,
+pipelines and their instrumentation, inspect, --help."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import reccc
+from reccc.reference import agreement, run_reference
+from reccc.sample_inputs import random_inputs
+from reccc.ir import Model
+
+from conftest import assert_matches_onnxruntime, model_path
+
+DLRM = model_path("dlrm")
+
+
+def test_compile_writes_a_loadable_artifact_quietly(reccc_cli, tmp_path):
+    result = reccc_cli(DLRM, "--target=x86", "-O2", "-o", tmp_path / "m.so")
+    assert (result.code, result.stdout, result.stderr) == (0, "", "")
+    assert_matches_onnxruntime(DLRM, reccc.load(tmp_path / "m.so").run, batch=3)
+    assert sorted(os.listdir(tmp_path)) == ["m.so"]  # no temporary files left behind
+
+
+def test_output_is_deterministic(tmp_path):
+    # As a build system runs it: one process per build. (Two builds inside one Python process differ
+    # in a few bytes of TVM-generated code: TVM keeps process-wide state between builds.)
+    for name in ("a.so", "b.so"):
+        subprocess.run([sys.executable, "-m", "reccc", str(DLRM), "-o", str(tmp_path / name)], check=True)
+    assert (tmp_path / "a.so").read_bytes() == (tmp_path / "b.so").read_bytes()
+
+
+def test_default_output_path_is_beside_the_model(reccc_cli, tmp_path):
+    model = tmp_path / "wd.onnx"
+    model.write_bytes(model_path("wide_and_deep").read_bytes())
+    assert reccc_cli(model).code == 0
+    assert (tmp_path / "wd.so").is_file()
+    assert reccc_cli(model, "--emit=onnx").code == 0
+    assert (tmp_path / "wd.opt.onnx").is_file()
+
+
+def test_tvm_target_as_json(reccc_cli, tmp_path):
+    target = json.dumps({"kind": "llvm", "mcpu": "x86-64-v2"})
+    assert reccc_cli(DLRM, f"--target={target}", "-o", tmp_path / "m.so").code == 0
+    model = reccc.load(tmp_path / "m.so")
+    assert model.manifest.target["mcpu"] == "x86-64-v2"
+    assert_matches_onnxruntime(DLRM, model.run, batch=2)
+
+
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        ("arm", "unknown target 'arm' (available: x86, or a TVM target as JSON)"),
+        ("cuda", "unknown target 'cuda'"),
+        ('{"kind": "cuda"}', "TVM target kind 'cuda' is not supported (supported kinds: llvm)"),
+        ('{"kind": "llvm", "mtriple": "aarch64-linux-gnu"}', "cross-compiling for 'aarch64-linux-gnu'"),
+        ('{"kind": "llvm", "mcpu": "no-such-cpu-at-all", "bogus-key": 1}', "TVM rejects"),
+        ("{not json", "invalid JSON"),
+    ],
+)
+def test_unavailable_targets_are_usage_errors(reccc_cli, tmp_path, target, message):
+    result = reccc_cli(DLRM, f"--target={target}", "-o", tmp_path / "m.so")
+    assert result.code == 2
+    assert message in result.stderr and result.stderr.count("\n") == 1
+    assert not (tmp_path / "m.so").exists()
+
+
+def test_emit_onnx_writes_the_optimized_graph(reccc_cli, tmp_path):
+    assert reccc_cli(DLRM, "--emit=onnx", "-O2", "-o", tmp_path / "opt.onnx").code == 0
+    optimized = onnx.load(tmp_path / "opt.onnx")
+    onnx.checker.check_model(optimized, full_check=True)
+    ops = [node.op_type for node in optimized.graph.node]
+    assert "Transpose" not in ops and "Mul" not in ops  # the folded weight transpose and the dead debug branch
+    assert optimized.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    original = onnx.load(DLRM)
+    feeds = random_inputs(Model.from_onnx(original), batch=6)
+    for error, bound in agreement(run_reference(original, feeds), run_reference(optimized, feeds)).values():
+        assert error <= bound
+
+
+@pytest.mark.parametrize(
+    "flags, pipeline",
+    [
+        (["-O0"], ""),
+        (["-O1"], "dead-code-elimination"),
+        (["-O2"], "constant-folding,dead-code-elimination"),
+        (["-O3", "--disable-pass=dead-code-elimination"], "constant-folding"),
+        (["-O0", "--passes=dead-code-elimination,constant-folding"], "dead-code-elimination,constant-folding"),
+    ],
+)
+def test_print_pipeline(reccc_cli, flags, pipeline):
+    result = reccc_cli(*flags, "--print-pipeline")
+    assert (result.code, result.stdout) == (0, pipeline + "\n")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--passes=no-such-pass"], "unknown pass 'no-such-pass' (known passes: constant-folding, dead-code-elimination"),
+        (["-O1", "--disable-pass=constant-folding"], "--disable-pass: 'constant-folding' is not in the pipeline"),
+        (["-O7"], "argument -O: invalid choice"),
+        (["--emit=ptx"], "argument --emit: invalid choice"),
+        (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        ([], "no input model"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(reccc_cli, flags, message):
+    result = reccc_cli(*flags)
+    assert result.code == 2 and message in result.stderr
+    assert result.stderr.startswith("reccc: error: ") and result.stderr.count("\n") == 1
+
+
+def test_passes_runs_exactly_those(reccc_cli, tmp_path):
+    result = reccc_cli(DLRM, "--passes=dead-code-elimination", "--emit=onnx", "-o", tmp_path / "o.onnx", "--time-passes")
+    assert result.code == 0
+    assert "dead-code-elimination" in result.stderr and "constant-folding" not in result.stderr
+    assert "Transpose" in [n.op_type for n in onnx.load(tmp_path / "o.onnx").graph.node]  # nothing folded
+
+
+def test_time_passes_reports_time_and_changes(reccc_cli, tmp_path):
+    result = reccc_cli(DLRM, "-O2", "--time-passes", "-o", tmp_path / "m.so")
+    lines = result.stderr.splitlines()
+    assert lines[0].split()[:3] == ["pass", "ms", "changed"]
+    folding = next(line for line in lines if line.startswith("constant-folding")).split()
+    assert folding[2] == "yes" and folding[3] == "18->15"
+    assert lines[-1].startswith("total")
+
+
+def test_print_after_shows_the_graph(reccc_cli, tmp_path):
+    result = reccc_cli(DLRM, "--print-after=constant-folding", "--emit=onnx", "-o", tmp_path / "o.onnx")
+    assert result.code == 0
+    assert result.stderr.count("*** IR after ") == 1 and "*** IR after constant-folding ***" in result.stderr
+    assert "Gemm" in result.stderr and "Transpose" not in result.stderr
+    everything = reccc_cli(DLRM, "--print-after=all", "--emit=onnx", "-o", tmp_path / "o.onnx")
+    assert everything.stderr.count("*** IR after ") == 2
+
+
+def test_verify_each_accepts_the_builtin_pipeline(reccc_cli, tmp_path):
+    assert reccc_cli(DLRM, "-O2", "--verify-each", "-o", tmp_path / "m.so").code == 0
+
+
+def test_verbose_reports_progress(reccc_cli, tmp_path):
+    result = reccc_cli(DLRM, "-v", "-o", tmp_path / "m.so")
+    assert result.code == 0 and "reccc: passes" in result.stderr and "wrote" in result.stderr
+
+
+def _write(path, nodes, inputs, outputs, initializers=(), opset=17):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def _float(name, shape):
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+def test_unsupported_ops_are_listed_with_their_nodes(reccc_cli, tmp_path):
+    model = _write(
+        tmp_path / "m.onnx",
+        [
+            helper.make_node("Celu", ["x"], ["a"], name="celu_1"),
+            helper.make_node("Celu", ["a"], ["b"], name="celu_2"),
+            helper.make_node("Det", ["b"], ["y"], name="det"),
+        ],
+        [_float("x", [3, 3])],
+        [_float("y", [])],
+    )
+    existing = tmp_path / "m.so"
+    existing.write_bytes(b"an older artifact")
+    result = reccc_cli(model, "-o", existing)
+    assert result.code == 1
+    assert result.stderr == "reccc: error: unsupported ops: Celu (nodes: celu_1, celu_2); Det (nodes: det)\n"
+    assert existing.read_bytes() == b"an older artifact"
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.so"]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "no such file"),
+        (b"", "empty file"),
+        (b"\x08\x07garbage that is not protobuf \xff\xfe", "not a valid ONNX model"),
+    ],
+)
+def test_bad_model_files_are_usage_errors(reccc_cli, tmp_path, content, message):
+    model = tmp_path / "bad.onnx"
+    if content is not None:
+        model.write_bytes(content)
+    result = reccc_cli(model, "-o", tmp_path / "out.so")
+    assert result.code == 2 and result.stderr == f"reccc: error: {model}: {message}" + result.stderr.split(message, 1)[1]
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "out.so").exists()
+
+
+def test_truncated_model_is_a_usage_error(reccc_cli, tmp_path):
+    model = tmp_path / "cut.onnx"
+    model.write_bytes(DLRM.read_bytes()[: DLRM.stat().st_size // 2])
+    result = reccc_cli(model, "-o", tmp_path / "out.so")
+    assert result.code == 2 and f"{model}: " in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_invalid_graph_names_the_node(reccc_cli, tmp_path):
+    model = _write(
+        tmp_path / "m.onnx",
+        [helper.make_node("Add", ["x", "nowhere"], ["y"], name="adder")],
+        [_float("x", [2])],
+        [_float("y", [2])],
+    )
+    result = reccc_cli(model, "-o", tmp_path / "m.so")
+    assert result.code == 2 and "adder" in result.stderr and "nowhere" in result.stderr
+
+
+def test_type_mismatch_is_a_usage_error(reccc_cli, tmp_path):
+    model = _write(
+        tmp_path / "m.onnx",
+        [helper.make_node("Add", ["x", "n"], ["y"], name="adder")],
+        [_float("x", [2]), helper.make_tensor_value_info("n", TensorProto.INT64, [2])],
+        [_float("y", [2])],
+    )
+    result = reccc_cli(model, "-o", tmp_path / "m.so")
+    assert result.code == 2 and "m.onnx" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_unsupported_opset_is_a_usage_error(reccc_cli, tmp_path):
+    model = _write(tmp_path / "m.onnx", [helper.make_node("Relu", ["x"], ["y"])], [_float("x", [2])], [_float("y", [2])], opset=9)
+    result = reccc_cli(model, "-o", tmp_path / "m.so")
+    assert result.code == 2 and "unsupported opset 9 (reccc supports ONNX opsets 13..23)" in result.stderr
+
+
+def test_unwritable_output_is_a_usage_error(reccc_cli, tmp_path):
+    result = reccc_cli(DLRM, "-o", tmp_path / "no" / "such" / "folder" / "m.so")
+    assert result.code == 2 and "does not exist" in result.stderr
+
+
+def test_inspect_reports_tables_and_parameters(reccc_cli):
+    result = reccc_cli("inspect", DLRM, "--json")
+    assert result.code == 0
+    report = json.loads(result.stdout)
+    assert report["ops"]["Gather"] == 4 and report["ops"]["Gemm"] == 5
+    assert [(t["rows"], t["row_shape"], t["bytes"]) for t in report["embedding_tables"]] == [(1000, [16], 64000)] * 4
+    assert report["inputs"][0] == {"name": "dense", "dtype": "float32", "shape": ["batch", 13]}
+    assert report["parameter_bytes"] == sum(numpy_helper.to_array(t).nbytes for t in onnx.load(DLRM).graph.initializer)
+    text = reccc_cli("inspect", DLRM)
+    assert text.code == 0 and "embedding tables: 4" in text.stdout and "cat_3" in text.stdout
+
+
+def test_inspect_of_a_missing_file(reccc_cli, tmp_path):
+    result = reccc_cli("inspect", tmp_path / "none.onnx")
+    assert result.code == 2 and "none.onnx: no such file" in result.stderr
+
+
+@pytest.mark.parametrize("command", [[], ["inspect"]])
+def test_help_for_every_command(command):
+    result = subprocess.run([sys.executable, "-m", "reccc", *command, "--help"], capture_output=True, text=True, check=False)
+    assert result.returncode == 0 and result.stdout.startswith("usage: reccc")
+    assert ("--target" in result.stdout) == (command == [])
+    assert ("--json" in result.stdout) == (command == ["inspect"])
+
+
+def test_installed_script_runs(tmp_path):
+    script = os.path.join(os.path.dirname(sys.executable), "reccc")
+    result = subprocess.run([script, str(DLRM), "-o", str(tmp_path / "m.so")], capture_output=True, text=True, check=False)
+    assert (result.returncode, result.stderr) == (0, "")
+    feeds = random_inputs(Model.from_onnx(onnx.load(DLRM)), batch=2)
+    assert np.all(np.isfinite(reccc.load(tmp_path / "m.so").run(feeds)["ctr"]))
