@@ -16,6 +16,7 @@ PASS_GROUP = "reccc.passes"
 TARGET_GROUP = "reccc.targets"
 
 _loaded_groups: set[str] = set()
+_loaded_plugins: set[str] = set()
 
 
 def load_entry_points(group: str) -> None:
@@ -31,8 +32,11 @@ def load_entry_points(group: str) -> None:
 
 
 def load_pass_plugin(spec: str) -> None:
-    """Import a pass plugin given as a module name (`my_pkg.passes`) or a path to a .py file."""
+    """Import a pass plugin given as a module name (`my_pkg.passes`) or a path to a .py file (once per process)."""
     path = Path(spec)
+    key = str(path.resolve()) if spec.endswith(".py") else spec
+    if key in _loaded_plugins:
+        return
     try:
         if spec.endswith(".py"):
             if not path.is_file():
@@ -50,3 +54,4 @@ def load_pass_plugin(spec: str) -> None:
         raise UsageError(f"--load-pass-plugin: cannot import '{spec}': {error}") from error
     except Exception as error:
         raise UsageError(f"--load-pass-plugin: '{spec}' failed to load: {type(error).__name__}: {error}") from error
+    _loaded_plugins.add(key)
