@@ -153,3 +153,29 @@ def test_compile_through_the_python_api_with_options(tmp_path):
     assert model.input_names == ["user_id", "user_features", "item_id", "item_features"]
     assert model.output_names == ["score", "user_vector"]
     assert_matches_onnxruntime(model_path("two_tower"), model.run, batch=5)
+
+
+def test_a_second_symbolic_dim_is_free_per_call(tmp_path):
+    """Pooled lookups over a variable bag length, as EmbeddingBag(mode="sum") exports with a symbolic bag dim."""
+    table = numpy_helper.from_array(np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32), "table")
+    axes = numpy_helper.from_array(np.array([1], np.int64), "axes")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["table", "bags"], ["rows"], name="lookup"),
+            helper.make_node("ReduceSum", ["rows", "axes"], ["pooled"], name="pool", keepdims=0),
+        ],
+        "bag",
+        [helper.make_tensor_value_info("bags", TensorProto.INT64, ["batch", "bag"])],
+        [helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["batch", 8])],
+        [table, axes],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "bag.onnx")
+    reccc.compile(tmp_path / "bag.onnx", tmp_path / "bag.so")
+    compiled_model = reccc.load(tmp_path / "bag.so")
+    assert compiled_model.manifest.inputs[0].shape == ["batch", "bag"]
+    for batch, bag in [(1, 1), (3, 7), (64, 2)]:
+        ids = np.random.default_rng(batch).integers(-50, 50, size=(batch, bag))
+        expected = run_reference(model, {"bags": ids})["pooled"]
+        np.testing.assert_allclose(compiled_model.run({"bags": ids})["pooled"], expected, rtol=1e-5, atol=1e-6)
