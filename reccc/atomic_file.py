@@ -9,6 +9,18 @@ from pathlib import Path
 from reccc.errors import UsageError
 
 
+def check_writable(path: str | os.PathLike) -> None:
+    """Raise UsageError unless a file can be written at `path` (checked before any long work)."""
+    destination = Path(path)
+    folder = destination.parent
+    if not folder.is_dir():
+        raise UsageError(f"{destination}: output folder '{folder}' does not exist")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"{destination}: output folder '{folder}' is not writable")
+    if destination.is_dir():
+        raise UsageError(f"{destination}: is a directory")
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path`, on any error it is removed.
@@ -16,14 +28,8 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     The temporary file lives in the destination folder so the final rename never crosses file systems.
     """
     destination = Path(path)
-    folder = destination.parent if str(destination.parent) else Path(".")
-    if not folder.is_dir():
-        raise UsageError(f"{destination}: output folder '{folder}' does not exist")
-    if not os.access(folder, os.W_OK):
-        raise UsageError(f"{destination}: output folder '{folder}' is not writable")
-    if destination.is_dir():
-        raise UsageError(f"{destination}: is a directory")
-    fd, temporary = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".partial", dir=folder)
+    check_writable(destination)
+    fd, temporary = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".partial", dir=destination.parent)
     os.close(fd)
     temporary_path = Path(temporary)
     try:

@@ -12,13 +12,13 @@ import numpy as np
 import onnx
 
 from reccc import __version__
-from reccc.atomic_file import atomic_output
+from reccc.atomic_file import atomic_output, check_writable
 from reccc.errors import UsageError
 from reccc.index_guard import INDEX_CHECK_MODES, guard_embedding_indices
 from reccc.ir import Model
 from reccc.manifest import Manifest, TensorSpec, write_manifest_source
 from reccc.model_file import read_model, write_model
-from reccc.native_output import silenced_stderr
+from reccc.native_output import silenced_output
 from reccc.pass_manager import PassManager, PassRecord, Verifier, create_pass
 from reccc.pipelines import PIPELINES, pipeline_for
 from reccc.plugins import PASS_GROUP, load_entry_points
@@ -72,6 +72,7 @@ def compile_model(
     if options.index_check not in INDEX_CHECK_MODES:
         raise UsageError(f"--index-check: must be one of {', '.join(INDEX_CHECK_MODES)}, not '{options.index_check}'")
     names = pass_names(options)
+    check_writable(output)
     target = resolve_target(options.target) if options.emit == "library" else None
     source = read_model(model_path)
     model = Model.from_onnx(source, str(model_path))
@@ -93,7 +94,7 @@ def compile_model(
 
     manifest_inputs, manifest_outputs = _interface(model)
     guards = guard_embedding_indices(model, options.index_check)
-    with silenced_stderr(enabled=not show_tvm_log):
+    with silenced_output(enabled=not show_tvm_log):
         executable = target.compile(model.to_onnx(), options.opt_level)
     manifest = Manifest(
         reccc_version=__version__,
@@ -105,7 +106,7 @@ def compile_model(
         index_check=options.index_check,
         index_guards=guards,
     )
-    with tempfile.TemporaryDirectory(prefix="reccc-") as scratch, atomic_output(output) as temporary, silenced_stderr(
+    with tempfile.TemporaryDirectory(prefix="reccc-") as scratch, atomic_output(output) as temporary, silenced_output(
         enabled=not show_tvm_log
     ):
         target.export(executable, temporary, [write_manifest_source(manifest, Path(scratch))])

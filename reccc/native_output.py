@@ -1,6 +1,7 @@
-"""Silencing what native code (TVM's C++ logging, LLVM) writes straight to file descriptor 2.
+"""Silencing what TVM writes while it compiles: C++ logging and LLVM straight to file descriptor 2,
+importer diagnostics printed to stdout.
 
-reccc is quiet by default; -v leaves fd 2 alone so TVM's log is seen. reccc's own errors are printed
+reccc is quiet by default; -v leaves both alone so TVM's log is seen. reccc's own errors are printed
 after the silenced region ends.
 """
 
@@ -11,18 +12,22 @@ from collections.abc import Iterator
 
 
 @contextlib.contextmanager
-def silenced_stderr(enabled: bool) -> Iterator[None]:
-    """While active (and `enabled`), what native code writes to fd 2 is discarded."""
+def silenced_output(enabled: bool) -> Iterator[None]:
+    """While active (and `enabled`), whatever is written to fds 1 and 2 is discarded."""
     if not enabled:
         yield
         return
+    sys.stdout.flush()
     sys.stderr.flush()
-    saved = os.dup(2)
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
     with open(os.devnull, "wb") as sink:
-        os.dup2(sink.fileno(), 2)
+        for fd in saved:
+            os.dup2(sink.fileno(), fd)
         try:
             yield
         finally:
+            sys.stdout.flush()
             sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
+            for fd, copy in saved.items():
+                os.dup2(copy, fd)
+                os.close(copy)

@@ -204,7 +204,7 @@ def graphs(draw) -> Case:
         b.live_node("Gather", [b.const(b.floats(id_rows, dim)), "ids"], dim, axis=0)
     for op in draw(st.lists(st.sampled_from(OPS), min_size=1, max_size=10)):
         op(b)
-    computed = b.live[len(inputs) :]  # x and the raw embedding lookup aside: outputs should compute something
+    computed = b.live[1:]  # node outputs only: a graph output that is the input itself is no test of a pass
     if not computed:
         computed = [(b.live_node("Identity", ["x"], features), features)]
     outputs = draw(st.lists(st.sampled_from(computed), min_size=1, max_size=2, unique=True))
@@ -245,7 +245,8 @@ def _assert_same_model(original: onnx.ModelProto, transformed: onnx.ModelProto, 
     assert _interface(transformed.graph.input) == _interface(original.graph.input)
     assert _interface(transformed.graph.output) == _interface(original.graph.output)
     for feeds in all_feeds:
-        for name, (error, bound) in agreement(run_reference(original, feeds), run_reference(transformed, feeds)).items():
+        reference, actual = run_reference(original, feeds), run_reference(transformed, feeds)
+        for name, (error, bound) in agreement(reference, actual).items():
             assert error <= bound, f"output '{name}': max abs error {error:.3g} exceeds {bound:.3g}"
 
 
