@@ -14,7 +14,7 @@ import onnx
 from reccc import __version__
 from reccc.atomic_file import atomic_output, check_writable
 from reccc.errors import UsageError
-from reccc.index_guard import INDEX_CHECK_MODES, guard_embedding_indices
+from reccc.index_guard import FLAGS_OUTPUT, INDEX_CHECK_MODES, guard_embedding_indices
 from reccc.ir import Model
 from reccc.manifest import Manifest, TensorSpec, write_manifest_source
 from reccc.model_file import read_model, write_model
@@ -105,6 +105,7 @@ def compile_model(
         outputs=manifest_outputs,
         index_check=options.index_check,
         index_guards=guards,
+        index_flags_output=FLAGS_OUTPUT if guards else None,
     )
     with tempfile.TemporaryDirectory(prefix="reccc-") as scratch, atomic_output(output) as temporary, silenced_output(
         enabled=not show_tvm_log

@@ -2,9 +2,9 @@
 
 TVM's gather reads out of bounds for a bad id: wrong values just past the table, SIGSEGV beyond.
 Before lowering, every table Gather gets its ids clipped to the table's ONNX range [-rows, rows), so
-the compiled code never reads outside the table. With --index-check=error the graph also gets one
-flag output per lookup (1 if any id was clipped), and the runtime raises naming the input; with
-clamp, clipped ids are what the user asked for.
+the compiled code never reads outside the table. With --index-check=error the graph also gets an
+output flagging the lookups that clipped an id, and the runtime raises naming the input; with clamp,
+clipped ids are what the user asked for.
 """
 
 import numpy as np
@@ -16,17 +16,18 @@ from reccc.ir import Model
 from reccc.manifest import IndexGuard
 
 INDEX_CHECK_MODES = ("error", "clamp")
-FLAG_PREFIX = "__reccc_index_out_of_range_"
+FLAGS_OUTPUT = "__reccc_index_out_of_range"
 
 
 def guard_embedding_indices(model: Model, mode: str) -> list[IndexGuard]:
-    """Insert the guards in place; return the flag outputs the runtime must check (none for clamp)."""
+    """Insert the guards in place. With mode "error", the graph gains the output FLAGS_OUTPUT, an int32
+    vector with one entry per returned guard, positive where that lookup clipped an id."""
     if mode not in INDEX_CHECK_MODES:
         raise ValueError(f"index check mode must be one of {INDEX_CHECK_MODES}, not {mode!r}")
     graph = model.graph
     nodes = {node.name: node for node in graph.nodes}
-    guards = []
-    for number, lookup in enumerate(embedding_lookups(model)):
+    guards, flags = [], []
+    for lookup in embedding_lookups(model):
         gather = nodes[lookup.node]
         ids = gather.inputs[1]
         dtype = ids.dtype if ids.dtype is not None else np.int64
@@ -37,11 +38,9 @@ def guard_embedding_indices(model: Model, mode: str) -> list[IndexGuard]:
         gather.inputs[1] = safe
         if mode == "clamp":
             continue
-        flag = _any_differs(graph, ids, safe, f"{lookup.node}__", f"{FLAG_PREFIX}{number}")
-        graph.outputs.append(flag)
+        flags.append(_any_differs(graph, ids, safe, f"{lookup.node}__"))
         guards.append(
             IndexGuard(
-                flag_output=flag.name,
                 node=lookup.node,
                 table=lookup.table,
                 rows=lookup.rows,
@@ -49,20 +48,27 @@ def guard_embedding_indices(model: Model, mode: str) -> list[IndexGuard]:
                 source_inputs=list(lookup.source_inputs),
             )
         )
+    if flags:
+        # One output for all lookups: each output costs the runtime a tensor conversion per call.
+        vector = gs.Variable(FLAGS_OUTPUT, dtype=np.int32, shape=[len(flags)])
+        graph.nodes.append(gs.Node("Concat", "__reccc_index_flags", attrs={"axis": 0}, inputs=flags, outputs=[vector]))
+        graph.outputs.append(vector)
     graph.toposort()
     return guards
 
 
-def _any_differs(graph: gs.Graph, a: gs.Tensor, b: gs.Tensor, prefix: str, output_name: str) -> gs.Variable:
-    """A scalar int32 tensor that is 1 if `a` and `b` differ anywhere, else 0 (also 0 for empty tensors)."""
+def _any_differs(graph: gs.Graph, a: gs.Tensor, b: gs.Tensor, prefix: str) -> gs.Variable:
+    """A [1] int32 tensor that is 1 if `a` and `b` differ anywhere, else 0 (a negative number for empty tensors)."""
     equal = gs.Variable(f"{prefix}ids_equal", dtype=np.bool_)
     differs = gs.Variable(f"{prefix}ids_differ", dtype=np.bool_)
     as_int = gs.Variable(f"{prefix}ids_differ_i32", dtype=np.int32)
-    flag = gs.Variable(output_name, dtype=np.int32, shape=[])
+    flat = gs.Variable(f"{prefix}ids_differ_flat", dtype=np.int32, shape=[-1])
+    flag = gs.Variable(f"{prefix}ids_out_of_range", dtype=np.int32, shape=[1])
     graph.nodes += [
         gs.Node("Equal", f"{prefix}equal", inputs=[a, b], outputs=[equal]),
         gs.Node("Not", f"{prefix}differs", inputs=[equal], outputs=[differs]),
         gs.Node("Cast", f"{prefix}cast", attrs={"to": onnx.TensorProto.INT32}, inputs=[differs], outputs=[as_int]),
-        gs.Node("ReduceMax", f"{prefix}any", attrs={"keepdims": 0}, inputs=[as_int], outputs=[flag]),
+        gs.Node("Reshape", f"{prefix}flatten", inputs=[as_int, gs.Constant(f"{prefix}flat_shape", np.array([-1], np.int64))], outputs=[flat]),
+        gs.Node("ReduceMax", f"{prefix}any", attrs={"keepdims": 1}, inputs=[flat], outputs=[flag]),
     ]
     return flag

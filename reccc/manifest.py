@@ -24,9 +24,8 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class IndexGuard:
-    """One embedding lookup whose ids the compiled model checks; its flag output is 1 when any id was out of range."""
+    """One embedding lookup whose ids the compiled model checks."""
 
-    flag_output: str
     node: str
     table: str
     rows: int
@@ -44,6 +43,7 @@ class Manifest:
     outputs: list[TensorSpec]
     index_check: str
     index_guards: list[IndexGuard] = field(default_factory=list)
+    index_flags_output: str | None = None  # int32 vector, one entry per guard, positive if its ids were out of range
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:

@@ -4,6 +4,7 @@ Inputs are checked against the artifact's manifest before they reach compiled co
 dtype, rank or batch size raises a ModelInputError naming the input instead of crashing the process.
 """
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -15,6 +16,9 @@ from reccc.manifest import IndexGuard, Manifest, TensorSpec, read_manifest
 
 def load(path: str | Path) -> "CompiledModel":
     """Load an artifact written by `reccc MODEL -o path` for a target this machine can run."""
+    # On x86 TVM assumes two hyper-threads per core and starts a thread per two cores; serve with every
+    # core, as onnxruntime does. Process-wide, read when TVM's thread pool starts; TVM_NUM_THREADS wins.
+    os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
     return CompiledModel(Path(path))
 
 
@@ -42,12 +46,15 @@ class CompiledModel:
         """Run once; returns the graph's outputs by name."""
         arrays = _checked_inputs(self.manifest.inputs, inputs)
         results = self._main(*(self._tensor(arrays[spec.name], self._device) for spec in self.manifest.inputs))
-        values = [results] if len(self.manifest.outputs) + len(self.manifest.index_guards) == 1 else list(results)
-        named = [spec.name for spec in self.manifest.outputs] + [g.flag_output for g in self.manifest.index_guards]
-        outputs = {name: value.numpy() for name, value in zip(named, values)}
-        for guard in self.manifest.index_guards:
-            if outputs.pop(guard.flag_output) > 0:
-                raise EmbeddingIndexError(_index_error_message(guard, arrays))
+        names = [spec.name for spec in self.manifest.outputs]
+        if self.manifest.index_flags_output is not None:
+            names.append(self.manifest.index_flags_output)
+        outputs = {name: value.numpy() for name, value in zip(names, [results] if len(names) == 1 else results)}
+        if self.manifest.index_flags_output is not None:
+            flags = outputs.pop(self.manifest.index_flags_output)
+            for guard, flag in zip(self.manifest.index_guards, flags):
+                if flag > 0:
+                    raise EmbeddingIndexError(_index_error_message(guard, arrays))
         return outputs
 
 

@@ -50,6 +50,46 @@ def _relu_propagating_nan(block_builder: relax.BlockBuilder, call: relax.Call) -
 _ONNX_EXACT_LEGALIZATIONS = {"relax.nn.relu": _relu_propagating_nan}
 
 
+def _buffer_reads(expr) -> set[int] | None:
+    """Constant indices of the buffer loads in a shape expression; None if it holds anything else."""
+    if isinstance(expr, (tirx.IntImm, tirx.Var)):
+        return set()
+    if isinstance(expr, tvm.ir.TensorLoad):  # what tirx.BufferLoad builds
+        if len(expr.indices) != 1 or not isinstance(expr.indices[0], tirx.IntImm):
+            return None
+        return {int(expr.indices[0])}
+    if isinstance(expr, (tirx.Add, tirx.Sub, tirx.Mul, tirx.FloorDiv, tirx.FloorMod, tirx.Min, tirx.Max)):
+        left, right = _buffer_reads(expr.a), _buffer_reads(expr.b)
+        return None if left is None or right is None else left | right
+    return None
+
+
+@tvm.transform.module_pass(opt_level=0, name="SortShapeFunctionStores")
+def _sort_shape_function_stores(module: tvm.IRModule, _context) -> tvm.IRModule:
+    """Make builds reproducible. VMShapeLower emits the independent stores of a shape function (heap
+    slot = expression of input slots) in an order taken from a pointer-keyed map, so it changes from
+    process to process; sorting them by slot changes nothing else. Functions whose stores read slots
+    they also write are left alone."""
+    updates = {}
+    for symbol, function in module.functions.items():
+        if not (isinstance(function, tirx.PrimFunc) and symbol.name_hint.startswith("shape_func")):
+            continue
+        if not isinstance(function.body, tirx.SeqStmt):
+            continue
+        stores = list(function.body.seq)
+        if not all(isinstance(s, tirx.BufferStore) and len(s.indices) == 1 and isinstance(s.indices[0], tirx.IntImm) for s in stores):
+            continue
+        reads = [_buffer_reads(s.value) for s in stores]
+        written = {int(s.indices[0]) for s in stores}
+        if any(r is None or r & written for r in reads):
+            continue
+        ordered = sorted(stores, key=lambda s: int(s.indices[0]))
+        updates[symbol] = function.with_body(tirx.SeqStmt(ordered))
+    for symbol, function in updates.items():
+        module[symbol] = function
+    return module
+
+
 def build(model: onnx.ModelProto, target: tvm.target.Target, opt_level: int) -> tvm.runtime.Executable:
     """Import and compile. From -O1 on, Relax-level legalization, constant folding (weight transposes
     of Gemm are folded here instead of running every call) and operator fusion run before TVM's build."""
@@ -59,6 +99,7 @@ def build(model: onnx.ModelProto, target: tvm.target.Target, opt_level: int) -> 
             module = relax.transform.LegalizeOps(_ONNX_EXACT_LEGALIZATIONS)(module)
             if opt_level >= 1:
                 module = relax.get_pipeline("zero")(module)
-            return tvm.compile(module, target=target)
+            pipeline = tvm.transform.Sequential([relax.pipeline.default_build_pipeline(), _sort_shape_function_stores])
+            return tvm.compile(module, target=target, relax_pipeline=pipeline)
     except Exception as error:
         raise CompileError(f"TVM failed to compile the model: {one_line(error)}") from error

@@ -37,7 +37,7 @@ STANDARD_MODEL_STEM = "dlrm-standard"
 
 WARMUP_RUNS = 3
 # An engine stops repeating once its timed runs add up to this many seconds (and it has at least
-# MIN_RUNS): plain TVM takes about 2 s per run at batch 2048, where --repeat runs would take minutes.
+# MIN_RUNS): plain TVM takes 1-2 s per run at batch 2048, where --repeat runs would take minutes.
 ENGINE_BUDGET_S = 20.0
 MIN_RUNS = 3
 INPUT_SEED = 0
@@ -206,9 +206,8 @@ def warm_up(engine: Engine) -> object:
 
 
 def time_interleaved(engines: list[Engine], repeat: int) -> None:
-    """Fill each engine's `seconds`. Round r starts at engine r mod n, so every engine takes every
-    position in a round in turn: none is always the first after a pause, or always the one that runs
-    while the previous engine's thread pool is still spinning."""
+    """Fill each engine's `seconds`. Round r starts at engine r mod n, so each engine in turn is the
+    first of a round, and a slow phase of the machine is spread over all engines rather than one."""
     round_number = 0
     while any(engine.wants_more(repeat) for engine in engines):
         shift = round_number % len(engines)
@@ -220,25 +219,36 @@ def time_interleaved(engines: list[Engine], repeat: int) -> None:
         round_number += 1
 
 
-def bench_batch(batch: int, model, proto: onnx.ModelProto, session, compiled, vm_main, plain_main, repeat: int) -> dict:
+def errors_against_onnxruntime(engines: list[Engine], results: dict[str, object]) -> tuple[dict, dict]:
+    """Per engine that returns outputs, the max abs error of each output against onnxruntime's;
+    and per output, the error reccc's fp32 tolerance allows."""
     from reccc.reference import agreement
+
+    errors, allowed = {}, {}
+    for engine in engines:
+        if engine.returns_outputs and engine.name != "onnxruntime":
+            checked = agreement(results["onnxruntime"], results[engine.name])
+            errors[engine.name] = {name: error for name, (error, _) in checked.items()}
+            allowed = {name: bound for name, (_, bound) in checked.items()}
+    return errors, allowed
+
+
+def bench_batch(batch: int, ir_model, proto: onnx.ModelProto, session, compiled, vm_main, plain_main, repeat: int) -> dict:
     from reccc.sample_inputs import random_inputs
 
-    feeds = random_inputs(model, batch, seed=INPUT_SEED)
+    feeds = random_inputs(ir_model, batch, seed=INPUT_SEED)
     plain_outputs = [output.name for output in proto.graph.output]
     engines = make_engines(feeds, session, compiled, vm_main, plain_main, graph_input_names(proto), plain_outputs)
-    results = {engine.name: warm_up(engine) for engine in engines}
-    reference = results["onnxruntime"]
-    errors, bounds = {}, {}
-    for engine in engines[1:]:
-        if engine.returns_outputs:
-            checked = agreement(reference, results[engine.name])
-            errors[engine.name] = {name: error for name, (error, _) in checked.items()}
-            bounds = {name: bound for name, (_, bound) in checked.items()}
+    errors, allowed = errors_against_onnxruntime(engines, {engine.name: warm_up(engine) for engine in engines})
     time_interleaved(engines, repeat)
     timings = {
-        engine.name: {"median_ms": 1e3 * statistics.median(engine.seconds), "min_ms": 1e3 * min(engine.seconds),
-                      "runs": len(engine.seconds)}
+        engine.name: {
+            "median_ms": 1e3 * statistics.median(engine.seconds),
+            "min_ms": 1e3 * min(engine.seconds),
+            "runs": len(engine.seconds),
+            # In the order they ran, so a slow phase of the machine or interference between engines shows.
+            "all_ms": [round(1e3 * seconds, 4) for seconds in engine.seconds],
+        }
         for engine in engines
     }
     baseline = timings["onnxruntime"]["median_ms"]
@@ -247,8 +257,8 @@ def bench_batch(batch: int, model, proto: onnx.ModelProto, session, compiled, vm
         "engines": timings,
         "ratio_to_onnxruntime": {name: t["median_ms"] / baseline for name, t in timings.items() if name != "onnxruntime"},
         "max_abs_error": errors,
-        "allowed_error": bounds,
-        "agrees": all(errors[engine][name] <= bounds[name] for engine in errors for name in bounds),
+        "allowed_error": allowed,
+        "agrees": all(errors[engine][name] <= allowed[name] for engine in errors for name in allowed),
     }
 
 
@@ -267,14 +277,13 @@ def print_batch(result: dict) -> None:
 
 
 def run_benchmark(args: argparse.Namespace, model_path: Path, model_description: dict, scratch: Path) -> dict:
+    import reccc
     from reccc.ir import Model
     from reccc.reference import reference_session
 
-    import reccc
-
     proto = onnx.load(str(model_path))
-    model = Model.from_onnx(proto, str(model_path))
-    model_description["parameter_bytes"] = model.parameter_bytes()
+    ir_model = Model.from_onnx(proto, str(model_path))
+    model_description["parameter_bytes"] = ir_model.parameter_bytes()
 
     artifact = scratch / "model.so"
     print(f"compiling with reccc -O{args.opt_level} ...", flush=True)
@@ -288,10 +297,11 @@ def run_benchmark(args: argparse.Namespace, model_path: Path, model_description:
         print(f"  {plain_seconds:.1f} s", flush=True)
 
     session = reference_session(proto, threads=args.threads)
+    print(f"threads: onnxruntime {args.threads}, TVM {tvm_runtime_threads()}", flush=True)
     vm_main = load_vm_main(artifact)
     batches = []
     for batch in args.batches:
-        batches.append(bench_batch(batch, model, proto, session, compiled, vm_main, plain_main, args.repeat))
+        batches.append(bench_batch(batch, ir_model, proto, session, compiled, vm_main, plain_main, args.repeat))
         print_batch(batches[-1])
     return {
         "compile": {"reccc_seconds": reccc_seconds, "reccc_artifact_bytes": artifact.stat().st_size,
