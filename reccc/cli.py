@@ -2,6 +2,7 @@
 
     reccc MODEL.onnx [--target=x86] [-O2] [-o OUT]     compile (the default command)
     reccc inspect MODEL.onnx [--json]                  describe a model
+    reccc golden record|check ...                      golden-output regression tests
 
 Exit status: 0 ok, 1 compile failure, 2 bad usage or input. Errors are one line on stderr; -v adds
 progress, TVM's own log and tracebacks.
@@ -16,9 +17,6 @@ from pathlib import Path
 from reccc import __version__
 from reccc.errors import ReccError, UsageError
 
-COMMANDS = ("inspect",)
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse that reports usage errors as exit 2 through reccc's own one-line error path."""
 
@@ -30,7 +28,7 @@ def _compile_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="reccc",
         description="Compile an ONNX recommender model into a library for a target, through Apache TVM.",
-        epilog="Other commands: 'reccc inspect MODEL' (see 'reccc inspect --help'). "
+        epilog="Other commands: 'reccc inspect MODEL', 'reccc golden record|check' (each has --help). "
         "Exit status: 0 ok, 1 compile failure, 2 bad usage or input.",
     )
     parser.add_argument("model", nargs="?", help="the ONNX model to compile")
@@ -67,6 +65,59 @@ def _inspect_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("-v", "--verbose", action="store_true", help="tracebacks on error")
     return parser
+
+
+def _golden_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="reccc golden", description="Record reference outputs once; check compiled artifacts against them.")
+    commands = parser.add_subparsers(dest="golden_command", required=True, metavar="{record,check}", parser_class=_Parser)
+    record = commands.add_parser(
+        "record", help="run a model in onnxruntime and store its inputs and outputs",
+        description="Run MODEL in onnxruntime and store inputs, outputs, the model's sha256 and the versions in a golden .npz.",
+    )
+    record.add_argument("model", help="the ONNX model")
+    source = record.add_mutually_exclusive_group()
+    source.add_argument("--inputs", metavar="NPZ", help="inputs as an .npz named by the model's inputs")
+    source.add_argument("--generate", type=int, metavar="N", default=16,
+                        help="generate a batch of N valid random inputs, ids in range for each table (default: 16)")
+    record.add_argument("--seed", type=int, default=0, help="seed for --generate (default: 0)")
+    record.add_argument("-o", "--output", required=True, help="the golden file to write (.npz)")
+    record.add_argument("-v", "--verbose", action="store_true", help="tracebacks on error")
+    check = commands.add_parser(
+        "check", help="run an artifact on the stored inputs and compare with the stored outputs",
+        description="Run ARTIFACT (a compiled .so or an .onnx) on the golden inputs and compare its outputs. "
+        "Per output, it passes when |actual - expected| <= atol + rtol * max(1, max|expected|) everywhere. "
+        "Exit 0 when every output passes, 1 when any fails, 2 on bad usage.",
+    )
+    check.add_argument("artifact", help="a .so written by reccc, or an .onnx model")
+    check.add_argument("--golden", required=True, help="the golden file (.npz) from 'reccc golden record'")
+    check.add_argument("--atol", type=float, help="absolute tolerance (default: 0, or as the artifact's build allows)")
+    check.add_argument("--rtol", type=float, help="tolerance relative to max(1, max|expected|) (default: 1e-5 for lossless builds)")
+    check.add_argument("--junit-xml", metavar="FILE", help="also write the result as JUnit XML, one testcase per output")
+    check.add_argument("-v", "--verbose", action="store_true", help="tracebacks on error")
+    return parser
+
+
+def _run_golden(args: argparse.Namespace) -> int:
+    from reccc import golden
+    from reccc.errors import EmbeddingIndexError, ModelInputError
+
+    if args.golden_command == "record":
+        inputs = golden.load_inputs(args.inputs) if args.inputs else None
+        if args.generate < 1:
+            raise UsageError("--generate: N must be at least 1")
+        from reccc.atomic_file import check_writable
+
+        check_writable(args.output)
+        golden.save(golden.record(args.model, inputs, batch=args.generate, seed=args.seed), args.output)
+        return 0
+    try:
+        checks, tolerance = golden.check(args.artifact, args.golden, args.atol, args.rtol)
+    except (ModelInputError, EmbeddingIndexError) as error:
+        raise UsageError(f"{args.artifact}: the golden inputs do not fit it: {error}") from error
+    print(golden.format_report(args.artifact, args.golden, checks, tolerance))
+    if args.junit_xml:
+        golden.write_junit_xml(args.junit_xml, args.artifact, checks, tolerance)
+    return 0 if all(check.passed for check in checks) else 1
 
 
 def _run_compile(args: argparse.Namespace) -> int:
@@ -125,8 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "-v" in argv or "--verbose" in argv
     try:
-        if argv and argv[0] in COMMANDS:
+        if argv and argv[0] == "inspect":
             return _run_inspect(_inspect_parser().parse_args(argv[1:]))
+        if argv and argv[0] == "golden":
+            return _run_golden(_golden_parser().parse_args(argv[1:]))
         return _run_compile(_compile_parser().parse_args(argv))
     except ReccError as error:
         if verbose:

@@ -24,20 +24,29 @@ def run_reference(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[
     return dict(zip(names, session.run(names, feeds)))
 
 
+def abs_error(reference: np.ndarray, actual: np.ndarray) -> np.ndarray:
+    """Elementwise |actual - reference| in float64; NaN in both is agreement (0), NaN in one is inf."""
+    difference = np.abs(reference.astype(np.float64) - actual.astype(np.float64))
+    both_nan = np.isnan(reference) & np.isnan(actual) if np.issubdtype(reference.dtype, np.floating) else False
+    return np.where(both_nan, 0.0, np.nan_to_num(difference, nan=np.inf))
+
+
 def max_abs_error(reference: np.ndarray, actual: np.ndarray) -> float:
     if reference.shape != actual.shape:
         return float("inf")
-    if reference.size == 0:
-        return 0.0
-    difference = np.abs(reference.astype(np.float64) - actual.astype(np.float64))
-    # NaN in the same place in both is agreement, not an error.
-    both_nan = np.isnan(reference) & np.isnan(actual) if np.issubdtype(reference.dtype, np.floating) else False
-    return float(np.max(np.where(both_nan, 0.0, np.nan_to_num(difference, nan=np.inf))))
+    return float(np.max(abs_error(reference, actual))) if reference.size else 0.0
+
+
+def output_scale(reference: np.ndarray) -> float:
+    """max(1, max |reference|) over finite values: what relative tolerances are relative to."""
+    if not reference.size or not np.issubdtype(reference.dtype, np.number):
+        return 1.0
+    finite = np.abs(reference[np.isfinite(reference)]) if np.issubdtype(reference.dtype, np.floating) else np.abs(reference)
+    return max(1.0, float(np.max(finite))) if finite.size else 1.0
 
 
 def fp32_bound(reference: np.ndarray) -> float:
-    scale = float(np.max(np.abs(reference))) if reference.size and np.issubdtype(reference.dtype, np.number) else 0.0
-    return FP32_TOLERANCE * max(1.0, scale if np.isfinite(scale) else 1.0)
+    return FP32_TOLERANCE * output_scale(reference)
 
 
 def agreement(reference: dict[str, np.ndarray], actual: dict[str, np.ndarray]) -> dict[str, tuple[float, float]]:
