@@ -47,6 +47,15 @@ def _compile_parser() -> argparse.ArgumentParser:
                         help="out-of-range embedding ids at run time: raise naming the input (default), or clamp into the table")
     parser.add_argument("--load-pass-plugin", action="append", default=[], metavar="MODULE",
                         help="import a module or .py file that registers passes (repeatable)")
+    parser.add_argument("--prune-threshold", type=float, metavar="T",
+                        help="lossy: zero FC weights with |w| < T (magnitude pruning); reports the sparsity reached")
+    parser.add_argument("--prune-neurons", type=float, metavar="FRACTION",
+                        help="lossy: remove this fraction of each hidden FC layer's neurons, lowest L2 norm first")
+    parser.add_argument("--accuracy-budget", type=float, metavar="ABS",
+                        help="lossy passes: fail the build (exit 1, nothing written) if any output moves more than ABS "
+                        "on the calibration batch; the deviation is always printed")
+    parser.add_argument("--calibration", metavar="NPZ",
+                        help="calibration inputs for the accuracy guard (default: 64 generated valid rows)")
     parser.add_argument("--list-passes", action="store_true", help="list the registered passes and exit")
     parser.add_argument("--print-pipeline", action="store_true", help="print the passes that would run, and exit")
     parser.add_argument("--print-after", action="append", default=[], metavar="NAME|all",
@@ -102,7 +111,9 @@ def _run_golden(args: argparse.Namespace) -> int:
     from reccc.errors import EmbeddingIndexError, ModelInputError
 
     if args.golden_command == "record":
-        inputs = golden.load_inputs(args.inputs) if args.inputs else None
+        from reccc.sample_inputs import load_inputs
+
+        inputs = load_inputs(args.inputs) if args.inputs else None
         if args.generate < 1:
             raise UsageError("--generate: N must be at least 1")
         from reccc.atomic_file import check_writable
@@ -121,7 +132,7 @@ def _run_golden(args: argparse.Namespace) -> int:
 
 
 def _run_compile(args: argparse.Namespace) -> int:
-    from reccc.compiler import CompileOptions, compile_model, pass_names
+    from reccc.compiler import CompileOptions, compile_model, pipeline
     from reccc.pass_manager import format_pass_report, registered_passes
     from reccc.plugins import PASS_GROUP, load_entry_points, load_pass_plugin
 
@@ -136,15 +147,19 @@ def _run_compile(args: argparse.Namespace) -> int:
         index_check=args.index_check,
         print_after=args.print_after,
         verify_each=args.verify_each,
+        prune_threshold=args.prune_threshold,
+        prune_neurons=args.prune_neurons,
+        accuracy_budget=args.accuracy_budget,
+        calibration=args.calibration,
     )
     if args.list_passes:
         load_entry_points(PASS_GROUP)
         for name, cls in registered_passes().items():
             print(f"{name:<28}{'' if cls.lossless else '[lossy] '}{cls.summary}")
         return 0
-    names = pass_names(options)  # validates the pipeline flags before anything else
+    steps = pipeline(options)  # validates the pipeline flags before anything else
     if args.print_pipeline:
-        print(",".join(names))
+        print(",".join(str(step) for step in steps))
         return 0
     if args.model is None:
         raise UsageError("no input model (see 'reccc --help')")

@@ -9,20 +9,20 @@ from pathlib import Path
 from typing import TextIO
 
 import numpy as np
-import onnx
 
 from reccc import __version__
 from reccc.atomic_file import atomic_output, check_writable
-from reccc.errors import UsageError
+from reccc.accuracy_guard import AccuracyReport, calibration_reference, measure
+from reccc.errors import CompileError, UsageError
 from reccc.index_guard import FLAGS_OUTPUT, INDEX_CHECK_MODES, guard_embedding_indices
 from reccc.ir import Model
 from reccc.manifest import Manifest, TensorSpec, write_manifest_source
 from reccc.model_file import read_model, write_model
 from reccc.native_output import silenced_output
-from reccc.pass_manager import PassManager, PassRecord, Verifier, create_pass
-from reccc.pipelines import PIPELINES, pipeline_for
+from reccc.pass_manager import PassManager, PassRecord, create_pass
+from reccc.pipelines import LOSSY_PASS_OPTIONS, PipelineStep, pipeline_for
 from reccc.plugins import PASS_GROUP, load_entry_points
-from reccc.reference import agreement, run_reference
+from reccc.reference import ReferenceOutputs
 from reccc.sample_inputs import random_inputs
 from reccc.target import resolve_target
 
@@ -39,6 +39,11 @@ class CompileOptions:
     index_check: str = "error"
     print_after: list[str] = field(default_factory=list)
     verify_each: bool = False
+    # Opt-in lossy passes (see pipelines.LOSSY_PASS_OPTIONS) and the accuracy guard they run under.
+    prune_threshold: float | None = None
+    prune_neurons: float | None = None
+    accuracy_budget: float | None = None
+    calibration: str | None = None  # .npz of inputs; default: generated valid rows
 
 
 @dataclass
@@ -47,16 +52,17 @@ class CompileResult:
     passes: list[PassRecord]
     pass_seconds: float
     lowering_seconds: float
+    accuracy: AccuracyReport | None  # measured when a lossy pass ran
 
 
-def pass_names(options: CompileOptions) -> list[str]:
+def pipeline(options: CompileOptions) -> list[PipelineStep]:
+    """The passes `options` ask for, checked: unknown names and bad parameters fail here, before any work."""
     load_entry_points(PASS_GROUP)
-    if options.opt_level not in PIPELINES:
-        raise UsageError(f"-O{options.opt_level}: optimization level must be 0, 1, 2 or 3")
-    names = pipeline_for(options.opt_level, options.passes, options.disabled_passes)
-    for name in names:
-        create_pass(name)  # fails early, naming an unknown pass
-    return names
+    lossy = {option: getattr(options, option) for option in LOSSY_PASS_OPTIONS}
+    steps = pipeline_for(options.opt_level, options.passes, options.disabled_passes, lossy)
+    for step in steps:
+        create_pass(step.name, **step.params)
+    return steps
 
 
 def compile_model(
@@ -71,26 +77,41 @@ def compile_model(
         raise UsageError(f"--emit: must be one of {', '.join(EMIT_KINDS)}, not '{options.emit}'")
     if options.index_check not in INDEX_CHECK_MODES:
         raise UsageError(f"--index-check: must be one of {', '.join(INDEX_CHECK_MODES)}, not '{options.index_check}'")
-    names = pass_names(options)
+    if options.accuracy_budget is not None and not options.accuracy_budget >= 0:
+        raise UsageError(f"--accuracy-budget: must be a non-negative number, not {options.accuracy_budget}")
+    steps = pipeline(options)
     check_writable(output)
     target = resolve_target(options.target) if options.emit == "library" else None
     source = read_model(model_path)
     model = Model.from_onnx(source, str(model_path))
 
+    log = log or sys.stderr
+    passes = [create_pass(step.name, **step.params) for step in steps]
+    guarded = any(not each.lossless for each in passes)
+    if guarded:
+        calibration, calibration_source = calibration_reference(model, source, options.calibration)
     start = time.perf_counter()
     manager = PassManager(
-        [create_pass(name) for name in names],
+        passes,
         print_after=options.print_after,
-        verifier=_output_verifier(model, source) if options.verify_each else None,
-        log=log or sys.stderr,
+        verify_against=ReferenceOutputs(source, random_inputs(model, batch=3, seed=0)) if options.verify_each else None,
+        log=log,
     )
     records = manager.run(model)
     pass_seconds = time.perf_counter() - start
+    accuracy = None
+    if guarded:
+        accuracy = measure(calibration, calibration_source, model.to_onnx(), options.accuracy_budget)
+        print(f"reccc: {accuracy.summary()}", file=log)
+        if accuracy.exceeded:
+            raise CompileError(
+                f"accuracy budget exceeded: max output deviation {accuracy.max_deviation:.3g} > {options.accuracy_budget:g}; nothing written"
+            )
 
     start = time.perf_counter()
     if options.emit == "onnx":
         write_model(model.to_onnx(), output)
-        return CompileResult(Path(output), records, pass_seconds, 0.0)
+        return CompileResult(Path(output), records, pass_seconds, 0.0, accuracy)
 
     manifest_inputs, manifest_outputs = _interface(model)
     guards = guard_embedding_indices(model, options.index_check)
@@ -100,18 +121,19 @@ def compile_model(
         reccc_version=__version__,
         target=target.description(),
         opt_level=options.opt_level,
-        passes=names,
+        passes=[str(step) for step in steps],
         inputs=manifest_inputs,
         outputs=manifest_outputs,
         index_check=options.index_check,
         index_guards=guards,
         index_flags_output=FLAGS_OUTPUT if guards else None,
+        accuracy=None if accuracy is None else accuracy.as_manifest_entry(),
     )
     with tempfile.TemporaryDirectory(prefix="reccc-") as scratch, atomic_output(output) as temporary, silenced_output(
         enabled=not show_tvm_log
     ):
         target.export(executable, temporary, [write_manifest_source(manifest, Path(scratch))])
-    return CompileResult(Path(output), records, pass_seconds, time.perf_counter() - start)
+    return CompileResult(Path(output), records, pass_seconds, time.perf_counter() - start, accuracy)
 
 
 def _interface(model: Model) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -120,18 +142,3 @@ def _interface(model: Model) -> tuple[list[TensorSpec], list[TensorSpec]]:
         return TensorSpec(tensor.name, str(np.dtype(tensor.dtype)), shape)
 
     return [spec(t) for t in model.graph.inputs], [spec(t) for t in model.graph.outputs]
-
-
-def _output_verifier(model: Model, source: onnx.ModelProto) -> Verifier:
-    """--verify-each: compare each intermediate model with the input model in onnxruntime on one
-    random valid batch, within the fp32 tolerance."""
-    feeds = random_inputs(model, batch=3, seed=0)
-    reference = run_reference(source, feeds)
-
-    def verify(candidate: onnx.ModelProto) -> str | None:
-        for name, (error, bound) in agreement(reference, run_reference(candidate, feeds)).items():
-            if not error <= bound:
-                return f"output '{name}' differs by {error:.3g} (allowed {bound:.3g})"
-        return None
-
-    return verify

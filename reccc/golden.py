@@ -114,18 +114,6 @@ def load(path: str | Path) -> Golden:
     return Golden(inputs, outputs, meta)
 
 
-def load_inputs(path: str | Path) -> dict[str, np.ndarray]:
-    """Inputs for `record --inputs`: an .npz whose array names are the model's input names."""
-    file = Path(path)
-    if not file.is_file():
-        raise UsageError(f"{file}: no such inputs file")
-    try:
-        with np.load(file, allow_pickle=False) as data:
-            return {name: data[name] for name in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as error:
-        raise UsageError(f"{file}: not an .npz of input arrays ({error})") from error
-
-
 def default_tolerance(artifact: str | Path) -> Tolerance:
     """Tight for what the artifact's manifest shows was built losslessly; ONNX files are held to the same."""
     if Path(artifact).suffix == ".onnx":
@@ -137,11 +125,16 @@ def default_tolerance(artifact: str | Path) -> Tolerance:
     load_entry_points(PASS_GROUP)
     manifest = read_manifest(artifact)
     passes = registered_passes()
-    lossy = [name for name in manifest.passes if name not in passes or not passes[name].lossless]
+    names = [step.split("<")[0] for step in manifest.passes]  # steps may carry parameters: name<key=value>
+    lossy = [name for name in names if name not in passes or not passes[name].lossless]
     if lossy:
-        raise UsageError(
-            f"{artifact}: built with passes reccc cannot vouch are lossless ({', '.join(lossy)}); give --atol and --rtol"
-        )
+        budget = (manifest.accuracy or {}).get("budget")
+        if budget is None:
+            raise UsageError(
+                f"{artifact}: built with passes reccc cannot vouch are lossless ({', '.join(lossy)}) and no accuracy budget; "
+                "give --atol and --rtol"
+            )
+        return Tolerance(budget, FP32_TOLERANCE, f"the build's accuracy budget (lossy passes: {', '.join(lossy)})")
     return Tolerance(0.0, FP32_TOLERANCE, f"fp32, lossless build (-O{manifest.opt_level}: {', '.join(manifest.passes) or 'no passes'})")
 
 

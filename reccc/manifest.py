@@ -44,6 +44,7 @@ class Manifest:
     index_check: str
     index_guards: list[IndexGuard] = field(default_factory=list)
     index_flags_output: str | None = None  # int32 vector, one entry per guard, positive if its ids were out of range
+    accuracy: dict | None = None  # lossy builds: the accuracy guard's budget and measured deviation
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:

@@ -8,7 +8,7 @@ themselves with @register_pass; built-in ones and plugins arrive through reccc.p
 import abc
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, TextIO
 
@@ -16,6 +16,7 @@ import onnx
 
 from reccc.errors import CompileError, UsageError
 from reccc.ir import Model
+from reccc.reference import ReferenceOutputs
 
 _REGISTRY: dict[str, type["Pass"]] = {}
 
@@ -36,6 +37,10 @@ class Pass(abc.ABC):
 
     def ensures(self, model: Model) -> None:
         """Raise CompileError if the pass left the model breaking its promise."""
+
+    def details(self) -> list[str]:
+        """Lines saying what the last call did beyond node and byte counts (decisions, sparsity), for --time-passes."""
+        return []
 
     def __call__(self, model: Model) -> bool:
         self.requires(model)
@@ -59,12 +64,15 @@ def registered_passes() -> dict[str, type[Pass]]:
     return dict(sorted(_REGISTRY.items()))
 
 
-def create_pass(name: str) -> Pass:
-    try:
-        return _REGISTRY[name]()
-    except KeyError:
+def create_pass(name: str, **params) -> Pass:
+    """An instance of the pass registered as `name`; `params` are its constructor's keyword arguments."""
+    if name not in _REGISTRY:
         known = ", ".join(sorted(_REGISTRY)) or "none"
-        raise UsageError(f"unknown pass '{name}' (known passes: {known})") from None
+        raise UsageError(f"unknown pass '{name}' (known passes: {known})")
+    try:
+        return _REGISTRY[name](**params)
+    except (TypeError, ValueError) as error:
+        raise UsageError(f"pass '{name}': bad parameters {params}: {error}") from error
 
 
 @dataclass(frozen=True)
@@ -78,10 +86,7 @@ class PassRecord:
     nodes_after: int
     bytes_before: int
     bytes_after: int
-
-
-# Compares the model after a pass with the input model; returns a description of the difference or None.
-Verifier = Callable[[onnx.ModelProto], str | None]
+    details: list[str]
 
 
 class PassManager:
@@ -90,12 +95,12 @@ class PassManager:
         passes: Sequence[Pass],
         *,
         print_after: Sequence[str] = (),
-        verifier: Verifier | None = None,
+        verify_against: ReferenceOutputs | None = None,
         log: TextIO | None = None,
     ):
         self.passes = list(passes)
         self.print_after = set(print_after)
-        self.verifier = verifier
+        self.verify_against = verify_against
         self.log = log or sys.stderr
 
     def run(self, model: Model) -> list[PassRecord]:
@@ -112,16 +117,26 @@ class PassManager:
             seconds = time.perf_counter() - start
             records.append(
                 PassRecord(
-                    each.name, seconds, changed, nodes_before, len(model.graph.nodes), bytes_before, model.parameter_bytes()
+                    each.name, seconds, changed, nodes_before, len(model.graph.nodes), bytes_before, model.parameter_bytes(),
+                    each.details(),
                 )
             )
             if self.print_after & {each.name, "all"}:
                 self.log.write(f"; *** IR after {each.name} ***\n{onnx.printer.to_text(model.to_onnx().graph)}\n")
-            if self.verifier is not None:
-                problem = self.verifier(model.to_onnx())
-                if problem is not None:
-                    raise CompileError(f"--verify-each: pass '{each.name}' changed the model's outputs: {problem}")
+            if self.verify_against is not None:
+                self._verify(each, model.to_onnx())
         return records
+
+
+    def _verify(self, each: Pass, proto: onnx.ModelProto) -> None:
+        """--verify-each: a lossless pass must keep the outputs within the fp32 bound; a lossy pass's
+        effect is the accuracy guard's to measure, and later passes are compared with its result."""
+        if not each.lossless:
+            self.verify_against.rebase(proto)
+            return
+        problem = self.verify_against.fp32_violation(proto)
+        if problem is not None:
+            raise CompileError(f"--verify-each: pass '{each.name}' changed the model's outputs: {problem}")
 
 
 def format_pass_report(records: Sequence[PassRecord]) -> str:
@@ -132,6 +147,7 @@ def format_pass_report(records: Sequence[PassRecord]) -> str:
             f"{r.name:<28}{r.seconds * 1e3:>9.2f}  {'yes' if r.changed else 'no':<8}"
             f"{f'{r.nodes_before}->{r.nodes_after}':>15}{f'{r.bytes_before}->{r.bytes_after}':>28}"
         )
+        lines += [f"    {detail}" for detail in r.details]
     total = sum(r.seconds for r in records)
     lines.append(f"{'total':<28}{total * 1e3:>9.2f}")
     return "\n".join(lines)

@@ -1,4 +1,6 @@
-"""The pass pipeline of each optimization level, by pass name."""
+"""The pass pipeline of each optimization level, by pass name, and where opt-in lossy passes go."""
+
+from dataclasses import dataclass, field
 
 from reccc.errors import UsageError
 
@@ -9,11 +11,42 @@ PIPELINES: dict[int, tuple[str, ...]] = {
     3: ("constant-folding", "dead-code-elimination"),
 }
 
+# Opt-in lossy passes, by the CompileOptions field that requests them and the parameter it sets.
+LOSSY_PASS_OPTIONS: dict[str, tuple[str, str]] = {
+    "prune_threshold": ("magnitude-pruning", "threshold"),
+    "prune_neurons": ("neuron-pruning", "fraction"),
+}
 
-def pipeline_for(opt_level: int, explicit: list[str] | None, disabled: list[str]) -> list[str]:
-    """The pass names to run: `explicit` (--passes) if given, else the level's pipeline, minus `disabled`."""
+# Lossy passes run before the first of these (cleanup that can exploit what they zeroed), else last.
+_LOSSY_PASSES_BEFORE = ("prune-dead-neurons", "dead-code-elimination")
+
+
+@dataclass(frozen=True)
+class PipelineStep:
+    name: str
+    params: dict = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        """As --print-pipeline shows it, after LLVM's `pass<param=value>`."""
+        if not self.params:
+            return self.name
+        return f"{self.name}<{';'.join(f'{key}={value}' for key, value in sorted(self.params.items()))}>"
+
+
+def pipeline_for(opt_level: int, explicit: list[str] | None, disabled: list[str], lossy: dict[str, float | None]) -> list[PipelineStep]:
+    """The passes to run: `explicit` (--passes) if given, else the level's pipeline, minus `disabled`,
+    plus each lossy pass whose option in `lossy` (field name -> value) is set."""
+    if opt_level not in PIPELINES:
+        raise UsageError(f"-O{opt_level}: optimization level must be 0, 1, 2 or 3")
     names = list(explicit) if explicit is not None else list(PIPELINES[opt_level])
     unknown_disabled = [name for name in disabled if name not in names]
     if unknown_disabled:
         raise UsageError(f"--disable-pass: '{unknown_disabled[0]}' is not in the pipeline ({', '.join(names) or 'empty'})")
-    return [name for name in names if name not in disabled]
+    steps = [PipelineStep(name) for name in names if name not in disabled]
+    requested = [
+        PipelineStep(LOSSY_PASS_OPTIONS[option][0], {LOSSY_PASS_OPTIONS[option][1]: value})
+        for option, value in lossy.items()
+        if value is not None
+    ]
+    position = next((i for i, step in enumerate(steps) if step.name in _LOSSY_PASSES_BEFORE), len(steps))
+    return steps[:position] + requested + steps[position:]

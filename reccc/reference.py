@@ -52,3 +52,35 @@ def fp32_bound(reference: np.ndarray) -> float:
 def agreement(reference: dict[str, np.ndarray], actual: dict[str, np.ndarray]) -> dict[str, tuple[float, float]]:
     """Per output: (max abs error, allowed bound)."""
     return {name: (max_abs_error(ref, actual[name]), fp32_bound(ref)) for name, ref in reference.items()}
+
+
+class ReferenceOutputs:
+    """onnxruntime's outputs of a model on fixed inputs, which later versions of the model are compared with."""
+
+    def __init__(self, model: onnx.ModelProto, feeds: dict[str, np.ndarray]):
+        self.feeds = feeds
+        self.outputs = run_reference(model, feeds)
+
+    def rebase(self, model: onnx.ModelProto) -> None:
+        """Compare with `model` from now on (after a lossy pass, whose effect is measured separately)."""
+        self.outputs = run_reference(model, self.feeds)
+
+    def deviation(self, model: onnx.ModelProto) -> dict[str, tuple[float, float]]:
+        """Per output: (max, mean) absolute deviation of `model`'s outputs from the reference's."""
+        actual = run_reference(model, self.feeds)
+        result = {}
+        for name, expected in self.outputs.items():
+            if actual[name].shape != expected.shape:
+                result[name] = (float("inf"), float("inf"))
+                continue
+            errors = abs_error(expected, actual[name])
+            result[name] = (float(errors.max()), float(errors.mean())) if errors.size else (0.0, 0.0)
+        return result
+
+    def fp32_violation(self, model: onnx.ModelProto) -> str | None:
+        """A description of the first output of `model` outside the fp32 bound, or None."""
+        for name, (error, _) in self.deviation(model).items():
+            bound = fp32_bound(self.outputs[name])
+            if not error <= bound:
+                return f"output '{name}' differs by {error:.3g} (allowed {bound:.3g})"
+        return None

@@ -1,12 +1,17 @@
-"""Random but valid inputs for a model: dense features from N(0, 1), ids inside their tables' rows.
+"""Inputs for running a model: random but valid ones (dense features from N(0, 1), ids inside their
+tables' rows), or a user's batch read from an .npz.
 
-Used by --verify-each, golden recording, the benchmarks and the tests.
+Used by --verify-each, the accuracy guard, golden recording, the benchmarks and the tests.
 """
+
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from reccc.embeddings import embedding_lookups
+from reccc.errors import UsageError
 from reccc.ir import Model, tensor_dtype
 
 # Symbolic dims other than the leading (batch) dim, such as a bag length, get this size.
@@ -48,3 +53,15 @@ def random_inputs(model: Model, batch: int, seed: int = 0) -> dict[str, np.ndarr
         else:
             raise ValueError(f"input '{tensor.name}' has dtype {dtype}, which reccc cannot generate")
     return feeds
+
+
+def load_inputs(path: str | Path) -> dict[str, np.ndarray]:
+    """A batch from an .npz whose array names are the model's input names."""
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"{file}: no such inputs file")
+    try:
+        with np.load(file, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        raise UsageError(f"{file}: not an .npz of input arrays ({error})") from error

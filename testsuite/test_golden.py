@@ -155,7 +155,7 @@ def test_artifacts_of_lossy_builds_need_explicit_tolerances(reccc_cli, tmp_path_
     artifact = folder / "m.so"
     assert reccc_cli(model_path("dlrm"), f"--load-pass-plugin={folder / 'lossy_passes.py'}", "--passes=pretend-lossy", "-o", artifact).code == 0
     result = reccc_cli("golden", "check", artifact, "--golden", golden_path("dlrm"))
-    assert result.code == 2 and "cannot vouch are lossless (pretend-lossy); give --atol and --rtol" in result.stderr
+    assert result.code == 2 and "cannot vouch are lossless (pretend-lossy) and no accuracy budget; give --atol" in result.stderr
     assert reccc_cli("golden", "check", artifact, "--golden", golden_path("dlrm"), "--rtol", "1e-4").code == 0
 
 
