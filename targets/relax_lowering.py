@@ -4,6 +4,8 @@ The batch dim stays symbolic: from_onnx turns ONNX dim_params into Relax shape v
 compiled artifact serves every batch size.
 """
 
+from collections.abc import Callable
+
 import onnx
 import tvm
 from tvm import relax, te, tirx
@@ -90,15 +92,23 @@ def _sort_shape_function_stores(module: tvm.IRModule, _context) -> tvm.IRModule:
     return module
 
 
-def build(model: onnx.ModelProto, target: tvm.target.Target, opt_level: int) -> tvm.runtime.Executable:
+def build(
+    model: onnx.ModelProto,
+    target: tvm.target.Target,
+    opt_level: int,
+    schedule: Callable[[tvm.IRModule, tvm.target.Target], tvm.IRModule] | None = None,
+) -> tvm.runtime.Executable:
     """Import and compile. From -O1 on, Relax-level legalization, constant folding (weight transposes
-    of Gemm are folded here instead of running every call) and operator fusion run before TVM's build."""
+    of Gemm are folded here instead of running every call) and operator fusion run before TVM's build;
+    from -O2 on, the target's default `schedule` rules."""
     module = to_relax(model)
     try:
         with target:
             module = relax.transform.LegalizeOps(_ONNX_EXACT_LEGALIZATIONS)(module)
             if opt_level >= 1:
                 module = relax.get_pipeline("zero")(module)
+            if opt_level >= 2 and schedule is not None:
+                module = schedule(module, target)
             pipeline = tvm.transform.Sequential([relax.pipeline.default_build_pipeline(), _sort_shape_function_stores])
             return tvm.compile(module, target=target, relax_pipeline=pipeline)
     except Exception as error:

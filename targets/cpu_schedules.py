@@ -1,0 +1,89 @@
+"""reccc's default CPU schedules (-O2 and up): rules applied to the fused kernels of the Relax module,
+the way dlight's rules are applied for GPUs. TVM's own CPU pipeline leaves every kernel as naive,
+single-threaded scalar loops; these rules make the hot ones parallel and vectorized.
+
+Rules, each tried on every fused PrimFunc and skipped where its pattern does not fit:
+- matmul: the reduction block "matmul" (C[i, j] += A[i, k] * W[k, j], from Gemm / MatMul with
+  the weight transpose already folded) gets a register tile of MATMUL_ROWS rows x 4 vectors of
+  columns, K innermost but one, rows split symbolically (the batch stays a Relax shape variable),
+  parallel over column panels so each core keeps its panel of W in cache across all rows.
+- elementwise: the epilogue blocks (bias, activation, and other data-parallel blocks on 2-D
+  tensors) run parallel over rows, vectorized over columns.
+Vector width comes from the target: 16 fp32 lanes with AVX-512, 8 with AVX2, 4 otherwise (SSE, NEON).
+"""
+
+import tvm
+from tvm import s_tir
+from tvm.target import codegen
+
+MATMUL_ROWS = 4
+VECTORS_PER_TILE = 4
+DATA_PARALLEL = 0  # IterVar.iter_type of a spatial block var
+
+
+def vector_lanes(target: tvm.target.Target) -> int:
+    """fp32 lanes of the target's widest vector unit."""
+    if codegen.target_has_features("avx512f", target):
+        return 16
+    if codegen.target_has_features("avx2", target):
+        return 8
+    return 4
+
+
+def _matmul_rule(schedule: s_tir.Schedule, lanes: int) -> bool:
+    try:
+        block = schedule.get_sblock("matmul")
+    except s_tir.ScheduleError:
+        return False
+    loops = schedule.get_loops(block)
+    if len(loops) != 3:
+        return False
+    rows, columns, reduction = loops
+    row_tiles, row = schedule.split(rows, factors=[None, MATMUL_ROWS])
+    panels, column = schedule.split(columns, factors=[None, VECTORS_PER_TILE * lanes])
+    schedule.reorder(panels, row_tiles, reduction, row, column)
+    schedule.parallel(panels)
+    schedule.vectorize(column)
+    schedule.unroll(row)
+    schedule.decompose_reduction(block, reduction)
+    return True
+
+
+def _elementwise_rule(schedule: s_tir.Schedule, lanes: int) -> None:
+    """Parallel rows and vector columns for every 2-D data-parallel block at the root."""
+    for block in schedule.get_child_blocks(schedule.get_sblock("root")):
+        loops = schedule.get_loops(block)
+        if len(loops) != 2 or any(var.iter_type != DATA_PARALLEL for var in schedule.get(block).iter_vars):
+            continue
+        rows, columns = loops
+        try:
+            _, vector = schedule.split(columns, factors=[None, lanes])
+            schedule.vectorize(vector)
+            schedule.parallel(rows)
+        except s_tir.ScheduleError:  # e.g. a column count the vector does not divide
+            continue
+
+
+def schedule_function(function: tvm.tirx.PrimFunc, lanes: int) -> tvm.tirx.PrimFunc | None:
+    """The scheduled function, or None when no rule applies (or a rule's preconditions fail)."""
+    schedule = s_tir.Schedule(function)
+    try:
+        if not _matmul_rule(schedule, lanes):
+            return None
+        _elementwise_rule(schedule, lanes)
+    except s_tir.ScheduleError:
+        return None
+    return schedule.mod["main"]
+
+
+def apply_default_schedules(module: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    lanes = vector_lanes(target)
+    updates = {}
+    for symbol, function in module.functions.items():
+        if isinstance(function, tvm.tirx.PrimFunc):
+            scheduled = schedule_function(function, lanes)
+            if scheduled is not None:
+                updates[symbol] = scheduled
+    for symbol, function in updates.items():
+        module[symbol] = function
+    return module
