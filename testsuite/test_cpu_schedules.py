@@ -1,0 +1,46 @@
+"""reccc's default CPU schedules: they apply to the fused matmul kernels at -O2 (parallel, vectorized,
+register-tiled) and leave -O1 alone; numerics are covered by the runtime tests, which run -O2
+artifacts at batch sizes that do and do not divide the tile (1, 7, 64, 2048)."""
+
+import onnx
+import pytest
+import tvm
+from tvm import relax
+
+from reccc.targets import cpu_schedules, relax_lowering
+from reccc.targets.x86 import host_cpu
+
+from conftest import model_path
+
+
+def _fused_module(name: str) -> tvm.IRModule:
+    target = host_cpu().tvm_target()
+    with target:
+        return relax.get_pipeline("zero")(relax_lowering.to_relax(onnx.load(model_path(name))))
+
+
+@pytest.mark.parametrize("name", ["dlrm", "two_tower"])
+def test_every_matmul_kernel_is_scheduled(name):
+    target = host_cpu().tvm_target()
+    module = cpu_schedules.apply_default_schedules(_fused_module(name), target)
+    matmul_kernels = [(symbol.name_hint, f) for symbol, f in module.functions.items() if "matmul" in symbol.name_hint]
+    assert matmul_kernels
+    for kernel_name, function in matmul_kernels:
+        text = function.script()
+        assert "T.parallel" in text and "T.vectorized" in text, kernel_name
+        assert "matmul_init" in text  # the reduction's initialization was hoisted out of the K loop
+
+
+def test_vector_width_follows_the_target():
+    avx512 = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "skylake-avx512"})
+    avx2 = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"})
+    generic = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64"})
+    assert [cpu_schedules.vector_lanes(t) for t in (avx512, avx2, generic)] == [16, 8, 4]
+
+
+def test_functions_without_a_matmul_are_left_alone():
+    module = _fused_module("dlrm")
+    others = {s.name_hint: f for s, f in module.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and "matmul" not in s.name_hint}
+    scheduled = cpu_schedules.apply_default_schedules(module, host_cpu().tvm_target())
+    for name, function in others.items():
+        assert scheduled[name].same_as(function), name
