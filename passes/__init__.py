@@ -1,3 +1,12 @@
 """reccc's built-in pass library. Importing it registers every pass (see the `reccc.passes` entry point)."""
 
 from reccc.passes import constant_folding, dead_code_elimination  # noqa: F401  (imported to register)
+from reccc.passes import (  # noqa: F401  (imported to register) canonicalization passes
+    canonicalize_shape_chains,
+    fold_batchnorm,
+    fold_transpose_into_gemm,
+    matmul_add_to_gemm,
+    merge_reshapes,
+    remove_id_casts,
+    remove_no_ops,
+)
