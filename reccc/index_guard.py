@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from reccc.embeddings import embedding_lookups
+from reccc.embeddings import gather_lookups
 from reccc.ir import Model
 from reccc.manifest import IndexGuard
 
@@ -27,7 +27,7 @@ def guard_embedding_indices(model: Model, mode: str) -> list[IndexGuard]:
     graph = model.graph
     nodes = {node.name: node for node in graph.nodes}
     guards, flags = [], []
-    for lookup in embedding_lookups(model):
+    for lookup in gather_lookups(model):
         gather = nodes[lookup.node]
         ids = gather.inputs[1]
         dtype = ids.dtype if ids.dtype is not None else np.int64

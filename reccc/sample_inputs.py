@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from reccc.embeddings import embedding_lookups
+from reccc.embeddings import gather_lookups
 from reccc.errors import UsageError
 from reccc.ir import Model, tensor_dtype
 
@@ -34,7 +34,7 @@ def input_shape(tensor: gs.Tensor, batch: int) -> tuple[int, ...]:
 def random_inputs(model: Model, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     id_ranges: dict[str, int] = {}
-    for lookup in embedding_lookups(model):
+    for lookup in gather_lookups(model):
         for name in lookup.source_inputs:
             id_ranges[name] = min(id_ranges.get(name, lookup.rows), lookup.rows)
     feeds = {}

@@ -179,3 +179,25 @@ def test_a_second_symbolic_dim_is_free_per_call(tmp_path):
         ids = np.random.default_rng(batch).integers(-50, 50, size=(batch, bag))
         expected = run_reference(model, {"bags": ids})["pooled"]
         np.testing.assert_allclose(compiled_model.run({"bags": ids})["pooled"], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("level", [0, 2])
+def test_a_table_held_in_a_constant_node_is_guarded_too(tmp_path, level):
+    table = numpy_helper.from_array(np.arange(40, dtype=np.float32).reshape(10, 4), "values")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Constant", [], ["table"], value=table, name="table_constant"),
+            helper.make_node("Gather", ["table", "ids"], ["rows"], name="lookup"),
+        ],
+        "constant_node_table",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch"])],
+        [helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["batch", 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "m.onnx")
+    reccc.compile(tmp_path / "m.onnx", tmp_path / "m.so", opt_level=level)
+    compiled_model = reccc.load(tmp_path / "m.so")
+    np.testing.assert_array_equal(compiled_model.run({"ids": np.array([1, -10])})["rows"], [[4, 5, 6, 7], [0, 1, 2, 3]])
+    with pytest.raises(EmbeddingIndexError, match=r"input 'ids': id 1000000000 at \[0\] is out of range .* 10 rows"):
+        compiled_model.run({"ids": np.array([10**9])})
