@@ -1,6 +1,13 @@
 """reccc's built-in pass library. Importing it registers every pass (see the `reccc.passes` entry point)."""
 
 from reccc.passes import constant_folding, dead_code_elimination  # noqa: F401  (imported to register)
+from reccc.passes import (  # noqa: F401  (imported to register) pruning passes
+    dedupe_initializers,
+    magnitude_pruning,
+    neuron_pruning,
+    prune_dead_neurons,
+    prune_embedding_rows,
+)
 from reccc.passes import (  # noqa: F401  (imported to register) canonicalization passes
     canonicalize_shape_chains,
     fold_batchnorm,

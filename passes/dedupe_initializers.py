@@ -1,0 +1,80 @@
+"""dedupe-initializers: constants with equal dtype, shape and bytes become one tensor.
+
+Initializers and Constant-node values alike (bit equality: 0.0 and -0.0 differ, equal NaN payloads
+match). The first initializer of a group in graph order (or, when the group has none, the first
+Constant node's output) is kept and every reader of the others reads it instead; Constant nodes left
+unread are removed, unread initializers drop out of the graph. Constants that are graph inputs or
+outputs, or are read inside a subgraph, keep their identity. Exact: every reader reads the same values.
+"""
+
+import hashlib
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from reccc.ir import Model
+from reccc.pass_manager import Pass, register_pass
+from reccc.passes.patterns import constant_value, remove_if_unused, replace_all_uses
+
+
+def _subgraph_names(graph: gs.Graph) -> set[str]:
+    """Names read by nodes of the subgraphs (If/Loop/Scan bodies) of `graph`, recursively."""
+    names = set()
+    for node in graph.nodes:
+        for value in node.attrs.values():
+            for sub in value if isinstance(value, list) else [value]:
+                if isinstance(sub, gs.Graph):
+                    names |= {t.name for n in sub.nodes for t in n.inputs} | _subgraph_names(sub)
+    return names
+
+
+@register_pass
+class DedupeInitializers(Pass):
+    name = "dedupe-initializers"
+    summary = "constants (initializers, Constant nodes) with equal dtype, shape and bytes become one tensor that every reader reads"
+
+    def __init__(self):
+        self._lines: list[str] = []
+
+    def details(self) -> list[str]:
+        return list(self._lines)
+
+    def call(self, model: Model) -> bool:
+        graph = model.graph
+        protected = {t.name for t in [*graph.inputs, *graph.outputs]} | _subgraph_names(graph)
+        groups: dict[tuple, list[tuple[gs.Tensor, np.ndarray]]] = {}
+        seen = set()
+        for node in graph.nodes:
+            candidates = list(node.inputs) + (list(node.outputs) if node.op == "Constant" else [])
+            for tensor in candidates:
+                if id(tensor) in seen or tensor.name in protected:
+                    continue
+                seen.add(id(tensor))
+                values = constant_value(tensor)
+                if values is None or values.dtype.kind in "OSUV":
+                    continue
+                data = np.ascontiguousarray(values).tobytes()
+                key = (values.dtype.str, values.shape, hashlib.blake2b(data, digest_size=16).digest())
+                bucket = groups.setdefault(key, [])
+                if not any(np.ascontiguousarray(other).tobytes() == data for _, other in bucket[:1]):
+                    if bucket:  # a digest collision: leave it alone
+                        continue
+                bucket.append((tensor, values))
+        merged, saved, kept = 0, 0, 0
+        for bucket in groups.values():
+            if len(bucket) < 2:
+                continue
+            keeper = next((t for t, _ in bucket if isinstance(t, gs.Constant)), bucket[0][0])
+            kept += 1
+            for tensor, values in bucket:
+                if tensor is keeper:
+                    continue
+                replace_all_uses(graph, tensor, keeper)
+                if not isinstance(tensor, gs.Constant):
+                    remove_if_unused(graph, tensor.inputs[0])
+                merged += 1
+                saved += values.nbytes
+        self._lines = [f"merged {merged} duplicate constants into {kept} ({saved} bytes)"] if merged else []
+        if merged:
+            graph.toposort()
+        return bool(merged)
