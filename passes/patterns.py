@@ -314,7 +314,7 @@ def fresh_name(graph: gs.Graph, base: str) -> str:
 
 
 def new_constant(graph: gs.Graph, base: str, values: np.ndarray) -> gs.Constant:
-    return gs.Constant(fresh_name(graph, base), np.ascontiguousarray(values))
+    return gs.Constant(fresh_name(graph, base), np.asarray(values, order="C"))  # ascontiguousarray would make 0-d arrays 1-d
 
 
 def new_node(graph: gs.Graph, op: str, name: str, inputs: list[gs.Tensor], outputs: list[gs.Tensor], **attrs) -> gs.Node:

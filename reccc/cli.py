@@ -154,8 +154,10 @@ def _run_compile(args: argparse.Namespace) -> int:
     )
     if args.list_passes:
         load_entry_points(PASS_GROUP)
-        for name, cls in registered_passes().items():
-            print(f"{name:<28}{'' if cls.lossless else '[lossy] '}{cls.summary}")
+        passes = registered_passes()
+        width = max(map(len, passes), default=0) + 2
+        for name, cls in passes.items():
+            print(f"{name:<{width}}{'' if cls.lossless else '[lossy] '}{cls.summary}")
         return 0
     steps = pipeline(options)  # validates the pipeline flags before anything else
     if args.print_pipeline:

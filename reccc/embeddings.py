@@ -43,7 +43,7 @@ def gather_lookups(model: Model) -> list[EmbeddingLookup]:
     flow = model.dataflow()
     lookups = []
     for node in model.nodes():
-        if node.op != "Gather" or len(node.inputs) != 2 or isinstance(node.inputs[1], gs.Constant):
+        if node.op != "Gather" or len(node.inputs) != 2 or _is_constant(node.inputs[1]):
             continue
         table, ids = node.inputs
         shape = table.values.shape if isinstance(table, gs.Constant) else table.shape
@@ -74,6 +74,10 @@ def embedding_lookups(model: Model) -> list[EmbeddingLookup]:
     """Lookups into constant float tables along axis 0 (initializers, after constant folding also
     tables computed from constants)."""
     return [lookup for lookup in gather_lookups(model) if lookup.constant_table]
+
+
+def _is_constant(tensor: gs.Tensor) -> bool:
+    return isinstance(tensor, gs.Constant) or (len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant")
 
 
 def _direct_input(ids: gs.Tensor, graph_inputs: set[str]) -> str | None:

@@ -62,7 +62,7 @@ def _any_differs(graph: gs.Graph, a: gs.Tensor, b: gs.Tensor, prefix: str) -> gs
     equal = gs.Variable(f"{prefix}ids_equal", dtype=np.bool_)
     differs = gs.Variable(f"{prefix}ids_differ", dtype=np.bool_)
     as_int = gs.Variable(f"{prefix}ids_differ_i32", dtype=np.int32)
-    flat = gs.Variable(f"{prefix}ids_differ_flat", dtype=np.int32, shape=[-1])
+    flat = gs.Variable(f"{prefix}ids_differ_flat", dtype=np.int32)
     flag = gs.Variable(f"{prefix}ids_out_of_range", dtype=np.int32, shape=[1])
     graph.nodes += [
         gs.Node("Equal", f"{prefix}equal", inputs=[a, b], outputs=[equal]),

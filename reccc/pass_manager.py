@@ -141,13 +141,14 @@ class PassManager:
 
 def format_pass_report(records: Sequence[PassRecord]) -> str:
     """The --time-passes table."""
-    lines = [f"{'pass':<28}{'ms':>9}  {'changed':<8}{'nodes':>15}{'parameter bytes':>28}"]
+    width = max([len("total"), *(len(r.name) for r in records)]) + 2
+    lines = [f"{'pass':<{width}}{'ms':>9}  {'changed':<8}{'nodes':>15}{'parameter bytes':>28}"]
     for r in records:
         lines.append(
-            f"{r.name:<28}{r.seconds * 1e3:>9.2f}  {'yes' if r.changed else 'no':<8}"
+            f"{r.name:<{width}}{r.seconds * 1e3:>9.2f}  {'yes' if r.changed else 'no':<8}"
             f"{f'{r.nodes_before}->{r.nodes_after}':>15}{f'{r.bytes_before}->{r.bytes_after}':>28}"
         )
         lines += [f"    {detail}" for detail in r.details]
     total = sum(r.seconds for r in records)
-    lines.append(f"{'total':<28}{total * 1e3:>9.2f}")
+    lines.append(f"{'total':<{width}}{total * 1e3:>9.2f}")
     return "\n".join(lines)

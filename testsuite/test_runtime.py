@@ -201,3 +201,26 @@ def test_a_table_held_in_a_constant_node_is_guarded_too(tmp_path, level):
     np.testing.assert_array_equal(compiled_model.run({"ids": np.array([1, -10])})["rows"], [[4, 5, 6, 7], [0, 1, 2, 3]])
     with pytest.raises(EmbeddingIndexError, match=r"input 'ids': id 1000000000 at \[0\] is out of range .* 10 rows"):
         compiled_model.run({"ids": np.array([10**9])})
+
+
+def test_gathers_with_constant_ids_need_no_guard(tmp_path):
+    """Ids from a Constant node are not run-time input: the model compiles at -O0 and runs."""
+    table = numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(6, 2), "table")
+    ids = numpy_helper.from_array(np.array([5, 0], np.int64), "ids_value")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Constant", [], ["ids"], value=ids, name="ids_constant"),
+            helper.make_node("Gather", ["table", "ids"], ["rows"], name="lookup"),
+            helper.make_node("Add", ["rows", "x"], ["y"], name="add"),
+        ],
+        "constant_ids",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])],
+        [table],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "m.onnx")
+    reccc.compile(tmp_path / "m.onnx", tmp_path / "m.so", opt_level=0)
+    out = reccc.load(tmp_path / "m.so").run({"x": np.zeros((2, 2), np.float32)})["y"]
+    np.testing.assert_array_equal(out, [[10, 11], [0, 1]])
