@@ -3,14 +3,20 @@
 import os
 from pathlib import Path
 
+import networkx as nx
 import onnx
 
 from reccc.atomic_file import atomic_output
 from reccc.errors import UsageError, one_line
+from reccc.tensor_data import check_tensor_data
+
+# protobuf cannot serialize a larger message, and shape inference and export need to.
+MAX_MODEL_BYTES = (1 << 31) - 1
 
 
 def read_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Parse and check an ONNX file; raise UsageError naming the file on any problem."""
+    """Parse and check an ONNX file; raise UsageError naming the file on any problem. External data is
+    read only after every tensor's size and data location have been checked."""
     file = Path(path)
     if not file.exists():
         raise UsageError(f"{file}: no such file")
@@ -19,11 +25,14 @@ def read_model(path: str | os.PathLike) -> onnx.ModelProto:
     if file.stat().st_size == 0:
         raise UsageError(f"{file}: empty file, expected an ONNX model")
     try:
-        model = onnx.load(str(file))
+        model = onnx.load(str(file), load_external_data=False)
     except Exception as error:  # protobuf raises DecodeError, RuntimeWarning-like and ValueError variants
         raise UsageError(f"{file}: not a valid ONNX model ({one_line(error)})") from error
     if not model.graph.node and not model.graph.output:
         raise UsageError(f"{file}: not a valid ONNX model (no graph)")
+    check_tensor_data(model, file)
+    _load_external_data(model, file)
+    _check_acyclic(model.graph, file)
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as error:
@@ -36,3 +45,33 @@ def write_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
     with atomic_output(path) as temporary:
         onnx.save(model, str(temporary))
 
+
+def _load_external_data(model: onnx.ModelProto, file: Path) -> None:
+    """Read external data as onnx.load does, from the model's folder (onnx checks the locations again)."""
+    try:
+        onnx.external_data_helper.load_external_data_for_model(model, str(file.parent))
+    except (OSError, ValueError, onnx.checker.ValidationError) as error:
+        raise UsageError(f"{file}: cannot read external data: {one_line(error)}") from error
+    if model.ByteSize() > MAX_MODEL_BYTES:
+        raise UsageError(f"{file}: with its external data the model is over 2 GiB, more than reccc handles")
+
+
+def _check_acyclic(graph: onnx.GraphProto, file: Path) -> None:
+    """ONNX's checker reports a cycle as one node out of topological order; name every node of the cycle."""
+    names = [node.name or f"{node.op_type}_{index}" for index, node in enumerate(graph.node)]
+    producer = {output: index for index, node in enumerate(graph.node) for output in node.output if output}
+    flow = nx.DiGraph()
+    for index, node in enumerate(graph.node):
+        flow.add_edges_from((producer[name], index) for name in node.input if name in producer)
+    try:
+        cycle = nx.find_cycle(flow)
+    except nx.NetworkXNoCycle:
+        pass
+    else:
+        path = " -> ".join(f"'{names[source]}'" for source, _ in cycle)
+        raise UsageError(f"{file}: the graph has a cycle: nodes {path} -> '{names[cycle[0][0]]}'")
+    for node in graph.node:
+        for attribute in node.attribute:
+            subgraphs = [attribute.g] if attribute.HasField("g") else []
+            for subgraph in [*subgraphs, *attribute.graphs]:
+                _check_acyclic(subgraph, file)
