@@ -43,6 +43,8 @@ def _compile_parser() -> argparse.ArgumentParser:
     parser.add_argument("--disable-pass", action="append", default=[], metavar="NAME", help="drop a pass from the pipeline (repeatable)")
     parser.add_argument("--emit", choices=("library", "onnx"), default="library",
                         help="'library': a shared library for reccc.load (default); 'onnx': the optimized graph as ONNX")
+    parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=DIM,...",
+                        help="fix an input's symbolic dims, e.g. dense=64,13 (repeatable)")
     parser.add_argument("--index-check", choices=("error", "clamp"), default="error",
                         help="out-of-range embedding ids at run time: raise naming the input (default), or clamp into the table")
     parser.add_argument("--load-pass-plugin", action="append", default=[], metavar="MODULE",
@@ -151,6 +153,7 @@ def _run_compile(args: argparse.Namespace) -> int:
         prune_neurons=args.prune_neurons,
         accuracy_budget=args.accuracy_budget,
         calibration=args.calibration,
+        input_shapes=_input_shapes(args.input_shape),
     )
     if args.list_passes:
         load_entry_points(PASS_GROUP)
@@ -177,6 +180,22 @@ def _run_compile(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _input_shapes(values: list[str]) -> dict[str, list[int]]:
+    """--input-shape NAME=DIM,DIM,... (repeatable) as {name: dims}."""
+    shapes = {}
+    for value in values:
+        name, _, dims = value.partition("=")
+        if not name or not dims:
+            raise UsageError(f"--input-shape {value}: expected NAME=DIM,DIM,...")
+        if name in shapes:
+            raise UsageError(f"--input-shape {value}: input '{name}' is given twice")
+        try:
+            shapes[name] = [int(dim) for dim in dims.split(",")]
+        except ValueError:
+            raise UsageError(f"--input-shape {value}: dims must be integers") from None
+    return shapes
 
 
 def _run_inspect(args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ through a target into a library with its manifest. The CLI and `reccc.compile` b
 import sys
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -44,6 +45,7 @@ class CompileOptions:
     prune_neurons: float | None = None
     accuracy_budget: float | None = None
     calibration: str | None = None  # .npz of inputs; default: generated valid rows
+    input_shapes: Mapping[str, Sequence[int]] = field(default_factory=dict)  # input name -> static shape
 
 
 @dataclass
@@ -84,6 +86,8 @@ def compile_model(
     target = resolve_target(options.target) if options.emit == "library" else None
     source = read_model(model_path)
     model = Model.from_onnx(source, str(model_path))
+    if options.input_shapes:
+        _fix_input_shapes(model, options.input_shapes)
 
     log = log or sys.stderr
     passes = [create_pass(step.name, **step.params) for step in steps]
@@ -134,6 +138,32 @@ def compile_model(
     ):
         target.export(executable, temporary, [write_manifest_source(manifest, Path(scratch))])
     return CompileResult(Path(output), records, pass_seconds, time.perf_counter() - start, accuracy)
+
+
+def _fix_input_shapes(model: Model, shapes: Mapping[str, Sequence[int]]) -> None:
+    """--input-shape: each shape must fit its input's rank, static dims and the other given shapes."""
+    inputs = {tensor.name: tensor for tensor in model.graph.inputs}
+    symbols: dict[str, tuple[int, str]] = {}  # symbolic dim -> (size, the input that fixed it)
+    for name, dims in shapes.items():
+        flag = f"--input-shape {name}={','.join(map(str, dims))}"
+        if name not in inputs:
+            raise UsageError(f"{flag}: the model has no input '{name}' (its inputs are: {', '.join(inputs)})")
+        if not all(isinstance(dim, int) and not isinstance(dim, bool) and dim > 0 for dim in dims):
+            raise UsageError(f"{flag}: dims must be positive integers")
+        declared = inputs[name].shape
+        if declared is not None and len(declared) != len(dims):
+            raise UsageError(f"{flag}: input '{name}' has rank {len(declared)} (shape {list(declared)}), not {len(dims)}")
+        for axis, (dim, size) in enumerate(zip(declared or (), dims)):
+            if isinstance(dim, int) and dim >= 0 and dim != size:
+                raise UsageError(f"{flag}: dim {axis} of input '{name}' is {dim} in the model")
+            if isinstance(dim, str):
+                fixed, first = symbols.setdefault(dim, (size, name))
+                if fixed != size:
+                    raise UsageError(f"{flag}: dim '{dim}' of input '{name}' is {fixed} in input '{first}'")
+    try:
+        model.set_input_shapes(shapes)
+    except UsageError as error:
+        raise UsageError(f"--input-shape: {error}") from error
 
 
 def _interface(model: Model) -> tuple[list[TensorSpec], list[TensorSpec]]:

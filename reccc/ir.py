@@ -5,7 +5,7 @@ graphsurgeon does import/export, toposort and cleanup; this module adds checked 
 and a networkx view of the dataflow for analyses.
 """
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 
 import networkx as nx
 import numpy as np
@@ -45,6 +45,20 @@ class Model:
             return _inferred(gs.export_onnx(self.graph), self.source)
         except UsageError as error:  # the input was valid, so a broken graph now is a compiler bug
             raise CompileError(str(error)) from error
+
+    def set_input_shapes(self, shapes: Mapping[str, Sequence[int]]) -> None:
+        """Give the named graph inputs these shapes, and other inputs the same size for each symbolic dim
+        they share by name (in ONNX equal names are equal sizes); then re-infer every shape from them."""
+        sizes = {}
+        for tensor in self.graph.inputs:
+            if tensor.name in shapes:
+                sizes.update((dim, size) for dim, size in zip(tensor.shape or (), shapes[tensor.name]) if isinstance(dim, str))
+        for tensor in self.graph.inputs:
+            if tensor.name in shapes:
+                tensor.shape = list(shapes[tensor.name])
+            elif tensor.shape is not None:
+                tensor.shape = [sizes.get(dim, dim) if isinstance(dim, str) else dim for dim in tensor.shape]
+        self.graph = Model.from_onnx(gs.export_onnx(self.graph), self.source).graph
 
     @property
     def opset(self) -> int:

@@ -1,6 +1,6 @@
 """Hostile and corrupt model files: external data kept inside the model's folder, declared sizes checked
-against the data before anything is allocated, cycles named, and regression tests for what fuzzing
-(tools/fuzz_compile.py) found."""
+against the data before anything is allocated, cycles named, --input-shape, and regression tests for
+what fuzzing (tools/fuzz_compile.py) found."""
 
 import os
 import resource
@@ -14,6 +14,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import reccc
+from reccc.errors import ModelInputError
+from reccc.manifest import read_manifest
 
 from conftest import assert_matches_onnxruntime, model_path
 
@@ -214,6 +216,48 @@ def test_sparse_tensors_are_refused(reccc_cli, tmp_path):
 def test_a_cycle_names_its_nodes(reccc_cli, tmp_path, nodes, message):
     path = _write(tmp_path / "m.onnx", _model(nodes, [_float("x", [2])], [_float("y", [2])]))
     _assert_usage_error(reccc_cli(path, "-o", tmp_path / "m.so"), f"{path}: {message}")
+
+
+# --- --input-shape ---------------------------------------------------------------------------------
+
+
+def test_input_shape_makes_the_artifact_static(reccc_cli, tmp_path):
+    assert reccc_cli(DLRM, "--input-shape", "dense=64,13", "-o", tmp_path / "m.so").code == 0
+    manifest = read_manifest(tmp_path / "m.so")
+    # the ids share the dense features' symbolic batch dim, so they are fixed too
+    assert [(t.name, t.shape) for t in manifest.inputs] == [("dense", [64, 13])] + [(f"cat_{i}", [64]) for i in range(4)]
+    assert [(t.name, t.shape) for t in manifest.outputs] == [("ctr", [64, 1])]
+    model = reccc.load(tmp_path / "m.so")
+    assert_matches_onnxruntime(DLRM, model.run, batch=64)
+    with pytest.raises(ModelInputError, match=r"input 'dense' has size 32 in dim 0, expected 64"):
+        assert_matches_onnxruntime(DLRM, model.run, batch=32)
+
+
+def test_input_shape_in_emitted_onnx(reccc_cli, tmp_path):
+    assert reccc_cli(model_path("deepfm"), "--input-shape", "feat_ids=8,5", "--emit=onnx", "-o", tmp_path / "o.onnx").code == 0
+    emitted = onnx.load(tmp_path / "o.onnx")
+    assert [d.dim_value for d in emitted.graph.input[0].type.tensor_type.shape.dim] == [8, 5]
+    assert [d.dim_value for d in emitted.graph.output[0].type.tensor_type.shape.dim] == [8, 1]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--input-shape", "nope=1,2"], "--input-shape nope=1,2: the model has no input 'nope' (its inputs are: dense, cat_0"),
+        (["--input-shape", "dense=64"], "--input-shape dense=64: input 'dense' has rank 2 (shape ['batch', 13]), not 1"),
+        (["--input-shape", "dense=64,x"], "--input-shape dense=64,x: dims must be integers"),
+        (["--input-shape", "dense=0,13"], "--input-shape dense=0,13: dims must be positive integers"),
+        (["--input-shape", "dense=-1,13"], "--input-shape dense=-1,13: dims must be positive integers"),
+        (["--input-shape", "dense=64,12"], "--input-shape dense=64,12: dim 1 of input 'dense' is 13 in the model"),
+        (["--input-shape", "dense=64,13", "--input-shape", "cat_0=32"], "--input-shape cat_0=32: dim 'batch' of input 'cat_0' is 64 in input 'dense'"),
+        (["--input-shape", "dense=64,13", "--input-shape", "dense=8,13"], "--input-shape dense=8,13: input 'dense' is given twice"),
+        (["--input-shape", "dense"], "--input-shape dense: expected NAME=DIM,DIM,..."),
+    ],
+)
+def test_bad_input_shapes_are_usage_errors(reccc_cli, tmp_path, flags, message):
+    result = reccc_cli(DLRM, *flags, "-o", tmp_path / "m.so")
+    _assert_usage_error(result, message)
+    assert not (tmp_path / "m.so").exists()
 
 
 # --- regressions found by fuzzing ------------------------------------------------------------------
