@@ -1,6 +1,7 @@
 """reccc's built-in pass library. Importing it registers every pass (see the `reccc.passes` entry point)."""
 
 from reccc.passes import constant_folding, dead_code_elimination  # noqa: F401  (imported to register)
+from reccc.passes import concat_fc_fusion  # noqa: F401  (imported to register)
 from reccc.passes import (  # noqa: F401  (imported to register) pruning passes
     dedupe_initializers,
     magnitude_pruning,
