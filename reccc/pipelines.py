@@ -4,12 +4,27 @@ from dataclasses import dataclass, field
 
 from reccc.errors import UsageError
 
-PIPELINES: dict[int, tuple[str, ...]] = {
-    0: (),
-    1: ("dead-code-elimination",),
-    2: ("constant-folding", "dead-code-elimination"),
-    3: ("constant-folding", "dead-code-elimination"),
-}
+# -O1: lossless cleanup. Embedding rows read only by constant ids go before constant folding (which
+# would fold those lookups away whole); canonicalization follows folding, which exposes constant
+# weights and static shapes; dead neurons and dead nodes go last.
+_CLEANUP = (
+    "remove-no-ops",
+    "prune-unreadable-embedding-rows",
+    "constant-folding",
+    "canonicalize-shape-chains",
+    "fold-transpose-into-gemm",
+    "matmul-add-to-gemm",
+    "fold-batchnorm",
+    "merge-reshapes",
+    "remove-id-casts",
+    "dedupe-initializers",
+    "prune-dead-neurons",
+    "dead-code-elimination",
+)
+# -O2 adds the rewrites that trade one form for a faster one (and TVM's default schedules).
+_FAST = (*_CLEANUP[:-1], "concat-fc-fusion", "dead-code-elimination")
+
+PIPELINES: dict[int, tuple[str, ...]] = {0: (), 1: _CLEANUP, 2: _FAST, 3: _FAST}
 
 # Opt-in lossy passes, by the CompileOptions field that requests them and the parameter it sets.
 LOSSY_PASS_OPTIONS: dict[str, tuple[str, str]] = {

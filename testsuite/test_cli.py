@@ -15,6 +15,7 @@ import reccc
 from reccc.reference import agreement, run_reference
 from reccc.sample_inputs import random_inputs
 from reccc.ir import Model
+from reccc.pipelines import PIPELINES
 
 from conftest import TESTSUITE_MODELS, assert_matches_onnxruntime, model_path
 
@@ -91,26 +92,39 @@ def test_emit_onnx_writes_the_optimized_graph(reccc_cli, tmp_path):
         assert error <= bound
 
 
-@pytest.mark.parametrize(
-    "flags, pipeline",
-    [
-        (["-O0"], ""),
-        (["-O1"], "dead-code-elimination"),
-        (["-O2"], "constant-folding,dead-code-elimination"),
-        (["-O3", "--disable-pass=dead-code-elimination"], "constant-folding"),
-        (["-O0", "--passes=dead-code-elimination,constant-folding"], "dead-code-elimination,constant-folding"),
-    ],
-)
-def test_print_pipeline(reccc_cli, flags, pipeline):
-    result = reccc_cli(*flags, "--print-pipeline")
-    assert (result.code, result.stdout) == (0, pipeline + "\n")
+@pytest.fixture
+def print_pipeline(reccc_cli):
+    def run(*flags) -> list[str]:
+        result = reccc_cli(*flags, "--print-pipeline")
+        assert result.code == 0 and result.stdout.endswith("\n")
+        return [name for name in result.stdout.strip().split(",") if name]
+
+    return run
+
+
+def test_print_pipeline_per_level(print_pipeline):
+    assert print_pipeline("-O0") == []
+    cleanup = print_pipeline("-O1")
+    assert cleanup[0] == "remove-no-ops" and cleanup[-1] == "dead-code-elimination"
+    assert cleanup.index("constant-folding") < cleanup.index("fold-transpose-into-gemm") < cleanup.index("prune-dead-neurons")
+    assert "concat-fc-fusion" not in cleanup
+    fast = print_pipeline("-O2")
+    assert fast == [*cleanup[:-1], "concat-fc-fusion", "dead-code-elimination"]
+    assert print_pipeline("-O3") == fast
+
+
+def test_print_pipeline_with_choices(print_pipeline):
+    assert "dead-code-elimination" not in print_pipeline("-O3", "--disable-pass=dead-code-elimination")
+    assert print_pipeline("-O0", "--passes=dead-code-elimination,constant-folding") == ["dead-code-elimination", "constant-folding"]
+    lossy = print_pipeline("-O1", "--prune-threshold=0.01")
+    assert lossy[lossy.index("prune-dead-neurons") - 1] == "magnitude-pruning<threshold=0.01>"
 
 
 @pytest.mark.parametrize(
     "flags, message",
     [
         (["--passes=no-such-pass"], "unknown pass 'no-such-pass' (known passes: "),
-        (["-O1", "--disable-pass=constant-folding"], "--disable-pass: 'constant-folding' is not in the pipeline"),
+        (["-O0", "--disable-pass=constant-folding"], "--disable-pass: 'constant-folding' is not in the pipeline"),
         (["-O7"], "argument -O: invalid choice"),
         (["--emit=ptx"], "argument --emit: invalid choice"),
         (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
@@ -144,8 +158,8 @@ def test_print_after_shows_the_graph(reccc_cli, tmp_path):
     assert result.code == 0
     assert result.stderr.count("*** IR after ") == 1 and "*** IR after constant-folding ***" in result.stderr
     assert "Gemm" in result.stderr and "Transpose" not in result.stderr
-    everything = reccc_cli(DLRM, "--print-after=all", "--emit=onnx", "-o", tmp_path / "o.onnx")
-    assert everything.stderr.count("*** IR after ") == 2
+    everything = reccc_cli(DLRM, "-O1", "--print-after=all", "--emit=onnx", "-o", tmp_path / "o.onnx")
+    assert everything.stderr.count("*** IR after ") == len(PIPELINES[1])
 
 
 def test_verify_each_accepts_the_builtin_pipeline(reccc_cli, tmp_path):

@@ -9,6 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 import reccc
 from reccc.errors import EmbeddingIndexError, ModelInputError, UsageError
 from reccc.ir import Model
+from reccc.pipelines import PIPELINES
 from reccc.manifest import read_manifest
 from reccc.reference import agreement, run_reference
 from reccc.sample_inputs import random_inputs
@@ -35,7 +36,7 @@ def test_manifest_describes_the_interface(compiled):
         (f"cat_{i}", "int64", ["batch"]) for i in range(4)
     ]
     assert [(t.name, t.shape) for t in manifest.outputs] == [("ctr", ["batch", 1])]
-    assert manifest.passes == ["constant-folding", "dead-code-elimination"]
+    assert manifest.passes == list(PIPELINES[2])
     assert manifest.target["kind"] == "llvm" and manifest.target["mtriple"] == "x86_64-linux-gnu"
     assert manifest.index_check == "error" and len(manifest.index_guards) == 4
 
@@ -148,7 +149,7 @@ def test_nan_and_inf_in_dense_features_propagate(compiled):
 
 def test_compile_through_the_python_api_with_options(tmp_path):
     result = reccc.compile(model_path("two_tower"), tmp_path / "tt.so", opt_level=1, target="x86")
-    assert result.output == tmp_path / "tt.so" and [r.name for r in result.passes] == ["dead-code-elimination"]
+    assert result.output == tmp_path / "tt.so" and [r.name for r in result.passes] == list(PIPELINES[1])
     model = reccc.load(result.output)
     assert model.input_names == ["user_id", "user_features", "item_id", "item_features"]
     assert model.output_names == ["score", "user_vector"]
