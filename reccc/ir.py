@@ -184,5 +184,6 @@ def _propagates_data(node: onnx.NodeProto, opset: int) -> bool:
 def _run_inference(proto: onnx.ModelProto, source: str, data_prop: bool) -> onnx.ModelProto:
     try:
         return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=data_prop)
-    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as error:
+    # onnx raises a plain ValueError for some invalid models, such as a Cast to an unknown type
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError) as error:
         raise UsageError(f"{source}: shape inference failed: {one_line(error)}") from error

@@ -30,6 +30,7 @@ def read_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise UsageError(f"{file}: not a valid ONNX model ({one_line(error)})") from error
     if not model.graph.node and not model.graph.output:
         raise UsageError(f"{file}: not a valid ONNX model (no graph)")
+    _check_utf8(model, file)
     check_tensor_data(model, file)
     _load_external_data(model, file)
     _check_acyclic(model.graph, file)
@@ -54,6 +55,19 @@ def _load_external_data(model: onnx.ModelProto, file: Path) -> None:
         raise UsageError(f"{file}: cannot read external data: {one_line(error)}") from error
     if model.ByteSize() > MAX_MODEL_BYTES:
         raise UsageError(f"{file}: with its external data the model is over 2 GiB, more than reccc handles")
+
+
+def _check_utf8(message, file: Path) -> None:
+    """protobuf hands a string field that is not UTF-8 to Python as bytes, and onnx's checker fails on it
+    with a UnicodeDecodeError: reject such a name or string first."""
+    for field, value in message.ListFields():
+        items = value if field.is_repeated else [value]
+        if field.type == field.TYPE_MESSAGE:
+            for item in items:
+                _check_utf8(item, file)
+        elif field.type == field.TYPE_STRING and any(isinstance(item, bytes) for item in items):
+            text = next(item for item in items if isinstance(item, bytes))
+            raise UsageError(f"{file}: invalid ONNX model: {field.full_name} {text!r} is not valid UTF-8")
 
 
 def _check_acyclic(graph: onnx.GraphProto, file: Path) -> None:

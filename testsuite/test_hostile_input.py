@@ -273,6 +273,20 @@ def test_an_unknown_input_type_names_the_input(reccc_cli, tmp_path, elem_type):
     _assert_usage_error(reccc_cli(path, "--emit=onnx", "-o", tmp_path / "o.onnx"), f"{path}: input '{name}': unknown data type {elem_type}")
 
 
+def test_a_name_that_is_not_utf8_is_a_usage_error(reccc_cli, tmp_path):
+    # onnx's checker raised UnicodeDecodeError formatting its message about the node
+    data = _model([helper.make_node("Relu", ["x"], ["mulX12"])], [_float("x", [2])], [_float("y", [2])]).SerializeToString()
+    path = tmp_path / "m.onnx"
+    path.write_bytes(data.replace(b"mulX12", b"mul\xd312"))
+    _assert_usage_error(reccc_cli(path, "--emit=onnx", "-o", tmp_path / "o.onnx"), f"{path}: invalid ONNX model: onnx.NodeProto.output b'mul\\xd312' is not valid UTF-8")
+
+
+def test_a_cast_to_an_unknown_type_is_a_usage_error(reccc_cli, tmp_path):
+    # shape inference raised a bare ValueError ("Invalid tensor data type 0.")
+    path = _write(tmp_path / "m.onnx", _model([helper.make_node("Cast", ["x"], ["y"], to=2**40)], [_float("x", [2])], [_float("y", [2])]))
+    _assert_usage_error(reccc_cli(path, "--emit=onnx", "-o", tmp_path / "o.onnx"), f"{path}: shape inference failed: Invalid tensor data type")
+
+
 def _limited_memory() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
 
