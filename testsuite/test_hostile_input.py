@@ -287,6 +287,43 @@ def test_a_cast_to_an_unknown_type_is_a_usage_error(reccc_cli, tmp_path):
     _assert_usage_error(reccc_cli(path, "--emit=onnx", "-o", tmp_path / "o.onnx"), f"{path}: shape inference failed: Invalid tensor data type")
 
 
+def _sliced(producer: onnx.NodeProto, constant: onnx.TensorProto | None = None, value_info=()) -> onnx.ModelProto:
+    """x[2] -> `producer` -> t -> Slice(t, [0], [1], axes [0]) -> y."""
+    slice_operands = [numpy_helper.from_array(np.array([v], np.int64), n) for n, v in (("start", 0), ("end", 1), ("axis", 0))]
+    model = _model([producer, helper.make_node("Slice", ["t", "start", "end", "axis"], ["y"], name="slice")],
+                   [_float("x", [2])], [_float("y", ["n"])], [*slice_operands, *([constant] if constant else [])])
+    model.graph.value_info.extend(value_info)
+    return model
+
+
+def _cli_subprocess(*args) -> subprocess.CompletedProcess:
+    """For inputs that used to kill the whole process."""
+    return subprocess.run([sys.executable, "-m", "reccc", *map(str, args)], capture_output=True, text=True, timeout=120, check=False)
+
+
+@pytest.mark.parametrize(
+    "producer, constant",
+    [
+        (helper.make_node("Expand", ["x", "shape"], ["t"]), numpy_helper.from_array(np.array([-1, 1], np.int64), "shape")),
+        (helper.make_node("Pad", ["x", "pads"], ["t"]), numpy_helper.from_array(np.array([-2, -3], np.int64), "pads")),
+    ],
+    ids=["expand", "pad"],
+)
+def test_a_negative_dim_into_slice_is_a_usage_error(tmp_path, producer, constant):
+    # onnx's Slice shape inference aborted the process (a failed assertion in std::clamp)
+    path = _write(tmp_path / "m.onnx", _sliced(producer, constant))
+    result = _cli_subprocess(path, "--emit=onnx", "-o", tmp_path / "o.onnx")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"reccc: error: {path}: tensor 't', read by Slice node 'slice', has a negative dim in its shape [")
+
+
+def test_a_declared_negative_dim_into_slice_is_ignored(tmp_path):
+    # a value_info dim of -1 (graphsurgeon writes unknown dims so) reached Slice's inference too
+    path = _write(tmp_path / "m.onnx", _sliced(helper.make_node("Relu", ["x"], ["t"]), value_info=[_float("t", [-1])]))
+    result = _cli_subprocess(path, "--emit=onnx", "-o", tmp_path / "o.onnx")
+    assert (result.returncode, result.stderr) == (0, "")
+
+
 def _limited_memory() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
 
