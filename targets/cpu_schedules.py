@@ -5,8 +5,9 @@ single-threaded scalar loops; these rules make the hot ones parallel and vectori
 Rules, each tried on every fused PrimFunc and skipped where its pattern does not fit:
 - matmul: the reduction block "matmul" (C[i, j] += A[i, k] * W[k, j], from Gemm / MatMul with
   the weight transpose already folded) gets a register tile of MATMUL_ROWS rows x 4 vectors of
-  columns, K innermost but one, rows split symbolically (the batch stays a Relax shape variable),
-  parallel over column panels so each core keeps its panel of W in cache across all rows.
+  columns, K innermost but one, parallel over column panels so each core keeps its panel of W in
+  cache across all rows. The batch stays a Relax shape variable: the rows are padded to a multiple
+  of the tile inside the kernel (a copy of A), which keeps predicates out of the inner loops.
 - elementwise: the epilogue blocks (bias, activation, and other data-parallel blocks on 2-D
   tensors) run parallel over rows, vectorized over columns.
 Vector width comes from the target: 16 fp32 lanes with AVX-512, 8 with AVX2, 4 otherwise (SSE, NEON).
@@ -35,18 +36,40 @@ def _matmul_rule(schedule: s_tir.Schedule, lanes: int) -> bool:
         block = schedule.get_sblock("matmul")
     except s_tir.ScheduleError:
         return False
-    loops = schedule.get_loops(block)
-    if len(loops) != 3:
+    if len(schedule.get_loops(block)) != 3:
         return False
-    rows, columns, reduction = loops
+    columns = int(schedule.get(schedule.get_loops(block)[1]).extent)
+    panel = min(VECTORS_PER_TILE * lanes, -(-columns // lanes) * lanes)
+    # Pad the (symbolic) rows to a multiple of the tile, and the columns to a multiple of the panel:
+    # a split that does not divide guards every element with a predicate, which costs 2-3x here.
+    schedule.pad_einsum(block, [MATMUL_ROWS, panel if columns % panel else 1, 1])
+    padded_output = schedule.get(block).writes[0].source
+    rows, columns, reduction = schedule.get_loops(block)
     row_tiles, row = schedule.split(rows, factors=[None, MATMUL_ROWS])
-    panels, column = schedule.split(columns, factors=[None, VECTORS_PER_TILE * lanes])
+    panels, column = schedule.split(columns, factors=[None, panel])
     schedule.reorder(panels, row_tiles, reduction, row, column)
     schedule.parallel(panels)
     schedule.vectorize(column)
     schedule.unroll(row)
     schedule.decompose_reduction(block, reduction)
+    _schedule_padding(schedule, padded_output, lanes)
     return True
+
+
+def _schedule_padding(schedule: s_tir.Schedule, padded_output, lanes: int) -> None:
+    """pad_einsum's copies: the result's copy back is inlined into its reader; the inputs' padding
+    copies are vectorized (they are a small fraction of the work, and parallel loops cost a thread
+    wake-up that dominates at batch 1)."""
+    for block in schedule.get_child_blocks(schedule.get_sblock("root")):
+        if not schedule.get(block).name_hint.endswith("_pad"):
+            continue
+        if any(region.source.same_as(padded_output) for region in schedule.get(block).reads):
+            schedule.compute_inline(block)
+            continue
+        *_, inner = schedule.get_loops(block)
+        if int(schedule.get(inner).extent) % lanes == 0:
+            _, vector = schedule.split(inner, factors=[None, lanes])
+            schedule.vectorize(vector)
 
 
 def _elementwise_rule(schedule: s_tir.Schedule, lanes: int) -> None:
