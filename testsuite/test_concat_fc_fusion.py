@@ -507,7 +507,10 @@ def _check_random_case(case, config, pipeline, batch, seed):
     model, _ = _optimized(case.proto, *pipeline, fusion=fusion)
     transformed = model.to_onnx()
     _assert_same_model(case.proto, transformed, [case.feeds(batch, seed)])
-    assert fusion(model) is False, fusion.details()  # idempotent
+    if pipeline[-1] == FUSE:
+        # Idempotent: a second run right after the first changes nothing. (After dead-code-elimination
+        # it may: a Concat whose other reader was dead now has the layer as its only reader.)
+        assert fusion(model) is False, fusion.details()
     return transformed
 
 
