@@ -73,12 +73,23 @@ def _schedule_padding(schedule: s_tir.Schedule, padded_output, lanes: int) -> No
 
 
 def _elementwise_rule(schedule: s_tir.Schedule, lanes: int) -> None:
-    """Parallel rows and vector columns for every 2-D data-parallel block at the root."""
-    for block in schedule.get_child_blocks(schedule.get_sblock("root")):
-        loops = schedule.get_loops(block)
-        if len(loops) != 2 or any(var.iter_type != DATA_PARALLEL for var in schedule.get(block).iter_vars):
-            continue
-        rows, columns = loops
+    """The epilogue (bias, activation, ...) as one loop nest: every 2-D data-parallel block that another
+    block reads is inlined into its reader; what remains runs parallel rows and vector columns."""
+    epilogue = [
+        block
+        for block in schedule.get_child_blocks(schedule.get_sblock("root"))
+        if len(schedule.get_loops(block)) == 2
+        and all(var.iter_type == DATA_PARALLEL for var in schedule.get(block).iter_vars)
+        and not schedule.get(block).name_hint.endswith("_pad")  # the matmul's padded input: never inline it
+    ]
+    remaining = []
+    for block in epilogue:
+        try:
+            schedule.compute_inline(block)
+        except s_tir.ScheduleError:  # it writes the function's output, or has several readers
+            remaining.append(block)
+    for block in remaining:
+        rows, columns = schedule.get_loops(block)
         try:
             _, vector = schedule.split(columns, factors=[None, lanes])
             schedule.vectorize(vector)
