@@ -33,12 +33,6 @@ class DedupeInitializers(Pass):
     name = "dedupe-initializers"
     summary = "constants (initializers, Constant nodes) with equal dtype, shape and bytes become one tensor that every reader reads"
 
-    def __init__(self):
-        self._lines: list[str] = []
-
-    def details(self) -> list[str]:
-        return list(self._lines)
-
     def call(self, model: Model) -> bool:
         graph = model.graph
         protected = {t.name for t in [*graph.inputs, *graph.outputs]} | _subgraph_names(graph)
@@ -74,7 +68,8 @@ class DedupeInitializers(Pass):
                     remove_if_unused(graph, tensor.inputs[0])
                 merged += 1
                 saved += values.nbytes
-        self._lines = [f"merged {merged} duplicate constants into {kept} ({saved} bytes)"] if merged else []
+        if merged:
+            self.note(f"merged {merged} duplicate constants into {kept} ({saved} bytes)")
         if merged:
             graph.toposort()
         return bool(merged)

@@ -59,15 +59,11 @@ class MagnitudePruning(Pass):
         if not (math.isfinite(threshold) and threshold >= 0):
             raise ValueError(f"threshold must be a finite number >= 0, not {threshold}")
         self.threshold = threshold
-        self._lines: list[str] = []
-
-    def details(self) -> list[str]:
-        return list(self._lines)
 
     def call(self, model: Model) -> bool:
         graph = model.graph
         constants = ConstantReplacer(graph)
-        lines, total, zeros_before, zeros_after = [], 0, 0, 0
+        total, zeros_before, zeros_after = 0, 0, 0
         changed = False
         for weight, values, readers in fc_weights(graph):
             small = (np.abs(values) < self.threshold) & (values != 0)
@@ -79,16 +75,15 @@ class MagnitudePruning(Pass):
                 changed = True
             layers = ", ".join(f"{reader.op} '{reader.name}'" for reader in readers)
             shape = "x".join(str(d) for d in values.shape)
-            lines.append(
+            self.note(
                 f"{layers}: weight '{weight.name}' {shape}: sparsity {before / values.size:.3f} -> {after / values.size:.3f}"
             )
         constants.finish()
         if total:
-            lines.append(
+            self.note(
                 f"overall: {zeros_after} of {total} FC weights zero, sparsity {zeros_before / total:.3f} -> "
                 f"{zeros_after / total:.3f} (threshold {self.threshold:g})"
             )
         else:
-            lines.append("no FC weights")
-        self._lines = lines
+            self.note("no FC weights")
         return changed

@@ -33,16 +33,12 @@ class NeuronPruning(Pass):
         if not 0.0 <= fraction < 1.0:
             raise ValueError(f"fraction must be in [0, 1), not {fraction}")
         self.fraction = fraction
-        self._lines: list[str] = []
-
-    def details(self) -> list[str]:
-        return list(self._lines)
 
     def call(self, model: Model) -> bool:
         graph = model.graph
         graph.toposort()
         names = [hidden.layer.node.name for hidden in hidden_layers(graph)]
-        lines, changed = [], False
+        changed = False
         for name in names:
             node = next((node for node in graph.nodes if node.name == name), None)
             layer = None if node is None else dense_layer(graph, node)
@@ -51,7 +47,7 @@ class NeuronPruning(Pass):
                 continue
             units = layer.units
             if not layer.bias_known:
-                lines.append(f"{layer.name}: {units} units, left alone (bias computed at run time)")
+                self.note(f"{layer.name}: {units} units, left alone (bias computed at run time)")
                 continue
             count = min(math.floor(self.fraction * units + 1e-9), units - 1)
             if count > 0:
@@ -61,6 +57,7 @@ class NeuronPruning(Pass):
                 keep_units(graph, hidden, np.setdiff1d(np.arange(units), removed), constants)
                 constants.finish()
                 changed = True
-            lines.append(f"{layer.name}: {units} -> {units - count} units")
-        self._lines = lines or ["no hidden FC layers"]
+            self.note(f"{layer.name}: {units} -> {units - count} units")
+        if not names:
+            self.note("no hidden FC layers")
         return changed

@@ -42,12 +42,6 @@ class PruneUnreadableEmbeddingRows(Pass):
     name = "prune-unreadable-embedding-rows"
     summary = "an embedding table read only by lookups with constant ids keeps just the rows they read (ids remapped)"
 
-    def __init__(self):
-        self._lines: list[str] = []
-
-    def details(self) -> list[str]:
-        return list(self._lines)
-
     def call(self, model: Model) -> bool:
         graph = model.graph
         tables: dict[int, list[gs.Node]] = {}
@@ -55,7 +49,7 @@ class PruneUnreadableEmbeddingRows(Pass):
             if _table_gather(node):
                 tables.setdefault(id(node.inputs[0]), []).append(node)
         constants = ConstantReplacer(graph)
-        lines = []
+        changed = False
         for gathers in tables.values():
             table = gathers[0].inputs[0]
             values = table.values
@@ -75,7 +69,7 @@ class PruneUnreadableEmbeddingRows(Pass):
             for gather, original, absolute in zip(gathers, ids, resolved):
                 constants.set(gather, 1, np.searchsorted(read, absolute).astype(original.dtype).reshape(original.shape))
             freed = (rows - read.size) * values[0].nbytes
-            lines.append(f"table '{table.name}': {rows} -> {read.size} rows ({len(gathers)} lookups with constant ids; {freed} bytes freed)")
+            changed = True
+            self.note(f"table '{table.name}': {rows} -> {read.size} rows ({len(gathers)} lookups with constant ids; {freed} bytes freed)")
         constants.finish()
-        self._lines = lines
-        return bool(lines)
+        return changed

@@ -39,10 +39,15 @@ class Pass(abc.ABC):
         """Raise CompileError if the pass left the model breaking its promise."""
 
     def details(self) -> list[str]:
-        """Lines saying what the last call did beyond node and byte counts (decisions, sparsity), for --time-passes."""
-        return []
+        """Lines saying what the last call did beyond node and byte counts (decisions, sparsity), for
+        --time-passes: what `call` recorded with `note`."""
+        return list(self.__dict__.get("_notes", ()))
+
+    def note(self, line: str) -> None:
+        self.__dict__.setdefault("_notes", []).append(line)
 
     def __call__(self, model: Model) -> bool:
+        self._notes: list[str] = []
         self.requires(model)
         changed = self.call(model)
         self.ensures(model)
