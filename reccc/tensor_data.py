@@ -59,11 +59,14 @@ def declared_bytes(data_type: int, dims: Iterable[int], where: str) -> int:
     if any(dim < 0 for dim in dims):
         raise UsageError(f"{where}: negative dim in shape {dims}")
     bits = _PACKED_BITS.get(data_type) or 8 * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type)).itemsize
-    nbytes = math.ceil(math.prod(dims) * bits / 8)
-    if nbytes > MAX_TENSOR_BYTES:
+    nbytes = (math.prod(dims) * bits + 7) // 8
+    # A 0 dim makes a tensor empty, but numpy still refuses a shape whose other dims overflow it.
+    span = (math.prod(max(dim, 1) for dim in dims) * bits + 7) // 8
+    if span > MAX_TENSOR_BYTES:
         raise UsageError(
-            f"{where}: shape {dims} of {TensorProto.DataType.Name(data_type)} is {nbytes} bytes, "
-            f"more than reccc's limit of {MAX_TENSOR_BYTES} bytes for one tensor"
+            f"{where}: shape {dims} of {TensorProto.DataType.Name(data_type)} is {span} bytes"
+            f"{' counting its 0 dims as 1' if span != nbytes else ''}, more than reccc's limit of "
+            f"{MAX_TENSOR_BYTES >> 30} GiB for one tensor"
         )
     return nbytes
 
@@ -127,7 +130,7 @@ def _typed_entries(data_type: int, count: int) -> int:
     if data_type in _COMPLEX:
         return 2 * count
     if _PACKED_BITS.get(data_type) in (2, 4):
-        return math.ceil(count * _PACKED_BITS[data_type] / 8)
+        return (count * _PACKED_BITS[data_type] + 7) // 8
     return count
 
 

@@ -170,6 +170,9 @@ def _huge_constant() -> onnx.ModelProto:
         (_huge_constant, "attribute 'value' of node 'big': shape [10000000, 10000000] of FLOAT is 400000000000000 bytes"),
         (lambda: _matmul(_dims(_weight(), [2**40, 2**40])), "tensor 'w': shape [1099511627776, 1099511627776] of FLOAT is"),
         (lambda: _matmul(_dims(_weight(), [-3, -4])), "tensor 'w': negative dim in shape [-3, -4]"),
+        # found by fuzzing: an empty tensor whose other dim overflowed numpy's reshape
+        (lambda: _matmul(_raw_data(_dims(_weight(), [2**63 - 1, 0]), b"")),
+         "tensor 'w': shape [9223372036854775807, 0] of FLOAT is 36893488147419103228 bytes counting its 0 dims as 1"),
         (lambda: _matmul(_raw_data(_weight(), bytes(52))), "tensor 'w': raw_data holds 52 bytes, but shape [3, 4] of FLOAT needs 48"),
         (lambda: _matmul(_raw_data(_weight(), bytes(44))), "tensor 'w': raw_data holds 44 bytes, but shape [3, 4] of FLOAT needs 48"),
         (lambda: _matmul(helper.make_tensor("w", TensorProto.FLOAT, [3, 4], [0.5] * 12)), None),  # typed data that fits

@@ -5,13 +5,17 @@ The contract: every input either compiles or raises reccc.errors.ReccError. Any 
 crash, is a bug.
 
     python tools/fuzz_compile.py --mutations 500 --seed 0
-        structured mutations of the testsuite models (drop or duplicate a node, rewire an input, corrupt a
-        dim, a dtype, an attribute, tensor data or the opset, truncate), drawn from a seeded generator;
-        prints the outcomes and every bug, exits 1 if there was one. Needs no atheris.
+        structured mutations of the testsuite models (drop, duplicate or insert a node, rewire an input,
+        corrupt a dim, a dtype, an attribute, tensor data or the opset, move an initializer into a
+        Constant node, change the outputs, truncate), drawn from a seeded generator; prints the outcomes
+        and every bug, exits 1 if there was one. Needs no atheris.
     python tools/fuzz_compile.py --atheris [--structured] [LIBFUZZER_FLAGS] [CORPUS_DIR]
         coverage-guided fuzzing with atheris over the file's bytes, seeded with the testsuite models
         (added to CORPUS_DIR, or to a temporary corpus); --structured makes libFuzzer mutate with the
         structured mutator. A bug stops the run and libFuzzer saves the input as crash-*.
+
+Both cap the process's address space (--memory-limit, default 6 GiB), so that a model that makes reccc
+allocate without bound fails with MemoryError, a bug, instead of taking the machine's memory.
 """
 
 import argparse
