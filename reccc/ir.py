@@ -35,7 +35,7 @@ class Model:
                 f"{SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1})"
             )
         model = cls(gs.import_onnx(inferred(proto, source)), source)
-        model._name_unnamed_nodes()
+        model._name_nodes_uniquely()
         return model
 
     def to_onnx(self) -> onnx.ModelProto:
@@ -86,16 +86,20 @@ class Model:
                         flow.add_edge(source.name, target.name, node=node.name)
         return flow
 
-    def _name_unnamed_nodes(self) -> None:
+    def _name_nodes_uniquely(self) -> None:
+        """Errors name nodes: an unnamed node becomes OP_INDEX, and a name used again NAME_INDEX."""
         taken = {node.name for node in self.graph.nodes if node.name}
+        seen = set()
         for index, node in enumerate(self.graph.nodes):
-            if node.name:
+            if node.name and node.name not in seen:
+                seen.add(node.name)
                 continue
-            name = f"{node.op}_{index}"
+            name = f"{node.name or node.op}_{index}"
             while name in taken:
                 name += "_"
             node.name = name
             taken.add(name)
+            seen.add(name)
 
 
 def tensor_dtype(tensor: gs.Tensor) -> np.dtype | None:

@@ -290,6 +290,15 @@ def test_a_cast_to_an_unknown_type_is_a_usage_error(reccc_cli, tmp_path):
     _assert_usage_error(reccc_cli(path, "--emit=onnx", "-o", tmp_path / "o.onnx"), f"{path}: shape inference failed: Invalid tensor data type")
 
 
+def test_nodes_that_share_a_name_are_renamed_quietly(reccc_cli, tmp_path):
+    # graphsurgeon printed a page about them on every export, and errors naming the node were ambiguous
+    nodes = [helper.make_node("Relu", ["x"], ["a"], name="same"), helper.make_node("Relu", ["a"], ["y"], name="same")]
+    path = _write(tmp_path / "m.onnx", _model(nodes, [_float("x", [2])], [_float("y", [2])]))
+    result = reccc_cli(path, "--emit=onnx", "-O0", "-o", tmp_path / "o.onnx")
+    assert (result.code, result.stdout, result.stderr) == (0, "", "")
+    assert [node.name for node in onnx.load(tmp_path / "o.onnx").graph.node] == ["same", "same_1"]
+
+
 def _sliced(producer: onnx.NodeProto, constant: onnx.TensorProto | None = None, value_info=()) -> onnx.ModelProto:
     """x[2] -> `producer` -> t -> Slice(t, [0], [1], axes [0]) -> y."""
     slice_operands = [numpy_helper.from_array(np.array([v], np.int64), n) for n, v in (("start", 0), ("end", 1), ("axis", 0))]
