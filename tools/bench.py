@@ -4,7 +4,7 @@
     python tools/bench.py testsuite/models/dlrm.onnx --batches 1,64 --repeat 10
 
 Engines, all fed the same random valid inputs (reccc.sample_inputs) in one process:
-  onnxruntime    ORT_ENABLE_ALL with --threads intra-op threads (reccc.reference.reference_session)
+  onnxruntime    ORT_ENABLE_ALL with --threads intra-op threads, not spinning when idle (see onnxruntime_session)
   reccc          reccc.load(artifact).run(feeds): numpy in, numpy out, inputs checked against the manifest
   reccc_vm_call  the same artifact's Relax VM "main" called on inputs already converted to TVM tensors,
                  so the difference to `reccc` is the Python wrapper's overhead
@@ -135,6 +135,21 @@ def tvm_runtime_threads() -> int:
     import tvm
 
     return int(tvm.get_global_func("runtime.NumThreads")())
+
+
+def onnxruntime_session(model: onnx.ModelProto, threads: int):
+    """onnxruntime as reccc's reference runs it (ORT_ENABLE_ALL), with `threads` intra-op threads that
+    do not spin when idle: interleaved with TVM in one process, spinning onnxruntime threads take the
+    cores from TVM's thread pool (and TVM's from them), which made medians 2-10x the minimum."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def compile_with_reccc(model_path: Path, artifact: Path, opt_level: int) -> float:
@@ -281,7 +296,6 @@ def print_batch(result: dict) -> None:
 def run_benchmark(args: argparse.Namespace, model_path: Path, model_description: dict, scratch: Path) -> dict:
     import reccc
     from reccc.ir import Model
-    from reccc.reference import reference_session
 
     proto = onnx.load(str(model_path))
     ir_model = Model.from_onnx(proto, str(model_path))
@@ -298,7 +312,7 @@ def run_benchmark(args: argparse.Namespace, model_path: Path, model_description:
         plain_main, plain_seconds = compile_plain_tvm(proto)
         print(f"  {plain_seconds:.1f} s", flush=True)
 
-    session = reference_session(proto, threads=args.threads)
+    session = onnxruntime_session(proto, args.threads)
     print(f"threads: onnxruntime {args.threads}, TVM {tvm_runtime_threads()}", flush=True)
     vm_main = load_vm_main(artifact)
     batches = []
