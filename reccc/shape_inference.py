@@ -1,16 +1,23 @@
 """onnx shape inference, made safe for untrusted models.
 
 onnx 1.23 can be made to allocate without bound, or to abort the process, by a small hostile model;
-reccc checks for those before each inference call, and turns every error onnx raises for an invalid
-model into a UsageError naming the model.
+reccc infers a skeleton of the model first (its weights' data left out) to check for those, and turns
+every error onnx raises for an invalid model into a UsageError naming the model.
 """
 
+import math
 from collections.abc import Iterator
 
 import onnx
 
 from reccc.errors import UsageError, one_line
 from reccc.tensor_data import declared_bytes
+
+# onnx 1.23's data propagation turns each 1-D tensor that an op propagates into a list of dims, about
+# 140 bytes an element, so a tiny model can make it allocate terabytes. Shape vectors are short.
+SHAPE_VECTOR_MAX_LENGTH = 64
+
+_INTEGER_TYPES = {getattr(onnx.TensorProto, name) for name in ("INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64")}
 
 
 def _check_static_sizes(graph: onnx.GraphProto, source: str) -> None:
@@ -31,17 +38,35 @@ def inferred(proto: onnx.ModelProto, source: str) -> onnx.ModelProto:
     chains keep their symbolic batch) where that is safe."""
     proto = _without_negative_dims(proto)
     _check_static_sizes(proto.graph, source)  # an unknown type would make inference raise a bare ValueError
-    result = _run_inference(proto, source, data_prop=False)
+    # The safety checks infer a skeleton of the model; the model itself is inferred once, as onnx does it.
+    skeleton = _skeleton(proto)
+    _check_slice_inputs(skeleton, source, data_prop=False)
+    plain = _run_inference(skeleton, source, data_prop=False)
+    _check_static_sizes(plain.graph, source)
+    data_prop = _propagates_only_shape_vectors(plain)
+    if data_prop:
+        _check_slice_inputs(skeleton, source, data_prop=True)
+    result = _run_inference(proto, source, data_prop)
     _check_static_sizes(result.graph, source)
-    if _propagates_only_shape_vectors(result):
-        result = _run_inference(proto, source, data_prop=True)
-        _check_static_sizes(result.graph, source)
     return result
 
 
-# onnx 1.23's data propagation turns each 1-D tensor that an op propagates into a list of dims, about
-# 140 bytes an element, so a tiny model can make it allocate terabytes. Shape vectors are short.
-SHAPE_VECTOR_MAX_LENGTH = 64
+def _skeleton(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """`proto` without the data of its large non-integer initializers (weights, embedding tables), which
+    shape inference never reads (it reads shape-like inputs: integers, or a few float scales) and which
+    make up nearly all of the bytes it would serialize."""
+    def large_weight(tensor: onnx.TensorProto) -> bool:
+        return tensor.data_type not in _INTEGER_TYPES and math.prod(tensor.dims) > SHAPE_VECTOR_MAX_LENGTH
+
+    if not any(large_weight(tensor) for tensor in proto.graph.initializer):
+        return proto
+    skeleton = onnx.ModelProto()
+    skeleton.CopyFrom(proto)
+    for tensor in skeleton.graph.initializer:
+        if large_weight(tensor):
+            for field in ("raw_data", "float_data", "double_data", "int32_data"):
+                tensor.ClearField(field)
+    return skeleton
 
 
 def _propagates_only_shape_vectors(inferred: onnx.ModelProto) -> bool:
@@ -149,7 +174,6 @@ def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
 
 
 def _run_inference(proto: onnx.ModelProto, source: str, data_prop: bool) -> onnx.ModelProto:
-    _check_slice_inputs(proto, source, data_prop)
     try:
         return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=data_prop)
     # onnx raises a plain ValueError for some invalid models, such as a Cast to an unknown type
