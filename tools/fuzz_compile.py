@@ -202,8 +202,8 @@ def _corrupt_dim(model: onnx.ModelProto, rng: random.Random) -> str:
         else:
             axis = rng.randrange(len(dims))
             dims[axis] = rng.choice([_pick(rng, INTERESTING_INTS), dims[axis] + rng.choice((-1, 1))])
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-        if rng.random() < 0.5 and _regenerated(tensor, dims, dtype):
+        dtype = NUMPY_TYPES.get(tensor.data_type)
+        if rng.random() < 0.5 and dtype is not None and _regenerated(tensor, dims, dtype):
             return f"initializer '{tensor.name}' regenerated with shape {dims}"
         tensor.dims[:] = dims
         return f"initializer '{tensor.name}' dims {dims}"
