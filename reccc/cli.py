@@ -208,6 +208,11 @@ def _run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _printable(message: str) -> str:
+    """Names from a hostile model may hold newlines or terminal escapes: an error stays one plain line."""
+    return "".join(character if character.isprintable() else repr(character)[1:-1] for character in message)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "-v" in argv or "--verbose" in argv
@@ -220,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     except ReccError as error:
         if verbose:
             traceback.print_exc()
-        print(f"reccc: error: {error}", file=sys.stderr)
+        print(f"reccc: error: {_printable(str(error))}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         print("reccc: interrupted", file=sys.stderr)
@@ -228,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # a bug in reccc or TVM: still one line unless -v
         if verbose:
             traceback.print_exc()
-        print(f"reccc: internal error: {type(error).__name__}: {error} (rerun with -v for details)", file=sys.stderr)
+        print(f"reccc: internal error: {type(error).__name__}: {_printable(str(error))} (rerun with -v for details)", file=sys.stderr)
         return 1
 
 

@@ -299,6 +299,14 @@ def test_nodes_that_share_a_name_are_renamed_quietly(reccc_cli, tmp_path):
     assert [node.name for node in onnx.load(tmp_path / "o.onnx").graph.node] == ["same", "same_1"]
 
 
+def test_an_error_naming_a_hostile_name_stays_one_plain_line(reccc_cli, tmp_path):
+    weight = _raw_data(_weight(), bytes(52))
+    weight.name = "w\n\x1b[31mred"
+    model = _model([helper.make_node("MatMul", ["x", weight.name], ["y"])], [_float("x", ["b", 3])], [_float("y", ["b", 4])], [weight])
+    path = _write(tmp_path / "m.onnx", model)
+    _assert_usage_error(reccc_cli(path, "--emit=onnx", "-o", tmp_path / "o.onnx"), f"{path}: tensor 'w\\n\\x1b[31mred': raw_data holds 52 bytes")
+
+
 def _sliced(producer: onnx.NodeProto, constant: onnx.TensorProto | None = None, value_info=()) -> onnx.ModelProto:
     """x[2] -> `producer` -> t -> Slice(t, [0], [1], axes [0]) -> y."""
     slice_operands = [numpy_helper.from_array(np.array([v], np.int64), n) for n, v in (("start", 0), ("end", 1), ("axis", 0))]
