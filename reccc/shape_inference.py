@@ -126,27 +126,51 @@ def _without_negative_dims(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 def _check_slice_inputs(proto: onnx.ModelProto, source: str, data_prop: bool) -> None:
     """onnx's Slice shape inference aborts the whole process (a failed assertion) when its input has a
-    negative dim, which Expand or Pad with a negative constant infers. Infer a copy with every Slice an
-    Identity first, and reject a negative dim at a Slice's input, naming the tensor."""
+    negative dim, which Expand or Pad with a negative constant infers. Check the Slices level by level:
+    infer a copy in which the Slices not checked yet are Identity, so that the Slices below checked ones
+    only see exactly the input shape they will see; reject a negative dim there, naming the tensor. (Slices
+    in subgraphs are Identity throughout.)"""
     if not any(_is_slice(node) for node in _nodes(proto.graph)):
         return
-    lint = onnx.ModelProto()
-    lint.CopyFrom(proto)
-    sliced = {}
-    for node in _nodes(lint.graph):
-        if _is_slice(node):
-            sliced[node.input[0]] = node.name or node.output[0]
-            node.op_type = "Identity"
-            del node.input[1:]
-            del node.attribute[:]
-    try:
-        result = onnx.shape_inference.infer_shapes(lint, check_type=False, strict_mode=False, data_prop=data_prop)
-    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError):
-        return  # the real inference reports what is wrong
-    for value in _values(result.graph):
-        dims = [dim.dim_value if dim.HasField("dim_value") else "?" for dim in value.type.tensor_type.shape.dim]
-        if value.name in sliced and any(dim != "?" and dim < 0 for dim in dims):
-            raise UsageError(f"{source}: tensor '{value.name}', read by Slice node '{sliced[value.name]}', has a negative dim in its shape {dims}")
+    levels = _slice_levels(proto.graph)
+    for level in range(max(levels.values(), default=0) + 1):
+        lint = onnx.ModelProto()
+        lint.CopyFrom(proto)
+        checked = {}  # Slice input -> the Slice, for the Slices checked at this level
+        for position, node in enumerate(lint.graph.node):
+            if levels.get(position, -1) >= level:
+                if levels[position] == level:
+                    checked[node.input[0]] = node.name or node.output[0]
+                _make_identity(node)
+        for node in (inner for outer in lint.graph.node for graph in _subgraphs(outer) for inner in _nodes(graph)):
+            if _is_slice(node):
+                if level == 0:
+                    checked[node.input[0]] = node.name or node.output[0]
+                _make_identity(node)
+        try:
+            result = onnx.shape_inference.infer_shapes(lint, check_type=False, strict_mode=False, data_prop=data_prop)
+        except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError):
+            return  # the real inference reports what is wrong
+        for value in _values(result.graph):
+            dims = [dim.dim_value if dim.HasField("dim_value") else "?" for dim in value.type.tensor_type.shape.dim]
+            if value.name in checked and any(dim != "?" and dim < 0 for dim in dims):
+                raise UsageError(f"{source}: tensor '{value.name}', read by Slice node '{checked[value.name]}', has a negative dim in its shape {dims}")
+
+
+def _slice_levels(graph: onnx.GraphProto) -> dict[int, int]:
+    """For each Slice of `graph` (by position), how many Slices lie above it on the longest path."""
+    producer = {output: position for position, node in enumerate(graph.node) for output in node.output if output}
+    above = {}  # position -> Slices on the longest path into the node's inputs
+    for position, node in enumerate(graph.node):
+        sources = [producer[name] for name in node.input if producer.get(name, position) < position]
+        above[position] = max((above[p] + _is_slice(graph.node[p]) for p in sources), default=0)
+    return {position: above[position] for position, node in enumerate(graph.node) if _is_slice(node)}
+
+
+def _make_identity(node: onnx.NodeProto) -> None:
+    node.op_type = "Identity"
+    del node.input[1:]
+    del node.attribute[:]
 
 
 def _is_slice(node: onnx.NodeProto) -> bool:

@@ -337,6 +337,18 @@ def test_a_negative_dim_into_slice_is_a_usage_error(tmp_path, producer, constant
     assert result.stderr.startswith(f"reccc: error: {path}: tensor 't', read by Slice node 'slice', has a negative dim in its shape [")
 
 
+def test_a_negative_dim_below_another_slice_is_a_usage_error(tmp_path):
+    # x[2] -> Slice -> [1] -> Expand to [-3] -> Slice: with the first Slice taken as a no-op, [2] and [-3]
+    # do not broadcast and the negative dim went unseen until the real inference aborted
+    first = helper.make_node("Slice", ["x", "start", "end", "axis"], ["a"], name="first")
+    model = _sliced(helper.make_node("Expand", ["a", "shape"], ["t"]), numpy_helper.from_array(np.array([-3], np.int64), "shape"))
+    model.graph.node.insert(0, first)
+    path = _write(tmp_path / "m.onnx", model)
+    result = _cli_subprocess(path, "--emit=onnx", "-o", tmp_path / "o.onnx")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"reccc: error: {path}: tensor 't', read by Slice node 'slice', has a negative dim in its shape [-3]")
+
+
 def test_a_declared_negative_dim_into_slice_is_ignored(tmp_path):
     # a value_info dim of -1 (graphsurgeon writes unknown dims so) reached Slice's inference too
     path = _write(tmp_path / "m.onnx", _sliced(helper.make_node("Relu", ["x"], ["t"]), value_info=[_float("t", [-1])]))
