@@ -364,3 +364,21 @@ def test_differential_check_catches_a_broken_pass(monkeypatch):
     transformed = _run_passes(proto, (FOLD,))
     with pytest.raises(AssertionError, match="output 'y': max abs error"):
         _assert_same_model(proto, transformed, [_x6_feeds(4)])
+
+
+def test_the_reference_runs_graphs_onnxruntime_s_optimizers_fail_on():
+    """Found by hypothesis: ORT 1.32's graph optimizers reject this valid model (a Gemm output that is a
+    graph output and also read by a dead Transpose); the reference executor must still run it."""
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0]),
+        helper.make_node("Gemm", ["xt", "w"], ["y"], transA=1),
+        helper.make_node("Transpose", ["y"], ["dead"], perm=[1, 0]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1])],
+        [numpy_helper.from_array(np.array([[2.0]], np.float32), "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    np.testing.assert_array_equal(run_reference(model, {"x": np.ones((2, 1), np.float32)})["y"], [[2.0], [2.0]])
