@@ -49,7 +49,8 @@ def is_no_op(node: gs.Node) -> bool:
         perm = attr(node, "perm")
         if perm is None:
             return shape is not None and len(shape) <= 1
-        return list(perm) == list(range(len(perm)))
+        # A perm shorter than the rank is an invalid model, not an identity: leave it for onnx to reject.
+        return shape is not None and list(perm) == list(range(len(shape)))
     if node.op == "Expand":
         return expands_nothing(x, constant_value(input_at(node, 1)))
     if node.op == "Tile":
