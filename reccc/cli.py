@@ -58,6 +58,18 @@ def _compile_parser() -> argparse.ArgumentParser:
                         "on the calibration batch; the deviation is always printed")
     parser.add_argument("--calibration", metavar="NPZ",
                         help="calibration inputs for the accuracy guard (default: 64 generated valid rows)")
+    parser.add_argument("--tune-trials", type=int, metavar="N",
+                        help="-O3: measure at most N candidate schedules in all (default: 256; 0 tunes nothing new "
+                        "and builds from the tuning database's records)")
+    parser.add_argument("--tune-time", type=float, metavar="SECONDS", dest="tune_seconds",
+                        help="-O3: stop tuning after this many seconds (default: 600); whichever of "
+                        "--tune-trials and --tune-time ends first")
+    parser.add_argument("--tune-db", metavar="DIR",
+                        help="-O3: the tuning database, shared by builds and reused across them "
+                        "(default: $XDG_CACHE_HOME/reccc/tune, else ~/.cache/reccc/tune)")
+    parser.add_argument("--tune-rpc", metavar="HOST:PORT",
+                        help="-O3: measure candidates on the devices of this TVM RPC tracker (with --device-key)")
+    parser.add_argument("--device-key", metavar="KEY", help="-O3 with --tune-rpc: the tracker's key of the devices to use")
     parser.add_argument("--list-passes", action="store_true", help="list the registered passes and exit")
     parser.add_argument("--print-pipeline", action="store_true", help="print the passes that would run, and exit")
     parser.add_argument("--print-after", action="append", default=[], metavar="NAME|all",
@@ -154,6 +166,12 @@ def _run_compile(args: argparse.Namespace) -> int:
         accuracy_budget=args.accuracy_budget,
         calibration=args.calibration,
         input_shapes=_input_shapes(args.input_shape),
+        tune_trials=args.tune_trials,
+        tune_seconds=args.tune_seconds,
+        tune_db=args.tune_db,
+        tune_rpc=args.tune_rpc,
+        device_key=args.device_key,
+        tune_progress=args.verbose or sys.stderr.isatty(),
     )
     if args.list_passes:
         load_entry_points(PASS_GROUP)

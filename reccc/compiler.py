@@ -1,10 +1,13 @@
 """The compile driver: read a model, run the pass pipeline, then write optimized ONNX or lower it
 through a target into a library with its manifest. The CLI and `reccc.compile` both call `compile_model`."""
 
+import contextlib
+import dataclasses
+import os
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -25,9 +28,12 @@ from reccc.pipelines import LOSSY_PASS_OPTIONS, PipelineStep, pipeline_for
 from reccc.plugins import PASS_GROUP, load_entry_points
 from reccc.reference import ReferenceOutputs
 from reccc.sample_inputs import random_inputs
-from reccc.target import resolve_target
+from reccc.target import TuningOptions, resolve_target
 
 EMIT_KINDS = ("library", "onnx")
+# -O3's default tuning budget: whichever ends first. About 10 minutes on 2 cores for a DLRM-style model.
+DEFAULT_TUNE_TRIALS = 256
+DEFAULT_TUNE_SECONDS = 600.0
 
 
 @dataclass
@@ -46,6 +52,13 @@ class CompileOptions:
     accuracy_budget: float | None = None
     calibration: str | None = None  # .npz of inputs; default: generated valid rows
     input_shapes: Mapping[str, Sequence[int]] = field(default_factory=dict)  # input name -> static shape
+    # -O3 auto-tuning; None means the default (given below -O3 they are a usage error).
+    tune_trials: int | None = None
+    tune_seconds: float | None = None
+    tune_db: str | None = None  # default: default_tune_db()
+    tune_rpc: str | None = None  # HOST:PORT of a TVM RPC tracker
+    device_key: str | None = None
+    tune_progress: bool = False  # show the updating progress line on stderr
 
 
 @dataclass
@@ -82,6 +95,7 @@ def compile_model(
     if options.accuracy_budget is not None and not options.accuracy_budget >= 0:
         raise UsageError(f"--accuracy-budget: must be a non-negative number, not {options.accuracy_budget}")
     steps = pipeline(options)
+    tuning = tuning_options(options)
     check_writable(output)
     target = resolve_target(options.target) if options.emit == "library" else None
     source = read_model(model_path)
@@ -119,8 +133,9 @@ def compile_model(
 
     manifest_inputs, manifest_outputs = _interface(model)
     guards = guard_embedding_indices(model, options.index_check)
-    with silenced_output(enabled=not show_tvm_log):
-        executable = target.compile(model.to_onnx(), options.opt_level)
+    with _progress_stream(options.tune_progress and tuning is not None) as progress, silenced_output(enabled=not show_tvm_log):
+        tuning = dataclasses.replace(tuning, progress=progress) if tuning is not None else None
+        executable = target.compile(model.to_onnx(), options.opt_level, tuning)
     manifest = Manifest(
         reccc_version=__version__,
         target=target.description(),
@@ -138,6 +153,60 @@ def compile_model(
     ):
         target.export(executable, temporary, [write_manifest_source(manifest, Path(scratch))])
     return CompileResult(Path(output), records, pass_seconds, time.perf_counter() - start, accuracy)
+
+
+def default_tune_db() -> Path:
+    """The per-user tuning database: $XDG_CACHE_HOME/reccc/tune, else ~/.cache/reccc/tune."""
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "reccc" / "tune"
+
+
+def tuning_options(options: CompileOptions) -> TuningOptions | None:
+    """-O3's tuning options, checked; None below -O3, where the tuning flags are a usage error."""
+    given = {
+        "--tune-trials": options.tune_trials, "--tune-time": options.tune_seconds, "--tune-db": options.tune_db,
+        "--tune-rpc": options.tune_rpc, "--device-key": options.device_key,
+    }
+    if options.opt_level < 3 or options.emit != "library":
+        flags = [flag for flag, value in given.items() if value is not None]
+        if flags:
+            raise UsageError(f"{flags[0]}: tuning options need -O3 and a library output")
+        return None
+    trials = DEFAULT_TUNE_TRIALS if options.tune_trials is None else options.tune_trials
+    seconds = DEFAULT_TUNE_SECONDS if options.tune_seconds is None else options.tune_seconds
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 0:
+        raise UsageError(f"--tune-trials: must be a non-negative integer, not {trials}")
+    if not seconds >= 0:
+        raise UsageError(f"--tune-time: must be a non-negative number of seconds, not {seconds}")
+    if (options.tune_rpc is None) != (options.device_key is None):
+        raise UsageError("--tune-rpc and --device-key go together: the tracker and the key of its devices")
+    tracker = _tracker_address(options.tune_rpc) if options.tune_rpc is not None else None
+    database = Path(options.tune_db) if options.tune_db is not None else default_tune_db()
+    try:
+        database.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"--tune-db {database}: cannot create the folder: {error.strerror}") from error
+    if not os.access(database, os.R_OK | os.W_OK | os.X_OK):
+        raise UsageError(f"--tune-db {database}: the folder is not writable")
+    return TuningOptions(trials, float(seconds), database, tracker, options.device_key)
+
+
+def _tracker_address(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"--tune-rpc {value}: expected HOST:PORT of a TVM RPC tracker")
+    return host, int(port)
+
+
+@contextlib.contextmanager
+def _progress_stream(enabled: bool) -> Iterator[TextIO | None]:
+    """stderr for the tuning progress line, kept open while TVM's own output is silenced."""
+    if not enabled:
+        yield None
+        return
+    sys.stderr.flush()
+    with os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1) as stream:
+        yield stream
 
 
 def _fix_input_shapes(model: Model, shapes: Mapping[str, Sequence[int]]) -> None:

@@ -8,13 +8,27 @@ registered that TVM kind.
 import abc
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import onnx
 
 from reccc.errors import UsageError
 from reccc.plugins import TARGET_GROUP, load_entry_points
+
+
+@dataclass(frozen=True)
+class TuningOptions:
+    """-O3's auto-tuning: its budget (whichever of trials and seconds ends first), where its records
+    persist, and where candidates are measured (this machine, or an RPC tracker's devices)."""
+
+    trials: int
+    seconds: float
+    database: Path
+    rpc_tracker: tuple[str, int] | None = None  # (host, port) of a TVM RPC tracker
+    device_key: str | None = None  # the tracker's key for the devices to measure on
+    progress: TextIO | None = None  # where the one updating progress line goes; None: quiet
 
 
 class Target(abc.ABC):
@@ -25,8 +39,9 @@ class Target(abc.ABC):
         """The tvm.target.Target this target compiles for."""
 
     @abc.abstractmethod
-    def compile(self, model: onnx.ModelProto, opt_level: int) -> Any:
-        """Lower `model` to a TVM executable (a Relax VM executable)."""
+    def compile(self, model: onnx.ModelProto, opt_level: int, tuning: TuningOptions | None = None) -> Any:
+        """Lower `model` to a TVM executable (a Relax VM executable). `tuning` is given at -O3 only; a
+        target without auto-tuning builds as at -O2 (the README's Status table says which targets tune)."""
 
     @abc.abstractmethod
     def export(self, executable: Any, path: Path, addons: list[Path]) -> None:

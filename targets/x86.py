@@ -7,7 +7,7 @@ import onnx
 import tvm
 
 from reccc.errors import UsageError, one_line
-from reccc.target import Target, register_target, register_tvm_kind
+from reccc.target import Target, TuningOptions, register_target, register_tvm_kind
 from reccc.targets import cpu_schedules, relax_lowering
 
 # The triple TVM's LLVM defaults to is x86_64-conda-linux-gnu, which builds for a generic CPU;
@@ -34,7 +34,7 @@ class CpuTarget(Target):
     def tvm_target(self) -> tvm.target.Target:
         return self._target
 
-    def compile(self, model: onnx.ModelProto, opt_level: int) -> tvm.runtime.Executable:
+    def compile(self, model: onnx.ModelProto, opt_level: int, tuning: TuningOptions | None = None) -> tvm.runtime.Executable:
         return relax_lowering.build(model, self._target, opt_level, cpu_schedules.apply_default_schedules)
 
     def export(self, executable: tvm.runtime.Executable, path: Path, addons: list[Path]) -> None:
