@@ -5,12 +5,13 @@ dtype, rank or batch size raises a ModelInputError naming the input instead of c
 """
 
 import os
+import platform
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
-from reccc.errors import EmbeddingIndexError, ModelInputError
+from reccc.errors import EmbeddingIndexError, ModelInputError, UsageError
 from reccc.manifest import IndexGuard, Manifest, TensorSpec, read_manifest
 
 
@@ -29,12 +30,13 @@ def load(path: str | Path) -> "CompiledModel":
 class CompiledModel:
     def __init__(self, path: Path):
         import tvm  # deferred: importing TVM takes a second, and `reccc --help` needs none of it
-        from tvm import relax
+        from tvm.runtime.vm import VirtualMachine  # not relax's: a device's runtime-only TVM has no relax
 
         self.path = path
         self.manifest: Manifest = read_manifest(path)
+        _check_host_arch(self.manifest, path)
         self._device = tvm.cpu()
-        self._vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), self._device)
+        self._vm = VirtualMachine(tvm.runtime.load_module(str(path)), self._device)
         self._main = self._vm["main"]
         self._view_as_tensor = tvm.runtime.from_dlpack
 
@@ -69,6 +71,16 @@ class CompiledModel:
         if array.ctypes.data % TVM_ALIGNMENT:
             array = _aligned_copy(array)
         return self._view_as_tensor(array)
+
+
+def _check_host_arch(manifest: Manifest, path: Path) -> None:
+    """A CPU artifact built for another ISA (a cross-compiled one) cannot load here: say so, not dlopen."""
+    arch = str(manifest.target.get("mtriple", "")).split("-")[0]
+    if manifest.target.get("kind") == "llvm" and arch and arch != platform.machine():
+        raise UsageError(
+            f"{path}: built for {manifest.target['mtriple']}, and this host is {platform.machine()}: "
+            f"run it on an {arch} machine (README: Cross-compilation and deployment)"
+        )
 
 
 def _aligned_copy(array: np.ndarray) -> np.ndarray:

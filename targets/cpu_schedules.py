@@ -10,7 +10,8 @@ Rules, each tried on every fused PrimFunc and skipped where its pattern does not
   of the tile inside the kernel (a copy of A), which keeps predicates out of the inner loops.
 - elementwise: the epilogue blocks (bias, activation, and other data-parallel blocks on 2-D
   tensors) run parallel over rows, vectorized over columns.
-Vector width comes from the target: 16 fp32 lanes with AVX-512, 8 with AVX2, 4 otherwise (SSE, NEON).
+Vector width comes from the target: 16 fp32 lanes with AVX-512, 8 with AVX2, 4 with SSE and NEON; with
+SVE, the vector length the target declares ("vector-width"), else SVE's minimum of 128 bits (4 lanes).
 """
 
 import tvm
@@ -28,6 +29,11 @@ def vector_lanes(target: tvm.target.Target) -> int:
         return 16
     if codegen.target_has_features("avx2", target):
         return 8
+    if codegen.target_has_features("sve", target):
+        # An SVE machine's vector length is its own (128 to 2048 bits). Fixed-length code may count on
+        # more than the 128-bit minimum only when the target says how long (e.g. "vector-width": 256 for
+        # Neoverse V1); LLVM's answer otherwise is 128.
+        return max(4, codegen.llvm_get_vector_width(target) // 32)
     return 4
 
 

@@ -1,6 +1,9 @@
-"""CPU targets: `x86` (this host's CPU) and any TVM `{"kind": "llvm", ...}` target for this host's ISA."""
+"""CPU targets: `x86` (this host's CPU) and any TVM `{"kind": "llvm", ...}` target for this host's ISA;
+an "llvm" target whose triple names another ISA goes to the target registered for that arch (aarch64:
+reccc.targets.arm)."""
 
 import platform
+from collections.abc import Callable
 from pathlib import Path
 
 import onnx
@@ -21,15 +24,16 @@ class CpuTarget(Target):
         config.setdefault("mtriple", HOST_TRIPLE)
         if config.get("mcpu") == "native":
             config["mcpu"] = tvm.target.codegen.llvm_get_system_cpu()
-        arch = str(config["mtriple"]).split("-")[0]
-        if arch != platform.machine():
-            raise UsageError(
-                f"--target: cross-compiling for '{config['mtriple']}' from a {platform.machine()} host is not supported yet"
-            )
+        self.check_arch(_arch(config["mtriple"]))
         try:
             self._target = tvm.target.Target(config)
         except Exception as error:
             raise UsageError(f"--target: TVM rejects {config}: {one_line(error)}") from error
+
+    def check_arch(self, arch: str) -> None:
+        """UsageError unless this target can build for `arch` (the triple's first part)."""
+        if arch != platform.machine():
+            raise UsageError(f"--target: cross-compiling for {arch} from a {platform.machine()} host is not supported")
 
     def tvm_target(self) -> tvm.target.Target:
         return self._target
@@ -53,5 +57,22 @@ def host_cpu() -> CpuTarget:
     )
 
 
+def _arch(triple) -> str:
+    return str(triple).split("-")[0]
+
+
+_LLVM_BY_ARCH: dict[str, Callable[[dict], Target]] = {}
+
+
+def register_llvm_arch(arch: str, factory: Callable[[dict], Target]) -> None:
+    """TVM "llvm" targets whose triple starts with `arch` are built by `factory`."""
+    _LLVM_BY_ARCH[arch] = factory
+
+
+def llvm_target(config: dict) -> Target:
+    """TVM's "llvm" kind: the target registered for the triple's arch, else this host's CPU."""
+    return _LLVM_BY_ARCH.get(_arch(config.get("mtriple", HOST_TRIPLE)), CpuTarget)(config)
+
+
 register_target("x86", host_cpu)
-register_tvm_kind("llvm", CpuTarget)
+register_tvm_kind("llvm", llvm_target)

@@ -1,0 +1,59 @@
+"""aarch64 targets: `arm` / `arm:neon` (any ARMv8-A with NEON), `arm:sve` (ARMv8-A with SVE), and any
+TVM `{"kind": "llvm", "mtriple": "aarch64-...", ...}` target. They cross-compile on an x86 host: TVM's
+LLVM emits aarch64 code, and the GNU aarch64 toolchain links it, with the manifest, into a library
+that the aarch64 TVM runtime loads.
+"""
+
+import platform
+import shutil
+from pathlib import Path
+
+import tvm
+from tvm.support import cc
+
+from reccc.errors import UsageError
+from reccc.target import register_target
+from reccc.targets import x86
+
+ARCH = "aarch64"
+TRIPLE = "aarch64-linux-gnu"
+CROSS_LINKER = f"{TRIPLE}-g++"
+NEON = {"kind": "llvm", "mtriple": TRIPLE, "mattr": ["+neon"]}
+SVE = {"kind": "llvm", "mtriple": TRIPLE, "mattr": ["+neon", "+sve"]}
+
+
+def _linker() -> str:
+    """The compiler that links aarch64 objects: the cross toolchain, or this host's own on aarch64."""
+    if shutil.which(CROSS_LINKER):
+        return CROSS_LINKER
+    if platform.machine() == ARCH:
+        return "g++"
+    raise UsageError(
+        f"--target: linking for {ARCH} needs {CROSS_LINKER} (Debian: apt-get install g++-aarch64-linux-gnu, "
+        "or run bash tools/arm_emulator.sh, which installs it)"
+    )
+
+
+class ArmTarget(x86.CpuTarget):
+    def __init__(self, config: dict):
+        config = dict(config)
+        config.setdefault("mtriple", TRIPLE)
+        if config.get("mcpu") == "native" and platform.machine() != ARCH:
+            raise UsageError(f'--target: "mcpu": "native" means this host\'s CPU, and this host is {platform.machine()}, not {ARCH}')
+        self._linker = _linker()
+        super().__init__(config)
+
+    def check_arch(self, arch: str) -> None:
+        if arch != ARCH:
+            raise UsageError(f"--target: {arch} is not {ARCH}")
+
+    def export(self, executable: tvm.runtime.Executable, path: Path, addons: list[Path]) -> None:
+        executable.export_library(
+            str(path), fcompile=cc.cross_compiler(self._linker), addons=[str(a) for a in addons]
+        )
+
+
+register_target("arm", lambda: ArmTarget(NEON))
+register_target("arm:neon", lambda: ArmTarget(NEON))
+register_target("arm:sve", lambda: ArmTarget(SVE))
+x86.register_llvm_arch(ARCH, ArmTarget)

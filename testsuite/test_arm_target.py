@@ -1,0 +1,184 @@
+"""The aarch64 targets: artifacts cross-compiled through the CLI run on the aarch64 TVM runtime (under
+qemu, set up by tools/arm_emulator.sh) and agree with onnxruntime on this host.
+
+Without the emulator (or the cross toolchain it installs) these tests skip, naming the setup script;
+under CI (the CI variable set) they fail instead, since CI's tools/test.sh sets the emulator up.
+Emulated runs say nothing about speed: nothing here is timed.
+"""
+
+import json
+import os
+import select
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from tvm import relax
+
+import reccc
+from reccc.errors import UsageError
+from reccc.manifest import read_manifest
+from reccc.targets import cpu_schedules, relax_lowering
+from reccc.targets.arm import ArmTarget, NEON, SVE
+
+from conftest import TESTSUITE_MODELS, assert_matches_onnxruntime, model_path
+
+REPO = Path(__file__).resolve().parents[1]
+EMULATOR = Path(os.environ.get("RECCC_AARCH64_ROOT", REPO / ".cache" / "aarch64")) / "python"
+RUNNER = Path(__file__).resolve().parent / "aarch64_runner.py"
+CROSS_LINKER = "aarch64-linux-gnu-g++"
+EM_AARCH64 = 183  # ELF e_machine
+RUN_TIMEOUT_S = 600  # a first request includes qemu's start and the runtime's import (seconds each)
+# A JSON target with a known SVE vector length: Neoverse V1's 256 bits, 8 fp32 lanes.
+NEOVERSE_V1 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "neoverse-v1", "vector-width": 256}
+
+
+def _require(available: bool, missing: str) -> None:
+    if available:
+        return
+    message = f"{missing}: set it up with `bash tools/arm_emulator.sh` (as root)"
+    if os.environ.get("CI"):
+        pytest.fail(f"{message}; CI's tools/test.sh runs it, so it should be there")
+    pytest.skip(message)
+
+
+@pytest.fixture
+def cross_toolchain() -> None:
+    _require(shutil.which(CROSS_LINKER) is not None, f"the aarch64 cross toolchain ({CROSS_LINKER}) is not installed")
+
+
+class Aarch64Runner:
+    """aarch64_runner.py under qemu, started once and fed one artifact run at a time."""
+
+    def __init__(self, scratch: Path):
+        self.scratch = scratch
+        self.log = scratch / "runner.log"
+        self.requests = 0
+        with self.log.open("w") as log:
+            self.process = subprocess.Popen(
+                [str(EMULATOR), str(RUNNER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True
+            )
+
+    def run(self, artifact: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.requests += 1
+        inputs, outputs = self.scratch / f"in{self.requests}.npz", self.scratch / f"out{self.requests}.npz"
+        np.savez(inputs, **feeds)
+        request = {"artifact": str(artifact), "inputs": str(inputs), "outputs": str(outputs)}
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        ready, _, _ = select.select([self.process.stdout], [], [], RUN_TIMEOUT_S)
+        line = self.process.stdout.readline() if ready else ""
+        if not line:
+            raise AssertionError(f"the aarch64 runner did not answer for {artifact.name}; its log: {self.log.read_text()[-2000:]}")
+        answer = json.loads(line)
+        assert answer.get("ok"), f"{artifact.name} under qemu: {answer['error']}"
+        with np.load(outputs) as result:
+            return dict(result)
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+@pytest.fixture(scope="session")
+def aarch64(tmp_path_factory):
+    """Runs artifacts on the emulated aarch64 runtime; qemu starts once per test session (per worker)."""
+    _require(EMULATOR.is_file(), f"the aarch64 emulator ({EMULATOR}) is not set up")
+    _require(shutil.which(CROSS_LINKER) is not None, f"the aarch64 cross toolchain ({CROSS_LINKER}) is not installed")
+    runner = Aarch64Runner(tmp_path_factory.mktemp("aarch64"))
+    yield runner
+    runner.close()
+
+
+def _elf_machine(path: Path) -> int:
+    return int.from_bytes(path.read_bytes()[18:20], "little")
+
+
+def _compile(reccc_cli, name: str, target: str, output: Path) -> Path:
+    result = reccc_cli(model_path(name), f"--target={target}", "-O2", "-o", output)
+    assert result.code == 0, result.stderr
+    assert result.stderr == ""
+    return output
+
+
+def _disassembly(path: Path) -> str:
+    return subprocess.run(
+        ["aarch64-linux-gnu-objdump", "-d", str(path)], capture_output=True, text=True, check=True
+    ).stdout
+
+
+@pytest.mark.parametrize("name", TESTSUITE_MODELS)
+def test_arm_artifact_runs_on_aarch64_and_matches_onnxruntime(reccc_cli, tmp_path, aarch64, name):
+    artifact = _compile(reccc_cli, name, "arm", tmp_path / f"{name}.so")
+    assert _elf_machine(artifact) == EM_AARCH64
+    manifest = read_manifest(artifact)
+    assert manifest.target["mtriple"] == "aarch64-linux-gnu" and "+neon" in str(manifest.target["mattr"])
+    for batch in (1, 7, 64):
+        assert_matches_onnxruntime(model_path(name), lambda feeds: aarch64.run(artifact, feeds), batch, seed=batch)
+
+
+def test_arm_sve_artifact_has_sve_code_and_matches_onnxruntime(reccc_cli, tmp_path, aarch64):
+    neon = _compile(reccc_cli, "dlrm", "arm:neon", tmp_path / "neon.so")
+    sve = _compile(reccc_cli, "dlrm", "arm:sve", tmp_path / "sve.so")
+    assert "+sve" in str(read_manifest(sve).target["mattr"])
+    # ptrue sets an SVE predicate: SVE code is there, and only where SVE was asked for.
+    assert "ptrue" in _disassembly(sve) and "ptrue" not in _disassembly(neon)
+    for batch in (1, 7):  # qemu's `-cpu max` (the emulator's) implements SVE
+        assert_matches_onnxruntime(model_path("dlrm"), lambda feeds: aarch64.run(sve, feeds), batch, seed=batch)
+
+
+def test_aarch64_tvm_target_json_cross_compiles_and_runs(reccc_cli, tmp_path, aarch64):
+    artifact = _compile(reccc_cli, "two_tower", json.dumps(NEOVERSE_V1), tmp_path / "v1.so")
+    assert _elf_machine(artifact) == EM_AARCH64
+    target = read_manifest(artifact).target
+    assert target["mcpu"] == "neoverse-v1" and target["vector-width"] == 256
+    for batch in (1, 7):
+        assert_matches_onnxruntime(model_path("two_tower"), lambda feeds: aarch64.run(artifact, feeds), batch, seed=batch)
+
+
+def test_vector_width_follows_neon_and_sve(cross_toolchain):
+    def lanes(config: dict) -> int:
+        return cpu_schedules.vector_lanes(ArmTarget(config).tvm_target())
+
+    assert lanes(NEON) == 4  # NEON: 128-bit vectors
+    assert lanes({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72"}) == 4
+    assert lanes(SVE) == 4  # SVE of unknown length: its 128-bit minimum
+    assert lanes(NEOVERSE_V1) == 8  # SVE whose length the target declares
+
+
+def test_arm_schedules_vectorize_the_matmul_kernels(cross_toolchain):
+    target = ArmTarget(NEON).tvm_target()
+    with target:
+        fused = relax.get_pipeline("zero")(relax_lowering.to_relax(onnx.load(model_path("dlrm"))))
+    module = cpu_schedules.apply_default_schedules(fused, target)
+    kernels = [f.script() for symbol, f in module.functions.items() if "matmul" in symbol.name_hint]
+    assert kernels and all("T.parallel" in text and "T.vectorized" in text for text in kernels)
+
+
+def test_loading_an_aarch64_artifact_on_this_host_names_both(reccc_cli, tmp_path, cross_toolchain):
+    if os.uname().machine == "aarch64":
+        pytest.skip("this host is aarch64: the artifact loads here")
+    artifact = _compile(reccc_cli, "deepfm", "arm", tmp_path / "deepfm.so")
+    with pytest.raises(UsageError, match=r"built for aarch64-linux-gnu, and this host is x86_64: run it on an aarch64 machine"):
+        reccc.load(artifact)
+    result = reccc_cli("golden", "check", artifact, "--golden", Path(__file__).parent / "golden" / "deepfm.golden.npz")
+    assert result.code == 2 and "built for aarch64-linux-gnu" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_missing_cross_toolchain_is_a_usage_error(reccc_cli, tmp_path, monkeypatch):
+    if os.uname().machine == "aarch64":
+        pytest.skip("this host is aarch64: it links with its own g++")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no aarch64-linux-gnu-g++ on it
+    result = reccc_cli(model_path("deepfm"), "--target=arm", "-o", tmp_path / "m.so")
+    assert result.code == 2 and result.stderr.count("\n") == 1
+    assert "aarch64-linux-gnu-g++" in result.stderr and "g++-aarch64-linux-gnu" in result.stderr
+    assert not (tmp_path / "m.so").exists()
+
+
+def test_tvm_rejects_a_bad_aarch64_target(reccc_cli, tmp_path, cross_toolchain):
+    target = json.dumps({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "bogus-key": 1})
+    result = reccc_cli(model_path("deepfm"), f"--target={target}", "-o", tmp_path / "m.so")
+    assert result.code == 2 and "TVM rejects" in result.stderr and result.stderr.count("\n") == 1
