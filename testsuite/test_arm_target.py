@@ -11,6 +11,7 @@ import os
 import select
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -137,6 +138,14 @@ def test_aarch64_tvm_target_json_cross_compiles_and_runs(reccc_cli, tmp_path, aa
     assert target["mcpu"] == "neoverse-v1" and target["vector-width"] == 256
     for batch in (1, 7):
         assert_matches_onnxruntime(model_path("two_tower"), lambda feeds: aarch64.run(artifact, feeds), batch, seed=batch)
+
+
+def test_arm_build_is_reproducible(tmp_path, cross_toolchain):
+    # Separate processes, as a build system runs them; the cross linker must not add anything variable.
+    for name in ("a.so", "b.so"):
+        command = [sys.executable, "-m", "reccc", str(model_path("deepfm")), "--target=arm:sve", "-o", str(tmp_path / name)]
+        subprocess.run(command, check=True)
+    assert (tmp_path / "a.so").read_bytes() == (tmp_path / "b.so").read_bytes()
 
 
 def test_vector_width_follows_neon_and_sve(cross_toolchain):
