@@ -8,11 +8,12 @@ import platform
 import shutil
 from pathlib import Path
 
+import onnx
 import tvm
 from tvm.support import cc
 
 from reccc.errors import UsageError
-from reccc.target import register_target
+from reccc.target import TuningOptions, register_target
 from reccc.targets import x86
 
 ARCH = "aarch64"
@@ -46,6 +47,13 @@ class ArmTarget(x86.CpuTarget):
     def check_arch(self, arch: str) -> None:
         if arch != ARCH:
             raise UsageError(f"--target: {arch} is not {ARCH}")
+
+    def compile(self, model: onnx.ModelProto, opt_level: int, tuning: TuningOptions | None = None) -> tvm.runtime.Executable:
+        if tuning is not None:
+            # MetaSchedule measures each candidate by running it: that needs the aarch64 toolchain in its
+            # builder and an aarch64 device behind its runner, neither of which reccc wires up yet.
+            raise UsageError(f"-O3: auto-tuning for {ARCH} is not supported yet; build with -O2 (the default schedules)")
+        return super().compile(model, opt_level)
 
     def export(self, executable: tvm.runtime.Executable, path: Path, addons: list[Path]) -> None:
         executable.export_library(

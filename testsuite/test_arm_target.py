@@ -187,7 +187,22 @@ def test_missing_cross_toolchain_is_a_usage_error(reccc_cli, tmp_path, monkeypat
     assert not (tmp_path / "m.so").exists()
 
 
-def test_tvm_rejects_a_bad_aarch64_target(reccc_cli, tmp_path, cross_toolchain):
-    target = json.dumps({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "bogus-key": 1})
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        ('{"kind": "llvm", "mtriple": "aarch64-linux-gnu", "bogus-key": 1}', "TVM rejects"),
+        ('{"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "native"}', '"mcpu": "native" means this host\'s CPU'),
+    ],
+)
+def test_bad_aarch64_targets_are_usage_errors(reccc_cli, tmp_path, cross_toolchain, target, message):
+    if "native" in target and os.uname().machine == "aarch64":
+        pytest.skip("this host is aarch64: native names its CPU")
     result = reccc_cli(model_path("deepfm"), f"--target={target}", "-o", tmp_path / "m.so")
-    assert result.code == 2 and "TVM rejects" in result.stderr and result.stderr.count("\n") == 1
+    assert result.code == 2 and message in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_arm_at_O3_says_tuning_is_not_supported(reccc_cli, tmp_path, cross_toolchain):
+    result = reccc_cli(model_path("deepfm"), "--target=arm", "-O3", "-o", tmp_path / "m.so")
+    assert result.code == 2 and result.stderr.count("\n") == 1
+    assert "auto-tuning for aarch64 is not supported yet; build with -O2" in result.stderr
+    assert not (tmp_path / "m.so").exists()
