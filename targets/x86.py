@@ -11,7 +11,7 @@ import tvm
 
 from reccc.errors import UsageError, one_line
 from reccc.target import Target, TuningOptions, register_target, register_tvm_kind
-from reccc.targets import cpu_schedules, relax_lowering
+from reccc.targets import cpu_schedules, relax_lowering, tuning as auto_tuning
 
 # The triple TVM's LLVM defaults to is x86_64-conda-linux-gnu, which builds for a generic CPU;
 # reccc always names the host's.
@@ -39,7 +39,10 @@ class CpuTarget(Target):
         return self._target
 
     def compile(self, model: onnx.ModelProto, opt_level: int, tuning: TuningOptions | None = None) -> tvm.runtime.Executable:
-        return relax_lowering.build(model, self._target, opt_level, cpu_schedules.apply_default_schedules)
+        schedule = cpu_schedules.apply_default_schedules
+        if tuning is not None:
+            schedule = auto_tuning.tuned_schedules(tuning, default=schedule)
+        return relax_lowering.build(model, self._target, opt_level, schedule)
 
     def export(self, executable: tvm.runtime.Executable, path: Path, addons: list[Path]) -> None:
         executable.export_library(str(path), addons=[str(a) for a in addons])

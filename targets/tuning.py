@@ -1,0 +1,426 @@
+"""-O3: MetaSchedule auto-tuning of the hot kernels, on top of the -O2 default schedules.
+
+The fused module (as -O2 schedules it) is split into kernels: its PrimFuncs, structurally equal ones
+counted as one with their calls added up. Kernels are ranked by estimated cost, (FLOPs + bytes moved)
+× calls, at TUNING_BATCH rows for every symbolic dim; the ones making up HOT_SHARE of the total are
+tuned, each with a share of --tune-trials proportional to its cost, in slices of SLICE_TRIALS so
+that --tune-time is checked often.
+
+MetaSchedule cannot tune symbolic shapes, so a kernel is tuned specialized to TUNING_BATCH rows and
+its best schedule is replayed on the symbolic kernel: a tile decision on a symbolic loop becomes a
+split with an open outer factor (predicated for the last rows). The replayed kernel then runs against
+the kernel's -O2 schedule at COMPARE_BATCHES rows, on the same runner; it replaces the -O2 schedule
+only when it is at least as fast at each of them, so -O3 is never slower than -O2 where measured.
+Kernels that are not hot keep their -O2 schedules.
+
+Kernels that read integer ids (gathers, and whatever fusion put with them) are not tuned and keep
+their -O2 schedules: MetaSchedule's runner fills every argument with random bits, out-of-range ids
+crash its worker, and these kernels are bound by memory, where tuning gains little.
+
+Records and verdicts persist in the tuning database (targets/tuning_db.py): a kernel with as many
+records as its share of trials is not tuned again, and a verdict is not measured again, so a rebuild
+from the same database measures nothing and gives the same library.
+"""
+
+import hashlib
+import json
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+import tvm
+import tvm_ffi
+from tvm import s_tir, tirx
+
+from reccc.errors import one_line
+from reccc.target import TuningOptions
+from reccc.targets.tuning_db import SharedTuningDatabase
+
+TUNING_BATCH = 64
+COMPARE_BATCHES = (1, TUNING_BATCH, 1024)
+HOT_SHARE = 0.9
+SLICE_TRIALS = 16
+RPC_SESSION_TIMEOUT_S = 60
+# MetaSchedule's evolutionary search, smaller than its defaults (population 512, 4 generations): with
+# slices of SLICE_TRIALS, its search time otherwise outweighs the measuring on a few cores.
+SEARCH = {"population_size": 128, "init_min_unmeasured": 32, "genetic_num_iters": 2}
+
+Schedule = Callable[[tvm.IRModule, tvm.target.Target], tvm.IRModule]
+
+
+@dataclass
+class Kernel:
+    """One workload: structurally equal PrimFuncs of the module (named by the first), its calls, and
+    the symbolic dims set to the batch when it is measured."""
+
+    functions: list[str]
+    symbolic: tirx.PrimFunc
+    symbols: list[tirx.Var]
+    calls: int
+    cost: float = 0.0
+    trials: int = 0  # its share of --tune-trials
+    tuned: tirx.PrimFunc | None = None
+    verdict: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.functions[0]
+
+    def at_batch(self, rows: int) -> tirx.PrimFunc:
+        return _specialize(self.symbolic, self.symbols, rows)
+
+    @property
+    def compare_batches(self) -> tuple[int, ...]:
+        return COMPARE_BATCHES if self.symbols else (TUNING_BATCH,)  # a static kernel has one size
+
+    def workload(self) -> tvm.IRModule:
+        return _standalone(self.at_batch(TUNING_BATCH))
+
+
+def tuned_schedules(options: TuningOptions, default: Schedule) -> Schedule:
+    """The -O3 schedule pass: `default` (the -O2 rules), with the hot kernels tuned where that is faster."""
+
+    def schedule(module: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+        kernels = _kernels(module)
+        scheduled = default(tvm.IRModule(dict(module.functions), attrs=module.attrs), target)
+        with tempfile.TemporaryDirectory(prefix="reccc-tune-") as work_dir:
+            _TuningSession(options, _with_cores(target), Path(work_dir)).run(kernels, scheduled)
+        for kernel in kernels:
+            if kernel.verdict.get("use") == "tuned":
+                for name in kernel.functions:
+                    scheduled[name] = kernel.tuned
+        return scheduled
+
+    return schedule
+
+
+class _TuningSession:
+    def __init__(self, options: TuningOptions, target: tvm.target.Target, work_dir: Path):
+        from tvm.s_tir import meta_schedule as ms
+
+        self.options, self.target, self.work_dir = options, target, work_dir
+        self.shared = SharedTuningDatabase(options.database)
+        self.shared.copy_into(work_dir)
+        self.database = ms.database.JSONDatabase(work_dir=str(work_dir))
+        self.progress = _ProgressLine(options.progress)
+        self.start = time.monotonic()
+        self.measured = 0  # candidates measured by this build
+        self._tools = None  # builder, runner and cost model: started only when something is measured
+
+    def run(self, kernels: list[Kernel], scheduled: tvm.IRModule) -> None:
+        hot = _hot_kernels(kernels, self.options.trials)
+        for number, kernel in enumerate(hot, 1):
+            self._tune(kernel, f"[{number}/{len(hot)}] {kernel.name}")
+            self.shared.publish(self.work_dir)
+        for number, kernel in enumerate(hot, 1):
+            self._choose(kernel, scheduled[kernel.name], f"[{number}/{len(hot)}] {kernel.name}")
+        used = sum(kernel.verdict.get("use") == "tuned" for kernel in hot)
+        self.progress.note(
+            f"reccc: tuning: {len(hot)} hot kernels of {len(kernels)}, {self.measured} candidates measured "
+            f"in {self.elapsed():.0f} s; tuned schedule used for {used}, -O2's kept for {len(hot) - used}"
+        )
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def _tune(self, kernel: Kernel, label: str) -> None:
+        from tvm.s_tir import meta_schedule as ms
+
+        workload = kernel.workload()
+        done = len(self.database.get_top_k(self.database.commit_workload(workload), kernel.trials))
+        while done < kernel.trials and self.elapsed() < self.options.seconds and self.measured < self.options.trials:
+            self.progress.update(f"reccc: tuning {label}: {done}/{kernel.trials} trials, {self.elapsed():.0f}/{self.options.seconds:.0f} s")
+            size = min(SLICE_TRIALS, kernel.trials - done, self.options.trials - self.measured)
+            builder, runner, cost_model = self._measuring_tools()
+            contexts, _ = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                [ms.ExtractedTask(kernel.name, workload, self.target, [workload], 1)], str(self.work_dir),
+                strategy=ms.search_strategy.EvolutionarySearch(**SEARCH), seed=done,
+            )
+            before = len(self.database)
+            try:
+                ms.tune_tasks(
+                    tasks=contexts, task_weights=[1.0], work_dir=str(self.work_dir), max_trials_global=size,
+                    max_trials_per_task=size, num_trials_per_iter=size, builder=builder, runner=runner,
+                    database=self.database, cost_model=cost_model, task_scheduler="round-robin",
+                )
+            except Exception as error:  # a MetaSchedule failure costs this kernel its tuning, not the build
+                self.progress.note(f"reccc: tuning {kernel.name} failed, it keeps its -O2 schedule: {one_line(error)}")
+                return
+            measured = len(self.database) - before
+            if measured == 0:  # the search space is exhausted
+                return
+            self.measured += measured
+            done = len(self.database.get_top_k(self.database.commit_workload(workload), kernel.trials))
+
+    def _choose(self, kernel: Kernel, default: tirx.PrimFunc, label: str) -> None:
+        """Replay the best record on the symbolic kernel; keep it if it beats `default` (the -O2 schedule)."""
+        records = self.database.get_top_k(self.database.commit_workload(kernel.workload()), 1)
+        if not records:
+            return
+        try:
+            kernel.tuned = _replay(records[0].trace, kernel.symbolic)
+        except Exception as error:  # a schedule that does not carry over to the symbolic kernel
+            kernel.verdict = {"use": "default", "why": f"replay failed: {one_line(error)}"}
+            return
+        key = _verdict_key(kernel.tuned, default, self.target, kernel.compare_batches)
+        verdict = self.shared.verdict(key)
+        if verdict is None:
+            self.progress.update(f"reccc: tuning {label}: comparing with -O2 at batch {', '.join(map(str, kernel.compare_batches))}")
+            verdict = self._compare(kernel, kernel.tuned, default)
+            self.shared.record_verdict(key, verdict)
+        kernel.verdict = verdict
+
+    def _compare(self, kernel: Kernel, tuned: tirx.PrimFunc, default: tirx.PrimFunc) -> dict:
+        from tvm.s_tir import meta_schedule as ms
+
+        builder, runner, _ = self._measuring_tools()
+        built = builder.build([ms.builder.BuilderInput(_standalone(f), self.target) for f in (tuned, default)])
+        if any(result.error_msg for result in built):
+            return {"use": "default", "why": "build failed"}
+        inputs = [
+            ms.runner.RunnerInput(result.artifact_path, _device_type(self.target), ms.arg_info.ArgInfo.from_prim_func(kernel.at_batch(rows)))
+            for result in built
+            for rows in kernel.compare_batches
+        ]
+        seconds = [_median_seconds(future.result()) for future in runner.run(inputs)]
+        count = len(kernel.compare_batches)
+        tuned_us, default_us = [s * 1e6 for s in seconds[:count]], [s * 1e6 for s in seconds[count:]]
+        faster = all(t <= d for t, d in zip(tuned_us, default_us))
+        return {"use": "tuned" if faster else "default", "batches": list(kernel.compare_batches), "tuned_us": tuned_us, "default_us": default_us}
+
+    def _measuring_tools(self):
+        from tvm.s_tir import meta_schedule as ms
+
+        if self._tools is None:
+            cores = int(self.target.attrs["num-cores"])
+            evaluator = ms.runner.EvaluatorConfig(number=3, repeat=3, min_repeat_ms=30)
+            if self.options.rpc_tracker is None:
+                runner = ms.runner.LocalRunner(evaluator_config=evaluator)
+            else:
+                host, port = self.options.rpc_tracker
+                config = ms.runner.RPCConfig(host, port, self.options.device_key, session_timeout_sec=RPC_SESSION_TIMEOUT_S)
+                runner = ms.runner.RPCRunner(config, evaluator)
+            builder = _in_process_builder()
+            self._tools = (builder, runner, ms.cost_model.CostModel.create("xgb", num_tuning_cores=cores))
+        return self._tools
+
+
+def _standalone(function: tirx.PrimFunc) -> tvm.IRModule:
+    """A kernel as a module of its own, exported as "main" (the module's PrimFuncs are private)."""
+    return tvm.IRModule({"main": function.with_attr("global_symbol", "main")})
+
+
+def _kernels(module: tvm.IRModule) -> list[Kernel]:
+    """The module's PrimFuncs as workloads (structurally equal ones merged), with their estimated cost."""
+    calls = _call_counts(module)
+    kernels: list[Kernel] = []
+    for symbol in sorted(module.functions, key=lambda symbol: symbol.name_hint):
+        function = module[symbol]
+        if not isinstance(function, tirx.PrimFunc):
+            continue
+        symbols = _symbolic_dims(function)
+        if symbols is None or _reads_ids(function):
+            continue
+        same = next((kernel for kernel in kernels if tvm_ffi.structural_equal(kernel.symbolic, function)), None)
+        if same is not None:
+            same.functions.append(symbol.name_hint)
+            same.calls += calls.get(symbol.name_hint, 0)
+        else:
+            kernels.append(Kernel([symbol.name_hint], function, symbols, calls.get(symbol.name_hint, 0)))
+    for kernel in kernels:
+        kernel.cost = kernel.calls * _work(kernel.at_batch(TUNING_BATCH))
+    return kernels
+
+
+def _call_counts(module: tvm.IRModule) -> dict[str, int]:
+    """How often the Relax functions call each PrimFunc."""
+    from tvm import relax
+
+    counts: dict[str, int] = {}
+
+    def visit(node) -> None:
+        if isinstance(node, relax.Call):
+            for argument in node.args:
+                if isinstance(argument, tvm.ir.GlobalVar):
+                    counts[argument.name_hint] = counts.get(argument.name_hint, 0) + 1
+
+    for function in module.functions.values():
+        if isinstance(function, relax.Function):
+            relax.analysis.post_order_visit(function, visit)
+    return counts
+
+
+def _symbolic_dims(function: tirx.PrimFunc) -> list[tirx.Var] | None:
+    """The symbolic dims of the parameters' shapes; None if a dim is an expression, which the
+    specialization cannot set."""
+    symbols: list[tirx.Var] = []
+    for parameter in function.params:
+        for dim in _shape(parameter):
+            if isinstance(dim, tirx.IntImm):
+                continue
+            if not isinstance(dim, tirx.Var):
+                return None
+            if not any(dim.same_as(known) for known in symbols):
+                symbols.append(dim)
+    return symbols
+
+
+def _reads_ids(function: tirx.PrimFunc) -> bool:
+    return any(_shape(p) and not str(p.dtype).startswith(("float", "bfloat")) for p in function.params)
+
+
+def _shape(parameter) -> list:
+    try:
+        return list(parameter.shape)
+    except (AttributeError, TypeError):  # a scalar parameter
+        return []
+
+
+def _specialize(function: tirx.PrimFunc, symbols: list[tirx.Var], rows: int) -> tirx.PrimFunc:
+    if not symbols:
+        return function
+    static = {}
+    for parameter in function.params:
+        shape = _shape(parameter)
+        if any(any(dim.same_as(symbol) for symbol in symbols) for dim in shape):
+            dims = [tirx.IntImm(str(dim.ty.dtype), rows) if any(dim.same_as(s) for s in symbols) else dim for dim in shape]
+            static[parameter] = tirx.decl_buffer(dims, parameter.dtype, name=parameter.name)
+    return function.specialize(static)
+
+
+def _work(function: tirx.PrimFunc) -> float:
+    """Estimated cost of one call: FLOPs plus bytes of its arguments."""
+    try:
+        flops = s_tir.analysis.estimate_tir_flops(tvm.IRModule({"main": function}))
+    except Exception:  # noqa: BLE001  (TVM cannot count some loop nests; count their bytes only)
+        flops = 0.0
+    moved = 0
+    for parameter in function.params:
+        shape = _shape(parameter)
+        if shape:
+            moved += math.prod(int(dim) for dim in shape) * tvm.runtime.DataType(str(parameter.dtype)).bits // 8
+    return float(flops) + moved
+
+
+def _hot_kernels(kernels: list[Kernel], trials: int) -> list[Kernel]:
+    """The costliest kernels making up HOT_SHARE of the cost, each given its share of `trials`."""
+    ranked = sorted((kernel for kernel in kernels if kernel.cost > 0), key=lambda kernel: (-kernel.cost, kernel.name))
+    total = sum(kernel.cost for kernel in ranked)
+    hot: list[Kernel] = []
+    for kernel in ranked:
+        if sum(k.cost for k in hot) >= HOT_SHARE * total:
+            break
+        hot.append(kernel)
+    covered = sum(kernel.cost for kernel in hot)
+    shares = [trials * kernel.cost / covered for kernel in hot]
+    for kernel, share in zip(hot, shares):
+        kernel.trials = int(share)
+    # The trials left by rounding down go to the largest remainders.
+    left = trials - sum(kernel.trials for kernel in hot)
+    for index in sorted(range(len(hot)), key=lambda i: (int(shares[i]) - shares[i], i))[:left]:
+        hot[index].trials += 1
+    return hot
+
+
+def _with_cores(target: tvm.target.Target) -> tvm.target.Target:
+    """MetaSchedule needs the target's core count."""
+    import psutil
+
+    config = dict(target.export())
+    config.setdefault("num-cores", psutil.cpu_count(logical=False) or psutil.cpu_count())
+    return tvm.target.Target(config)
+
+
+def _in_process_builder():
+    """MetaSchedule's LocalBuilder starts a new pool of worker processes for every batch of candidates,
+    which took 40 s on a loaded 2-core machine for builds that take 0.1 s; this builder compiles in
+    the compiling process (a candidate that crashes LLVM would take the build with it)."""
+    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+    from tvm.s_tir.meta_schedule.builder.local_builder import default_build, default_export
+    from tvm.ir.utils import derived_object
+
+    @derived_object
+    class InProcessBuilder(PyBuilder):
+        def build(self, build_inputs):
+            results = []
+            for candidate in build_inputs:
+                try:
+                    results.append(BuilderResult(default_export(default_build(candidate.mod, candidate.target, None)), None))
+                except Exception as error:  # noqa: BLE001  (a candidate that does not build is a failed trial)
+                    results.append(BuilderResult(None, one_line(error)))
+            return results
+
+    return InProcessBuilder()
+
+
+def _device_type(target: tvm.target.Target) -> str:
+    return "cuda" if target.kind.name == "cuda" else "cpu"
+
+
+def _median_seconds(result) -> float:
+    if result.error_msg is not None or not result.run_secs:
+        return math.inf
+    return float(np.median([float(s) for s in result.run_secs]))
+
+
+def _verdict_key(tuned: tirx.PrimFunc, default: tirx.PrimFunc, target: tvm.target.Target, batches: tuple[int, ...]) -> str:
+    text = json.dumps([tuned.script(), default.script(), str(target), list(batches)])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class _SymbolicReplay:
+    """A schedule that replays a trace tuned at a static batch on the symbolic kernel: a tile decision
+    for a loop whose extent is symbolic leaves its outermost factor open (None)."""
+
+    def __init__(self, schedule: s_tir.Schedule):
+        self._schedule = schedule
+
+    def __getattr__(self, name: str):
+        return getattr(self._schedule, name)
+
+    def sample_perfect_tile(self, loop, n: int, max_innermost_factor: int, decision: list[int]):
+        if not isinstance(self._schedule.get(loop).extent, tirx.IntImm):
+            return [None, *decision[1:]]
+        return self._schedule.sample_perfect_tile(loop=loop, n=n, max_innermost_factor=max_innermost_factor, decision=decision)
+
+
+def _replay(trace, function: tirx.PrimFunc) -> tirx.PrimFunc:
+    schedule = s_tir.Schedule(tvm.IRModule({"main": function}))
+    namespace = {"sch": _SymbolicReplay(schedule), "T": tvm.script.tirx}
+    for statement in trace.as_python(remove_postproc=False):
+        exec(statement, namespace)  # noqa: S102  (TVM's own rendering of the record's instructions)
+    return schedule.mod["main"]
+
+
+class _ProgressLine:
+    """One line on a terminal, rewritten in place; one line per update elsewhere (with -v)."""
+
+    def __init__(self, stream: TextIO | None):
+        self.stream = stream
+        self.in_place = stream is not None and stream.isatty()
+        self.width = 0
+
+    def update(self, text: str) -> None:
+        if self.stream is None:
+            return
+        if self.in_place:
+            self.stream.write("\r" + text.ljust(self.width))
+            self.width = len(text)
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def note(self, text: str) -> None:
+        """A line that stays (a warning, the summary)."""
+        if self.stream is None:
+            return
+        if self.in_place and self.width:
+            self.stream.write("\r" + " " * self.width + "\r")
+            self.width = 0
+        self.stream.write(text + "\n")
+        self.stream.flush()
