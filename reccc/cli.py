@@ -35,8 +35,8 @@ def _compile_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", help="output path (default: MODEL with .so, or .opt.onnx with --emit=onnx)")
     parser.add_argument(
         "--target", default="x86",
-        help="'x86' (this host's CPU), 'arm' / 'arm:neon' / 'arm:sve' (aarch64 Linux, cross-compiled), or a TVM "
-        "target as JSON, e.g. '{\"kind\":\"llvm\",\"mcpu\":\"skylake-avx512\"}' (default: x86)",
+        help="'x86' (this host's CPU), 'arm' / 'arm:neon' / 'arm:sve' / 'arm:TVM_TAG' (aarch64 Linux, cross-compiled), "
+        "or a TVM target as JSON, e.g. '{\"kind\":\"llvm\",\"mcpu\":\"skylake-avx512\"}' (default: x86)",
     )
     parser.add_argument("-O", dest="opt_level", type=int, default=2, choices=range(4), metavar="{0,1,2,3}",
                         help="optimization level, as -O0 .. -O3 (default: -O2)")

@@ -1,5 +1,6 @@
-"""aarch64 targets: `arm` / `arm:neon` (any ARMv8-A with NEON), `arm:sve` (ARMv8-A with SVE), and any
-TVM `{"kind": "llvm", "mtriple": "aarch64-...", ...}` target. They cross-compile on an x86 host: TVM's
+"""aarch64 targets: `arm` / `arm:neon` (any ARMv8-A with NEON), `arm:sve` (ARMv8-A with SVE), `arm:TAG`
+for TVM's named aarch64 Linux devices (e.g. `arm:raspberry-pi/4b-aarch64`), and any TVM
+`{"kind": "llvm", "mtriple": "aarch64-...", ...}` target. They cross-compile on an x86 host: TVM's
 LLVM emits aarch64 code, and the GNU aarch64 toolchain links it, with the manifest, into a library
 that the aarch64 TVM runtime loads.
 """
@@ -61,7 +62,20 @@ class ArmTarget(x86.CpuTarget):
         )
 
 
+def tvm_device_tags() -> dict[str, dict]:
+    """TVM's tags of aarch64 Linux devices, as the target configs they stand for (their CPU and features)."""
+    configs = {}
+    for tag, target in tvm.target.list_tags().items():
+        exported = dict(target.export())
+        if exported.get("kind") == "llvm" and exported.get("mtriple") == TRIPLE:
+            config = {key: exported[key] for key in ("kind", "mtriple", "mcpu", "num-cores") if key in exported}
+            configs[tag] = config | {"mattr": [str(feature) for feature in exported.get("mattr", [])]}
+    return configs
+
+
 register_target("arm", lambda: ArmTarget(NEON))
 register_target("arm:neon", lambda: ArmTarget(NEON))
 register_target("arm:sve", lambda: ArmTarget(SVE))
+for _tag, _config in tvm_device_tags().items():
+    register_target(f"arm:{_tag}", lambda config=_config: ArmTarget(config))
 x86.register_llvm_arch(ARCH, ArmTarget)

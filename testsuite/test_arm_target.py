@@ -140,6 +140,13 @@ def test_aarch64_tvm_target_json_cross_compiles_and_runs(reccc_cli, tmp_path, aa
         assert_matches_onnxruntime(model_path("two_tower"), lambda feeds: aarch64.run(artifact, feeds), batch, seed=batch)
 
 
+def test_tvm_device_tag_target_cross_compiles_and_runs(reccc_cli, tmp_path, aarch64):
+    artifact = _compile(reccc_cli, "wide_and_deep", "arm:raspberry-pi/4b-aarch64", tmp_path / "rpi4.so")
+    target = read_manifest(artifact).target
+    assert (target["mtriple"], target["mcpu"]) == ("aarch64-linux-gnu", "cortex-a72")
+    assert_matches_onnxruntime(model_path("wide_and_deep"), lambda feeds: aarch64.run(artifact, feeds), batch=7)
+
+
 def test_arm_build_is_reproducible(tmp_path, cross_toolchain):
     # Separate processes, as a build system runs them; the cross linker must not add anything variable.
     for name in ("a.so", "b.so"):
