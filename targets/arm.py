@@ -37,6 +37,9 @@ def _linker() -> str:
 
 
 class ArmTarget(x86.CpuTarget):
+    """An aarch64 Linux CPU: compiled as x86's CPU targets are (same lowering and default schedules, with
+    the target's vector width), linked by the aarch64 toolchain."""
+
     def __init__(self, config: dict):
         config = dict(config)
         config.setdefault("mtriple", TRIPLE)
@@ -47,7 +50,7 @@ class ArmTarget(x86.CpuTarget):
 
     def check_arch(self, arch: str) -> None:
         if arch != ARCH:
-            raise UsageError(f"--target: {arch} is not {ARCH}")
+            raise UsageError(f"--target: the arm targets build for {ARCH}, not {arch}")
 
     def compile(self, model: onnx.ModelProto, opt_level: int, tuning: TuningOptions | None = None) -> tvm.runtime.Executable:
         if tuning is not None:
