@@ -1,0 +1,179 @@
+"""-O3 auto-tuning (MetaSchedule) with tiny budgets: outputs still match onnxruntime, records persist in
+the tuning database and are reused without measuring, builds running at the same time share the
+database, builds from it are reproducible, and tuning runs through an RPC tracker.
+
+Each tuning build pays MetaSchedule's one-time start (about 30 s here: it parses TVM's tensor
+intrinsics), so the builds are few and each checks several things."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import tvm
+from tvm import relax
+
+import reccc
+from reccc.targets import relax_lowering, tuning
+from reccc.targets.tuning_db import RECORDS, VERDICTS, WORKLOADS
+from reccc.targets.x86 import host_cpu
+
+from conftest import assert_matches_onnxruntime, model_path
+
+MODEL = model_path("dlrm")
+TINY = ["--tune-trials", "2", "--tune-time", "120"]
+FAILED_RUN_S = 1e9  # MetaSchedule records a failed candidate with a run time of 1e10 s
+
+
+def _reccc_process(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "reccc", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _records(database: Path) -> list[list]:
+    return [json.loads(line) for line in (database / RECORDS).read_text().splitlines()]
+
+
+def _measured(records: list[list]) -> list[list]:
+    """Records of candidates that ran (their first field is the list of run times)."""
+    return [record for record in records if max(record[1][1]) < FAILED_RUN_S]
+
+
+def _database_bytes(database: Path) -> dict[str, bytes]:
+    return {name: (database / name).read_bytes() for name in (WORKLOADS, RECORDS, VERDICTS)}
+
+
+def test_concurrent_builds_share_the_database_and_rebuilds_reuse_it(tmp_path, reccc_cli):
+    database = tmp_path / "tune"
+    builds = [
+        _reccc_process(MODEL, "-O3", *TINY, "--tune-db", database, "-o", tmp_path / f"concurrent{i}.so", "-v") for i in range(2)
+    ]
+    for build in builds:
+        _, stderr = build.communicate(timeout=600)
+        assert build.returncode == 0, stderr[-2000:]
+        assert "candidates measured" in stderr
+
+    # Both builds measured candidates and merged them: nothing lost, every line whole.
+    workloads = (database / WORKLOADS).read_text().splitlines()
+    records = _records(database)
+    assert all(json.loads(line) for line in workloads)
+    assert all(0 <= number < len(workloads) for number, _ in records)
+    assert len(_measured(records)) >= 2 * 2 - 1  # each build measured its 2 trials (a candidate may fail to build)
+    verdicts = json.loads((database / VERDICTS).read_text())
+    assert verdicts and all(verdict["use"] in ("tuned", "default") for verdict in verdicts.values())
+
+    for i in range(2):
+        model = reccc.load(tmp_path / f"concurrent{i}.so")
+        for batch in (1, 7, 64):
+            assert_matches_onnxruntime(MODEL, model.run, batch)
+
+    # A rebuild with the same budget finds every kernel's trials in the database: it measures nothing,
+    # changes nothing there, and two processes build the same bytes.
+    before = _database_bytes(database)
+    rebuild = reccc_cli(MODEL, "-O3", *TINY, "--tune-db", database, "-o", tmp_path / "rebuild.so", "-v")
+    assert rebuild.code == 0, rebuild.stderr
+    assert "0 candidates measured" in rebuild.stderr
+    assert _database_bytes(database) == before
+    other_process = _reccc_process(MODEL, "-O3", *TINY, "--tune-db", database, "-o", tmp_path / "rebuild2.so")
+    assert other_process.wait(timeout=300) == 0
+    assert (tmp_path / "rebuild.so").read_bytes() == (tmp_path / "rebuild2.so").read_bytes()
+
+    _check_replayed_records(database)
+
+
+def _check_replayed_records(database: Path) -> None:
+    """Tiny budgets rarely beat -O2, so the artifacts above may use no tuned kernel: check here that
+    every stored record, replayed on its symbolic kernel, computes what the kernel computes, at batch
+    sizes its tiles do not divide."""
+    target = host_cpu().tvm_target()
+    with target:
+        fused = relax.get_pipeline("zero")(relax_lowering.to_relax(onnx.load(MODEL)))
+    from tvm.s_tir import meta_schedule as ms
+
+    records = ms.database.JSONDatabase(work_dir=str(database))
+    checked = 0
+    for kernel in tuning._kernels(fused):
+        best = records.get_top_k(records.commit_workload(kernel.workload()), 1)
+        if not best:
+            continue
+        replayed = tuning._replay(best[0].trace, kernel.symbolic)
+        for rows in (1, 7):
+            expected, actual = (_run_kernel(function, kernel, rows) for function in (kernel.symbolic, replayed))
+            np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+        checked += 1
+    assert checked >= 1
+
+
+def _run_kernel(function, kernel, rows: int) -> np.ndarray:
+    library = tvm.compile(tuning._standalone(function), target=host_cpu().tvm_target())
+    generator = np.random.default_rng(0)
+    arguments = [
+        tvm.runtime.tensor(generator.standard_normal([int(d) for d in parameter.shape]).astype(str(parameter.dtype)))
+        for parameter in kernel.at_batch(rows).params
+    ]
+    library["main"](*arguments)
+    return arguments[-1].numpy()
+
+
+def test_tuning_through_an_rpc_tracker(tmp_path, reccc_cli):
+    """A tracker and two RPC servers on loopback, started and stopped here."""
+    from tvm import rpc
+    from tvm.rpc.tracker import Tracker
+
+    tracker = Tracker("127.0.0.1", port=9190, port_end=9290, silent=True)
+    servers = []
+    try:
+        servers = [
+            rpc.Server("127.0.0.1", port=9300, port_end=9400, key="reccc-test", tracker_addr=("127.0.0.1", tracker.port), silent=True)
+            for _ in range(2)
+        ]
+        database = tmp_path / "tune"
+        result = reccc_cli(
+            MODEL, "-O3", "--tune-trials", "2", "--tune-time", "120", "--tune-db", database,
+            "--tune-rpc", f"127.0.0.1:{tracker.port}", "--device-key", "reccc-test", "-o", tmp_path / "rpc.so", "-v",
+        )
+        assert result.code == 0, result.stderr[-2000:]
+        assert _measured(_records(database)), "no candidate ran on the RPC servers"
+        assert_matches_onnxruntime(MODEL, reccc.load(tmp_path / "rpc.so").run, 7)
+    finally:
+        for server in servers:
+            server.terminate()
+        tracker.terminate()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["-O2", "--tune-trials", "4"], "--tune-trials: tuning options need -O3"),
+        (["-O3", "--emit=onnx", "--tune-time", "5"], "--tune-time: tuning options need -O3"),
+        (["-O3", "--tune-trials", "-1"], "--tune-trials: must be a non-negative integer"),
+        (["-O3", "--tune-time", "-5"], "--tune-time: must be a non-negative number"),
+        (["-O3", "--tune-rpc", "127.0.0.1:9190"], "--tune-rpc and --device-key go together"),
+        (["-O3", "--device-key", "board"], "--tune-rpc and --device-key go together"),
+        (["-O3", "--tune-rpc", "localhost", "--device-key", "board"], "--tune-rpc localhost: expected HOST:PORT"),
+        (["-O3", "--tune-rpc", "host:99999", "--device-key", "board"], "expected HOST:PORT"),
+    ],
+)
+def test_tuning_flags_usage_errors(reccc_cli, tmp_path, flags, message):
+    result = reccc_cli(MODEL, *flags, "-o", tmp_path / "out.so")
+    assert result.code == 2
+    assert message in result.stderr
+    assert not (tmp_path / "out.so").exists()
+
+
+def test_tune_db_that_is_a_file_is_a_usage_error(reccc_cli, tmp_path):
+    (tmp_path / "file").write_text("")
+    result = reccc_cli(MODEL, "-O3", "--tune-db", tmp_path / "file", "-o", tmp_path / "out.so")
+    assert result.code == 2
+    assert "--tune-db" in result.stderr
+
+
+def test_default_tune_db_is_in_the_user_cache(monkeypatch, tmp_path):
+    from reccc.compiler import default_tune_db
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_tune_db() == tmp_path / "reccc" / "tune"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_tune_db() == Path.home() / ".cache" / "reccc" / "tune"
