@@ -14,7 +14,6 @@ import numpy as np
 import onnx
 import pytest
 import tvm
-from tvm import relax
 
 import reccc
 from reccc.targets import relax_lowering, tuning
@@ -24,7 +23,8 @@ from reccc.targets.x86 import host_cpu
 from conftest import assert_matches_onnxruntime, model_path
 
 MODEL = model_path("dlrm")
-TINY = ["--tune-trials", "2", "--tune-time", "120"]
+# One trial, and time enough for it (the budget that ends first stops tuning) on a loaded machine.
+TINY = ["--tune-trials", "1", "--tune-time", "600"]
 FAILED_RUN_S = 1e9  # MetaSchedule records a failed candidate with a run time of 1e10 s
 
 
@@ -60,7 +60,7 @@ def test_concurrent_builds_share_the_database_and_rebuilds_reuse_it(tmp_path, re
     records = _records(database)
     assert all(json.loads(line) for line in workloads)
     assert all(0 <= number < len(workloads) for number, _ in records)
-    assert len(_measured(records)) >= 2 * 2 - 1  # each build measured its 2 trials (a candidate may fail to build)
+    assert len(_measured(records)) == 2  # each build measured its trial
     verdicts = json.loads((database / VERDICTS).read_text())
     assert verdicts and all(verdict["use"] in ("tuned", "default") for verdict in verdicts.values())
 
@@ -80,21 +80,21 @@ def test_concurrent_builds_share_the_database_and_rebuilds_reuse_it(tmp_path, re
     assert other_process.wait(timeout=300) == 0
     assert (tmp_path / "rebuild.so").read_bytes() == (tmp_path / "rebuild2.so").read_bytes()
 
-    _check_replayed_records(database)
+    _check_replayed_records(database, tmp_path)
 
 
-def _check_replayed_records(database: Path) -> None:
+def _check_replayed_records(database: Path, scratch: Path) -> None:
     """Tiny budgets rarely beat -O2, so the artifacts above may use no tuned kernel: check here that
     every stored record, replayed on its symbolic kernel, computes what the kernel computes, at batch
-    sizes its tiles do not divide."""
-    target = host_cpu().tvm_target()
-    with target:
-        fused = relax.get_pipeline("zero")(relax_lowering.to_relax(onnx.load(MODEL)))
+    sizes its tiles do not divide. The kernels are those of the fused module the x86 target schedules."""
     from tvm.s_tir import meta_schedule as ms
 
+    reccc.compile(MODEL, scratch / "optimized.onnx", opt_level=3, emit="onnx")
+    fused = []
+    relax_lowering.build(onnx.load(scratch / "optimized.onnx"), host_cpu().tvm_target(), 2, lambda module, _: fused.append(module) or module)
     records = ms.database.JSONDatabase(work_dir=str(database))
     checked = 0
-    for kernel in tuning._kernels(fused):
+    for kernel in tuning._kernels(fused[0]):
         best = records.get_top_k(records.commit_workload(kernel.workload()), 1)
         if not best:
             continue
@@ -131,7 +131,7 @@ def test_tuning_through_an_rpc_tracker(tmp_path, reccc_cli):
         ]
         database = tmp_path / "tune"
         result = reccc_cli(
-            MODEL, "-O3", "--tune-trials", "2", "--tune-time", "120", "--tune-db", database,
+            MODEL, "-O3", *TINY, "--tune-db", database,
             "--tune-rpc", f"127.0.0.1:{tracker.port}", "--device-key", "reccc-test", "-o", tmp_path / "rpc.so", "-v",
         )
         assert result.code == 0, result.stderr[-2000:]
