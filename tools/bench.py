@@ -2,12 +2,17 @@
 
     python tools/bench.py                                   # the standard DLRM-style model, built in a temp dir
     python tools/bench.py testsuite/models/dlrm.onnx --batches 1,64 --repeat 10
+    python tools/bench.py --levels 2 --no-plain-tvm         # -O2 only: no tuning
 
 Engines, all fed the same random valid inputs (reccc.sample_inputs) in one process:
   onnxruntime    ORT_ENABLE_ALL with --threads intra-op threads, not spinning when idle (see onnxruntime_session)
-  reccc          reccc.load(artifact).run(feeds): numpy in, numpy out, inputs checked against the manifest
-  reccc_vm_call  the same artifact's Relax VM "main" called on inputs already converted to TVM tensors,
-                 so the difference to `reccc` is the Python wrapper's overhead
+  reccc_O2, reccc_O3
+                 reccc.load(artifact).run(feeds) of the artifact built at that level: numpy in, numpy out,
+                 inputs checked against the manifest. -O3 tunes with --tune-trials / --tune-time into a
+                 fresh tuning database (so its compile time is the tuning's), or into --tune-db
+  reccc_O2_vm_call, reccc_O3_vm_call
+                 the same artifact's Relax VM "main" called on inputs already converted to TVM tensors,
+                 so the difference to `reccc_O*` is the Python wrapper's overhead
   plain_tvm      tvm.compile(from_onnx(model)) with no reccc passes and no Relax pipeline, numpy in and out
 Repetitions are interleaved (each round runs every engine once, in an order that rotates per round),
 so drift in machine speed hits all engines alike. Results go to bench-results/bench-<model>.json.
@@ -71,13 +76,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"an engine stops early after {ENGINE_BUDGET_S:g} s of timed runs, but not before {MIN_RUNS})")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="onnxruntime intra-op threads, and TVM's threads unless TVM_NUM_THREADS is set (default: all cores)")
-    parser.add_argument("-O", dest="opt_level", type=int, default=2, help="reccc optimization level (default: 2)")
+    parser.add_argument("--levels", type=level_list, default=[2, 3], help="reccc optimization levels to compare, comma-separated (default: 2,3)")
+    parser.add_argument("--tune-trials", type=int, default=256, help="-O3's tuning trials (default: 256, reccc's default)")
+    parser.add_argument("--tune-time", type=float, default=600.0, help="-O3's tuning seconds (default: 600, reccc's default)")
+    parser.add_argument("--tune-db", type=Path, help="-O3's tuning database (default: a fresh one, so -O3's compile time is the tuning's)")
     parser.add_argument("--json", type=Path, help="where to write the results (default: bench-results/bench-<model stem>.json)")
     parser.add_argument("--no-plain-tvm", action="store_true", help="skip the plain TVM baseline (its compile and runs are slow)")
     args = parser.parse_args(argv)
     if args.repeat < 1 or args.threads < 1:
         parser.error("--repeat and --threads must be at least 1")
     return args
+
+
+def level_list(text: str) -> list[int]:
+    levels = batch_list(text) if text else []
+    if not levels or any(level not in (0, 1, 2, 3) for level in levels):
+        raise argparse.ArgumentTypeError(f"expected comma-separated levels 0..3, not '{text}'")
+    return levels
 
 
 def batch_list(text: str) -> list[int]:
@@ -152,11 +167,11 @@ def onnxruntime_session(model: onnx.ModelProto, threads: int):
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def compile_with_reccc(model_path: Path, artifact: Path, opt_level: int) -> float:
+def compile_with_reccc(model_path: Path, artifact: Path, opt_level: int, tuning: dict) -> float:
     import reccc
 
     start = time.perf_counter()
-    reccc.compile(str(model_path), str(artifact), target="x86", opt_level=opt_level)
+    reccc.compile(str(model_path), str(artifact), target="x86", opt_level=opt_level, **(tuning if opt_level == 3 else {}))
     return time.perf_counter() - start
 
 
@@ -191,24 +206,32 @@ def graph_input_names(model: onnx.ModelProto) -> list[str]:
     return [value.name for value in model.graph.input if value.name not in initializers]
 
 
-def make_engines(feeds: dict[str, np.ndarray], session, compiled, vm_main: Callable, plain_main: Callable | None,
+@dataclass
+class Build:
+    """One reccc artifact under test: its level, the loaded model and its bare VM entry point."""
+
+    level: int
+    compiled: object
+    vm_main: Callable
+
+
+def make_engines(feeds: dict[str, np.ndarray], session, builds: list[Build], plain_main: Callable | None,
                  plain_inputs: list[str], plain_outputs: list[str]) -> list[Engine]:
     import tvm
 
     ort_outputs = [output.name for output in session.get_outputs()]
-    # The raw VM call gets its TVM tensors made once, outside the timing.
-    vm_arguments = [tvm.runtime.tensor(feeds[spec.name]) for spec in compiled.manifest.inputs]
 
     def plain_tvm() -> dict[str, np.ndarray]:
         result = plain_main(*(tvm.runtime.tensor(feeds[name]) for name in plain_inputs))
         values = [result] if isinstance(result, tvm.runtime.Tensor) else list(result)
         return {name: value.numpy() for name, value in zip(plain_outputs, values)}
 
-    engines = [
-        Engine("onnxruntime", lambda: dict(zip(ort_outputs, session.run(ort_outputs, feeds)))),
-        Engine("reccc", lambda: compiled.run(feeds)),
-        Engine("reccc_vm_call", lambda: vm_main(*vm_arguments), returns_outputs=False),
-    ]
+    engines = [Engine("onnxruntime", lambda: dict(zip(ort_outputs, session.run(ort_outputs, feeds))))]
+    for build in builds:
+        # The raw VM call gets its TVM tensors made once, outside the timing.
+        vm_arguments = [tvm.runtime.tensor(feeds[spec.name]) for spec in build.compiled.manifest.inputs]
+        engines.append(Engine(f"reccc_O{build.level}", lambda build=build: build.compiled.run(feeds)))
+        engines.append(Engine(f"reccc_O{build.level}_vm_call", lambda build=build, a=vm_arguments: build.vm_main(*a), returns_outputs=False))
     if plain_main is not None:
         engines.append(Engine("plain_tvm", plain_tvm))
     return engines
@@ -250,12 +273,12 @@ def errors_against_onnxruntime(engines: list[Engine], results: dict[str, object]
     return errors, allowed
 
 
-def bench_batch(batch: int, ir_model, proto: onnx.ModelProto, session, compiled, vm_main, plain_main, repeat: int) -> dict:
+def bench_batch(batch: int, ir_model, proto: onnx.ModelProto, session, builds: list[Build], plain_main, repeat: int) -> dict:
     from reccc.sample_inputs import random_inputs
 
     feeds = random_inputs(ir_model, batch, seed=INPUT_SEED)
     plain_outputs = [output.name for output in proto.graph.output]
-    engines = make_engines(feeds, session, compiled, vm_main, plain_main, graph_input_names(proto), plain_outputs)
+    engines = make_engines(feeds, session, builds, plain_main, graph_input_names(proto), plain_outputs)
     errors, allowed = errors_against_onnxruntime(engines, {engine.name: warm_up(engine) for engine in engines})
     time_interleaved(engines, repeat)
     timings = {
@@ -281,11 +304,11 @@ def bench_batch(batch: int, ir_model, proto: onnx.ModelProto, session, compiled,
 
 def print_batch(result: dict) -> None:
     print(f"\nbatch {result['batch']}")
-    print(f"  {'engine':<14} {'runs':>5} {'median ms':>11} {'min ms':>11} {'x onnxruntime':>14}")
+    print(f"  {'engine':<17} {'runs':>5} {'median ms':>11} {'min ms':>11} {'x onnxruntime':>14}")
     for name, timing in result["engines"].items():
         ratio = result["ratio_to_onnxruntime"].get(name)
         ratio_text = f"{ratio:.2f}" if ratio is not None else "1"
-        print(f"  {name:<14} {timing['runs']:>5} {timing['median_ms']:>11.3f} {timing['min_ms']:>11.3f} {ratio_text:>14}")
+        print(f"  {name:<17} {timing['runs']:>5} {timing['median_ms']:>11.3f} {timing['min_ms']:>11.3f} {ratio_text:>14}")
     for engine, per_output in result["max_abs_error"].items():
         listed = ", ".join(f"{name} {error:.3g} (allowed {result['allowed_error'][name]:.3g})" for name, error in per_output.items())
         print(f"  max abs error vs onnxruntime, {engine}: {listed}")
@@ -301,11 +324,15 @@ def run_benchmark(args: argparse.Namespace, model_path: Path, model_description:
     ir_model = Model.from_onnx(proto, str(model_path))
     model_description["parameter_bytes"] = ir_model.parameter_bytes()
 
-    artifact = scratch / "model.so"
-    print(f"compiling with reccc -O{args.opt_level} ...", flush=True)
-    reccc_seconds = compile_with_reccc(model_path, artifact, args.opt_level)
-    compiled = reccc.load(artifact)
-    print(f"  {reccc_seconds:.1f} s, artifact {artifact.stat().st_size / 1e6:.1f} MB", flush=True)
+    tuning = {"tune_trials": args.tune_trials, "tune_seconds": args.tune_time, "tune_db": str(args.tune_db or scratch / "tune"), "tune_progress": True}
+    builds, compiles = [], {}
+    for level in args.levels:
+        artifact = scratch / f"model-O{level}.so"
+        print(f"compiling with reccc -O{level} ...", flush=True)
+        seconds = compile_with_reccc(model_path, artifact, level, tuning)
+        builds.append(Build(level, reccc.load(artifact), load_vm_main(artifact)))
+        compiles[f"reccc_O{level}"] = {"seconds": seconds, "artifact_bytes": artifact.stat().st_size}
+        print(f"  {seconds:.1f} s, artifact {artifact.stat().st_size / 1e6:.1f} MB", flush=True)
     plain_main, plain_seconds = None, None
     if not args.no_plain_tvm:
         print("compiling plain TVM (tvm.compile, no reccc passes, no pipeline) ...", flush=True)
@@ -314,16 +341,11 @@ def run_benchmark(args: argparse.Namespace, model_path: Path, model_description:
 
     session = onnxruntime_session(proto, args.threads)
     print(f"threads: onnxruntime {args.threads}, TVM {tvm_runtime_threads()}", flush=True)
-    vm_main = load_vm_main(artifact)
     batches = []
     for batch in args.batches:
-        batches.append(bench_batch(batch, ir_model, proto, session, compiled, vm_main, plain_main, args.repeat))
+        batches.append(bench_batch(batch, ir_model, proto, session, builds, plain_main, args.repeat))
         print_batch(batches[-1])
-    return {
-        "compile": {"reccc_seconds": reccc_seconds, "reccc_artifact_bytes": artifact.stat().st_size,
-                    "plain_tvm_seconds": plain_seconds},
-        "batches": batches,
-    }
+    return {"compile": {**compiles, "plain_tvm_seconds": plain_seconds}, "batches": batches}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -345,7 +367,8 @@ def main(argv: list[str] | None = None) -> None:
         "versions": versions(),
         "threads": {"onnxruntime_intra_op": args.threads, "tvm_runtime": tvm_runtime_threads(), "tvm_source": tvm_threads_source},
         "model": model_description,
-        "opt_level": args.opt_level,
+        "levels": args.levels,
+        "tuning": {"trials": args.tune_trials, "seconds": args.tune_time, "database": str(args.tune_db) if args.tune_db else "fresh"},
         "repeat": args.repeat,
         "warmup_runs": WARMUP_RUNS,
         "engine_budget_seconds": ENGINE_BUDGET_S,
