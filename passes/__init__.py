@@ -2,6 +2,7 @@
 
 from reccc.passes import constant_folding, dead_code_elimination  # noqa: F401  (imported to register)
 from reccc.passes import concat_fc_fusion  # noqa: F401  (imported to register)
+from reccc.passes import embedding_quantization  # noqa: F401  (imported to register) compression
 from reccc.passes import (  # noqa: F401  (imported to register) pruning passes
     dedupe_initializers,
     magnitude_pruning,

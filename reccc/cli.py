@@ -55,6 +55,14 @@ def _compile_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prune-neurons", type=float, metavar="FRACTION",
                         help="lossy: remove this fraction of each hidden FC layer's neurons, lowest L2 norm first")
     parser.add_argument("--accuracy-budget", type=float, metavar="ABS",
+    parser.add_argument("--embedding-quant", choices=("int8", "int4", "fp16", "none"),
+                        help="lossy: store embedding tables of at least --embedding-quant-min-bytes as row-wise int8 or int4 "
+                        "(scale and bias per row) or fp16; default: int8 at -O3 (within 1%% of the outputs' scale, else "
+                        "the tables stay fp32), none below")
+    parser.add_argument("--embedding-quant-min-bytes", type=int, metavar="N",
+                        help="quantize only tables of at least N bytes (default: 1048576)")
+    parser.add_argument("--embedding-quant-table", action="append", default=[], metavar="NAME=FORMAT",
+                        help="give one table (by initializer name) its own format: int8, int4, fp16 or none (repeatable)")
                         help="lossy passes: fail the build (exit 1, nothing written) if any output moves more than ABS "
                         "on the calibration batch; the deviation is always printed")
     parser.add_argument("--calibration", metavar="NPZ",
@@ -165,6 +173,9 @@ def _run_compile(args: argparse.Namespace) -> int:
         prune_threshold=args.prune_threshold,
         prune_neurons=args.prune_neurons,
         accuracy_budget=args.accuracy_budget,
+        embedding_quant=args.embedding_quant,
+        embedding_quant_min_bytes=args.embedding_quant_min_bytes,
+        embedding_quant_tables=_table_formats(args.embedding_quant_table),
         calibration=args.calibration,
         input_shapes=_input_shapes(args.input_shape),
         tune_trials=args.tune_trials,
@@ -202,6 +213,19 @@ def _run_compile(args: argparse.Namespace) -> int:
 
 
 def _input_shapes(values: list[str]) -> dict[str, list[int]]:
+def _table_formats(values: list[str]) -> dict[str, str]:
+    """--embedding-quant-table NAME=FORMAT (repeatable) as {name: format}."""
+    formats = {}
+    for value in values:
+        name, _, format = value.rpartition("=")
+        if not name or format not in ("int8", "int4", "fp16", "none"):
+            raise UsageError(f"--embedding-quant-table {value}: expected NAME=FORMAT with FORMAT one of int8, int4, fp16, none")
+        if name in formats:
+            raise UsageError(f"--embedding-quant-table {value}: table '{name}' is given twice")
+        formats[name] = format
+    return formats
+
+
     """--input-shape NAME=DIM,DIM,... (repeatable) as {name: dims}."""
     shapes = {}
     for value in values:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TextIO
 
 import numpy as np
+import onnx
 
 from reccc import __version__
 from reccc.atomic_file import atomic_output, check_writable
@@ -23,14 +24,23 @@ from reccc.ir import Model
 from reccc.manifest import Manifest, TensorSpec, write_manifest_source
 from reccc.model_file import read_model, write_model
 from reccc.native_output import silenced_output
-from reccc.pass_manager import PassManager, PassRecord, create_pass
-from reccc.pipelines import LOSSY_PASS_OPTIONS, PipelineStep, pipeline_for
+from reccc.pass_manager import PassManager, PassRecord, create_pass, registered_passes
+from reccc.pipelines import (
+    DEFAULT_EMBEDDING_FORMAT,
+    EMBEDDING_QUANTIZATION,
+    LOSSY_PASS_OPTIONS,
+    PipelineStep,
+    pipeline_for,
+)
 from reccc.plugins import PASS_GROUP, load_entry_points
-from reccc.reference import ReferenceOutputs
+from reccc.reference import ReferenceOutputs, output_scale
 from reccc.sample_inputs import random_inputs
 from reccc.target import TuningOptions, resolve_target
 
 EMIT_KINDS = ("library", "onnx")
+# The accuracy budget of -O3's default embedding quantization, as a fraction of the outputs' scale
+# (max(1, max |output|)): for a probability, 0.01.
+DEFAULT_BUDGET_FRACTION = 1e-2
 # -O3's default tuning budget: whichever ends first. About 10 minutes on 2 cores for a DLRM-style model.
 DEFAULT_TUNE_TRIALS = 256
 DEFAULT_TUNE_SECONDS = 600.0
@@ -49,6 +59,12 @@ class CompileOptions:
     # Opt-in lossy passes (see pipelines.LOSSY_PASS_OPTIONS) and the accuracy guard they run under.
     prune_threshold: float | None = None
     prune_neurons: float | None = None
+    # Embedding-table format: int8, int4, fp16 or none; None means the level's default (int8 at -O3,
+    # under DEFAULT_BUDGET_FRACTION when no budget is given). Tables below the size stay fp32;
+    # `embedding_quant_tables` gives single tables (by initializer name) their own format or none.
+    embedding_quant: str | None = None
+    embedding_quant_min_bytes: int | None = None
+    embedding_quant_tables: Mapping[str, str] = field(default_factory=dict)
     accuracy_budget: float | None = None
     calibration: str | None = None  # .npz of inputs; default: generated valid rows
     input_shapes: Mapping[str, Sequence[int]] = field(default_factory=dict)  # input name -> static shape
@@ -73,11 +89,45 @@ class CompileResult:
 def pipeline(options: CompileOptions) -> list[PipelineStep]:
     """The passes `options` ask for, checked: unknown names and bad parameters fail here, before any work."""
     load_entry_points(PASS_GROUP)
-    lossy = {option: getattr(options, option) for option in LOSSY_PASS_OPTIONS}
+    lossy = [
+        PipelineStep(name, {parameter: getattr(options, option)})
+        for option, (name, parameter) in LOSSY_PASS_OPTIONS.items()
+        if getattr(options, option) is not None
+    ]
+    quantization = _embedding_quantization(options)
+    if quantization is not None:
+        lossy.append(quantization)
     steps = pipeline_for(options.opt_level, options.passes, options.disabled_passes, lossy)
     for step in steps:
         create_pass(step.name, **step.params)
     return steps
+
+
+def _embedding_quantization(options: CompileOptions) -> PipelineStep | None:
+    """The embedding-quantization step the options ask for (or the level's default), if any."""
+    chosen = options.embedding_quant
+    format = chosen if chosen is not None else (None if options.passes is not None else DEFAULT_EMBEDDING_FORMAT[options.opt_level])
+    if format in (None, "none"):
+        if options.embedding_quant_tables or options.embedding_quant_min_bytes is not None:
+            flag = "--embedding-quant-table" if options.embedding_quant_tables else "--embedding-quant-min-bytes"
+            raise UsageError(f"{flag}: embedding tables are not quantized in this build (use --embedding-quant=int8|int4|fp16, or -O3)")
+        return None
+    params = {"format": format}
+    if options.embedding_quant_min_bytes is not None:
+        params["min_bytes"] = options.embedding_quant_min_bytes
+    if options.embedding_quant_tables:
+        params["tables"] = dict(options.embedding_quant_tables)
+    return PipelineStep(EMBEDDING_QUANTIZATION, params)
+
+
+def _is_default_quantization(options: CompileOptions, step: PipelineStep) -> bool:
+    return step.name == EMBEDDING_QUANTIZATION and options.embedding_quant is None
+
+
+def _lossy_change(records: list[PassRecord]) -> bool:
+    """Whether a lossy pass changed the model: then the accuracy guard measures the effect."""
+    passes = registered_passes()
+    return any(record.changed and not passes[record.name].lossless for record in records)
 
 
 def compile_model(
@@ -99,31 +149,27 @@ def compile_model(
     check_writable(output)
     target = resolve_target(options.target) if options.emit == "library" else None
     source = read_model(model_path)
-    model = Model.from_onnx(source, str(model_path))
-    if options.input_shapes:
-        _fix_input_shapes(model, options.input_shapes)
-
     log = log or sys.stderr
-    passes = [create_pass(step.name, **step.params) for step in steps]
-    guarded = any(not each.lossless for each in passes)
-    if guarded:
-        calibration, calibration_source = calibration_reference(model, source, options.calibration)
-    start = time.perf_counter()
-    manager = PassManager(
-        passes,
-        print_after=options.print_after,
-        verify_against=ReferenceOutputs(source, random_inputs(model, batch=3, seed=0)) if options.verify_each else None,
-        log=log,
-    )
-    records = manager.run(model)
-    pass_seconds = time.perf_counter() - start
+    model, records, pass_seconds = _optimize(source, str(model_path), steps, options, log)
     accuracy = None
-    if guarded:
-        accuracy = measure(calibration, calibration_source, model.to_onnx(), options.accuracy_budget)
+    if _lossy_change(records):
+        calibration, description = calibration_reference(model_before_passes(source, str(model_path), options), source, options.calibration)
+        defaulted = [step for step in steps if _is_default_quantization(options, step)]
+        budget = options.accuracy_budget
+        if budget is None and defaulted:
+            budget = DEFAULT_BUDGET_FRACTION * max(output_scale(values) for values in calibration.outputs.values())
+        accuracy = measure(calibration, description, model.to_onnx(), budget)
         print(f"reccc: {accuracy.summary()}", file=log)
-        if accuracy.exceeded:
+        if accuracy.exceeded and options.accuracy_budget is None:
+            # Only -O3's default quantization runs under a budget the user did not set: drop it rather than fail.
+            print(f"reccc: -O{options.opt_level}: embedding tables kept fp32: quantizing them exceeds the default budget "
+                  "(choose with --embedding-quant and --accuracy-budget)", file=log)
+            steps = [step for step in steps if step not in defaulted]
+            model, records, pass_seconds = _optimize(source, str(model_path), steps, options, log)
+            accuracy = measure(calibration, description, model.to_onnx(), None) if _lossy_change(records) else None
+        elif accuracy.exceeded:
             raise CompileError(
-                f"accuracy budget exceeded: max output deviation {accuracy.max_deviation:.3g} > {options.accuracy_budget:g}; nothing written"
+                f"accuracy budget exceeded: max output deviation {accuracy.max_deviation:.3g} > {budget:g}; nothing written"
             )
 
     start = time.perf_counter()
@@ -153,6 +199,28 @@ def compile_model(
     ):
         target.export(executable, temporary, [write_manifest_source(manifest, Path(scratch))])
     return CompileResult(Path(output), records, pass_seconds, time.perf_counter() - start, accuracy)
+
+
+def model_before_passes(source: onnx.ModelProto, path: str, options: CompileOptions) -> Model:
+    """The input model as the passes receive it: read, with --input-shape applied."""
+    model = Model.from_onnx(source, path)
+    if options.input_shapes:
+        _fix_input_shapes(model, options.input_shapes)
+    return model
+
+
+def _optimize(source: onnx.ModelProto, path: str, steps: list[PipelineStep], options: CompileOptions, log: TextIO) -> tuple[Model, list[PassRecord], float]:
+    """Run the pass pipeline on a fresh copy of `source`: the optimized model, what each pass did, seconds taken."""
+    model = model_before_passes(source, path, options)
+    start = time.perf_counter()
+    manager = PassManager(
+        [create_pass(step.name, **step.params) for step in steps],
+        print_after=options.print_after,
+        verify_against=ReferenceOutputs(source, random_inputs(model, batch=3, seed=0)) if options.verify_each else None,
+        log=log,
+    )
+    records = manager.run(model)
+    return model, records, time.perf_counter() - start
 
 
 def default_tune_db() -> Path:

@@ -2,7 +2,8 @@
 
 TVM's gather reads out of bounds for a bad id: wrong values just past the table, SIGSEGV beyond.
 Before lowering, every table Gather gets its ids clipped to the table's ONNX range [-rows, rows), so
-the compiled code never reads outside the table. With --index-check=error the graph also gets an
+the compiled code never reads outside the table. Lookups of the same ids into tables of the same
+rows (a quantized table's codes and its scales, DeepFM's tables per field) share one guard. With --index-check=error the graph also gets an
 output flagging the lookups that clipped an id, and the runtime raises naming the input; with clamp,
 clipped ids are what the user asked for.
 """
@@ -27,15 +28,20 @@ def guard_embedding_indices(model: Model, mode: str) -> list[IndexGuard]:
     graph = model.graph
     nodes = {node.name: node for node in graph.nodes}
     guards, flags = [], []
+    clipped: dict[tuple[str, int], gs.Variable] = {}  # (ids, rows) -> ids in range: lookups sharing them share a guard
     for lookup in gather_lookups(model):
         gather = nodes[lookup.node]
         ids = gather.inputs[1]
+        if (ids.name, lookup.rows) in clipped:
+            gather.inputs[1] = clipped[ids.name, lookup.rows]
+            continue
         dtype = ids.dtype if ids.dtype is not None else np.int64
         low = gs.Constant(f"{lookup.node}__id_low", np.array(-lookup.rows, dtype=dtype))
         high = gs.Constant(f"{lookup.node}__id_high", np.array(lookup.rows - 1, dtype=dtype))
         safe = gs.Variable(f"{lookup.node}__ids_in_range", dtype=dtype, shape=ids.shape)
         graph.nodes.append(gs.Node("Clip", f"{lookup.node}__clip_ids", inputs=[ids, low, high], outputs=[safe]))
         gather.inputs[1] = safe
+        clipped[ids.name, lookup.rows] = safe
         if mode == "clamp":
             continue
         flags.append(_any_differs(graph, ids, safe, f"{lookup.node}__"))

@@ -1,5 +1,6 @@
 """The pass pipeline of each optimization level, by pass name, and where opt-in lossy passes go."""
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from reccc.errors import UsageError
@@ -45,12 +46,21 @@ class PipelineStep:
         """As --print-pipeline shows it, after LLVM's `pass<param=value>`."""
         if not self.params:
             return self.name
-        return f"{self.name}<{';'.join(f'{key}={value}' for key, value in sorted(self.params.items()))}>"
+        return f"{self.name}<{';'.join(f'{key}={_param_text(value)}' for key, value in sorted(self.params.items()))}>"
 
 
-def pipeline_for(opt_level: int, explicit: list[str] | None, disabled: list[str], lossy: dict[str, float | None]) -> list[PipelineStep]:
+def _param_text(value) -> str:
+    if isinstance(value, Mapping):
+        return ",".join(f"{key}:{item}" for key, item in value.items())
+    return str(value)
+EMBEDDING_QUANTIZATION = "embedding-quantization"
+# The embedding-table format each level uses when the user does not choose one.
+DEFAULT_EMBEDDING_FORMAT: dict[int, str | None] = {0: None, 1: None, 2: None, 3: "int8"}
+
+
+def pipeline_for(opt_level: int, explicit: list[str] | None, disabled: list[str], lossy: list[PipelineStep]) -> list[PipelineStep]:
     """The passes to run: `explicit` (--passes) if given, else the level's pipeline, minus `disabled`,
-    plus each lossy pass whose option in `lossy` (field name -> value) is set."""
+    plus the `lossy` passes requested by options, at their place."""
     if opt_level not in PIPELINES:
         raise UsageError(f"-O{opt_level}: optimization level must be 0, 1, 2 or 3")
     names = list(explicit) if explicit is not None else list(PIPELINES[opt_level])
@@ -58,10 +68,5 @@ def pipeline_for(opt_level: int, explicit: list[str] | None, disabled: list[str]
     if unknown_disabled:
         raise UsageError(f"--disable-pass: '{unknown_disabled[0]}' is not in the pipeline ({', '.join(names) or 'empty'})")
     steps = [PipelineStep(name) for name in names if name not in disabled]
-    requested = [
-        PipelineStep(LOSSY_PASS_OPTIONS[option][0], {LOSSY_PASS_OPTIONS[option][1]: value})
-        for option, value in lossy.items()
-        if value is not None
-    ]
     position = next((i for i, step in enumerate(steps) if step.name in _LOSSY_PASSES_BEFORE), len(steps))
-    return steps[:position] + requested + steps[position:]
+    return steps[:position] + list(lossy) + steps[position:]

@@ -18,6 +18,8 @@ import tvm
 from tvm import s_tir
 from tvm.target import codegen
 
+from reccc.targets.operator_fusion import reads_at_loaded_index
+
 MATMUL_ROWS = 4
 VECTORS_PER_TILE = 4
 DATA_PARALLEL = 0  # IterVar.iter_type of a spatial block var
@@ -104,13 +106,68 @@ def _elementwise_rule(schedule: s_tir.Schedule, lanes: int) -> None:
             continue
 
 
-def schedule_function(function: tvm.tirx.PrimFunc, lanes: int) -> tvm.tirx.PrimFunc | None:
+def _lookup_rule(schedule: s_tir.Schedule, lanes: int) -> bool:
+    """A kernel of embedding lookups (a gather fused with its dequantization and pooling, see
+    targets/operator_fusion.py): every block is inlined into the one writing the output, so each
+    stored row is read once, straight into the output. The output runs parallel over its outermost
+    loop and vectorized over the innermost spatial one (the row's columns), with any pooling
+    reduction moved outside the columns so that each step reads a whole row."""
+    blocks = schedule.get_child_blocks(schedule.get_sblock("root"))
+    if not any(reads_at_loaded_index(schedule.get(block)) for block in blocks):
+        return False
+    for block in reversed(blocks):
+        try:
+            schedule.compute_inline(block)
+        except s_tir.ScheduleError:  # it writes an output, or it is a reduction
+            continue
+    for block in schedule.get_child_blocks(schedule.get_sblock("root")):
+        loops = schedule.get_loops(block)
+        kinds = [var.iter_type for var in schedule.get(block).iter_vars]
+        if len(loops) != len(kinds) or len(loops) < 2:
+            continue
+        spatial = [loop for loop, kind in zip(loops, kinds) if kind == DATA_PARALLEL]
+        reduction = [loop for loop, kind in zip(loops, kinds) if kind != DATA_PARALLEL]
+        if len(spatial) < 2:
+            continue
+        if reduction:
+            schedule.reorder(*spatial[:-1], *reduction, spatial[-1])
+            schedule.decompose_reduction(block, reduction[0])
+        schedule.parallel(spatial[0])
+        _vectorize(schedule, spatial[-1], lanes)
+    return True
+
+
+def _concatenation_rule(schedule: s_tir.Schedule, symbol: str) -> bool:
+    """A concatenation (kept apart from its inputs, see targets/operator_fusion.py) picks its source by
+    column: partitioned at the boundaries, each segment of a row is a plain copy loop."""
+    if not symbol.startswith("concatenate"):
+        return False
+    for block in schedule.get_child_blocks(schedule.get_sblock("root")):
+        outer, *inner = schedule.get_loops(block)
+        schedule.parallel(outer)
+        for loop in inner:
+            schedule.annotate(loop, "pragma_loop_partition_hint", 1)
+    return True
+
+
+def _vectorize(schedule: s_tir.Schedule, loop, lanes: int) -> None:
+    extent = schedule.get(loop).extent
+    if not isinstance(extent, tvm.tirx.IntImm):
+        return
+    width = next((w for w in (lanes, lanes // 2, lanes // 4) if w > 1 and int(extent) % w == 0), None)
+    if width is not None:
+        _, vector = schedule.split(loop, factors=[None, width])
+        schedule.vectorize(vector)
+
+
+def schedule_function(function: tvm.tirx.PrimFunc, symbol: str, lanes: int) -> tvm.tirx.PrimFunc | None:
     """The scheduled function, or None when no rule applies (or a rule's preconditions fail)."""
     schedule = s_tir.Schedule(function)
     try:
-        if not _matmul_rule(schedule, lanes):
+        if _matmul_rule(schedule, lanes):
+            _elementwise_rule(schedule, lanes)
+        elif not (_lookup_rule(schedule, lanes) or _concatenation_rule(schedule, symbol)):
             return None
-        _elementwise_rule(schedule, lanes)
     except s_tir.ScheduleError:
         return None
     return schedule.mod["main"]
@@ -121,7 +178,7 @@ def apply_default_schedules(module: tvm.IRModule, target: tvm.target.Target) -> 
     updates = {}
     for symbol, function in module.functions.items():
         if isinstance(function, tvm.tirx.PrimFunc):
-            scheduled = schedule_function(function, lanes)
+            scheduled = schedule_function(function, symbol.name_hint, lanes)
             if scheduled is not None:
                 updates[symbol] = scheduled
     for symbol, function in updates.items():

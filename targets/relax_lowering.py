@@ -13,6 +13,7 @@ from tvm.relax.frontend.onnx import from_onnx
 from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
 from reccc.errors import CompileError, one_line
+from reccc.targets.operator_fusion import fuse_operators
 
 # Ops the importer handles outside its convert map.
 _IMPORTER_BUILTIN_OPS = {"Constant", "If"}
@@ -106,7 +107,7 @@ def build(
         with target:
             module = relax.transform.LegalizeOps(_ONNX_EXACT_LEGALIZATIONS)(module)
             if opt_level >= 1:
-                module = relax.get_pipeline("zero")(module)
+                module = fuse_operators()(module)
             if opt_level >= 2 and schedule is not None:
                 module = schedule(module, target)
             pipeline = tvm.transform.Sequential([relax.pipeline.default_build_pipeline(), _sort_shape_function_stores])

@@ -110,7 +110,10 @@ def test_print_pipeline_per_level(print_pipeline):
     assert "concat-fc-fusion" not in cleanup
     fast = print_pipeline("-O2")
     assert fast == [*cleanup[:-1], "concat-fc-fusion", "dead-code-elimination"]
-    assert print_pipeline("-O3") == fast
+    # -O3 adds the lossy default: int8 embedding tables, before the cleanup that follows lossy passes.
+    position = fast.index("prune-dead-neurons")
+    assert print_pipeline("-O3") == [*fast[:position], "embedding-quantization<format=int8>", *fast[position:]]
+    assert print_pipeline("-O3", "--embedding-quant=none") == fast
 
 
 def test_print_pipeline_with_choices(print_pipeline):

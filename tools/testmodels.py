@@ -58,11 +58,11 @@ class _GraphBuilder:
                 x = self.node("Relu", [x])
         return x
 
-    def table(self, rows: int, dim: int) -> str:
-        return self.const("emb", (0.05 * self.rng.standard_normal((rows, dim))).astype(np.float32))
+    def table(self, rows: int, dim: int, std: float = 0.05) -> str:
+        return self.const("emb", (std * self.rng.standard_normal((rows, dim))).astype(np.float32))
 
-    def lookup(self, ids: str, rows: int, dim: int) -> str:
-        return self.node("Gather", [self.table(rows, dim), ids], "emb_out", axis=0)
+    def lookup(self, ids: str, rows: int, dim: int, std: float = 0.05) -> str:
+        return self.node("Gather", [self.table(rows, dim, std), ids], "emb_out", axis=0)
 
     def flatten_keep_batch(self, x: str, inner: int) -> str:
         """Reshape to [batch, inner] with the shape computed from Shape(x), as torch exports x.view(x.size(0), -1)."""
@@ -91,13 +91,14 @@ class _GraphBuilder:
 
 
 def dlrm(tables: int = 4, rows: int = 1000, dim: int = 16, dense: int = 13,
-         bottom: tuple[int, ...] = (64,), top: tuple[int, ...] = (64, 32), seed: int = 0) -> onnx.ModelProto:
-    """DLRM-style: bottom MLP on dense features, one embedding per categorical feature, concat, top MLP, sigmoid."""
+         bottom: tuple[int, ...] = (64,), top: tuple[int, ...] = (64, 32), seed: int = 0, table_std: float = 0.05) -> onnx.ModelProto:
+    """DLRM-style: bottom MLP on dense features, one embedding per categorical feature, concat, top MLP, sigmoid.
+    Table values are drawn from N(0, table_std^2)."""
     g = _GraphBuilder(seed)
     x = g.input("dense", TensorProto.FLOAT, ["batch", dense])
     bottom_out = g.mlp(x, [dense, *bottom, dim], last_activation=True)
     g.dead_branch(bottom_out)
-    embedded = [g.lookup(g.input(f"cat_{i}", TensorProto.INT64, ["batch"]), rows, dim) for i in range(tables)]
+    embedded = [g.lookup(g.input(f"cat_{i}", TensorProto.INT64, ["batch"]), rows, dim, table_std) for i in range(tables)]
     joined = g.node("Concat", [bottom_out, *embedded], axis=1)
     # The first top layer's weight is stored transposed and transposed back at run time: constant folding removes it.
     width = dim * (tables + 1)

@@ -1,0 +1,128 @@
+"""Compressed embedding-table formats: how a float table [rows, dim] is stored, and the standard ONNX
+ops that read a lookup back as float32, so onnxruntime still runs (and checks) the quantized graph.
+
+- int8: row-wise asymmetric, as FBGEMM's fused 8-bit rowwise format: each row's values are uint8
+  codes q with value = q * scale + bias, scale = (max - min) / 255 and bias = min of that row, so the
+  error of a value is at most scale / 2. Codes are a uint8 [rows, dim] table; scale and bias an fp32
+  [rows, 2] table beside it, so a lookup reads its row's codes and one 8-byte pair.
+- int4: the same with 16 levels (scale = (max - min) / 15) and an fp16 scale and bias, as FBGEMM's
+  4-bit format. Two codes share a byte: byte j of a row holds column j in its low nibble and column
+  j + ceil(dim / 2) in its high nibble, so unpacking is a Concat of the two halves (no reshape of a
+  symbolic shape). The error bound is scale / 2 plus the fp16 rounding of scale and bias.
+- fp16: the table as float16; lookups Cast back to float32.
+
+A lookup is `Gather(table, ids)` along axis 0 with any ids shape; its replacement computes the same
+shape [*ids.shape, dim] in float32. TVM fuses the gathers and the dequantizing ops into one kernel.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from reccc.passes.patterns import fresh_name, new_constant, new_node
+
+FORMATS = ("int8", "int4", "fp16")
+FP16_MAX = float(np.finfo(np.float16).max)
+
+
+@dataclass
+class EncodedTable:
+    format: str
+    dim: int
+    arrays: dict[str, np.ndarray]  # role ("codes", "scale_bias", "values") -> stored array
+
+    @property
+    def nbytes(self) -> int:
+        return sum(array.nbytes for array in self.arrays.values())
+
+
+def unsupported_reason(table: np.ndarray, format: str) -> str | None:
+    """Why `table` cannot be stored in `format`, or None."""
+    if table.ndim != 2 or table.shape[1] == 0:
+        return f"shape {list(table.shape)} is not [rows, dim]"
+    if not np.isfinite(table).all():
+        return "it holds NaN or Inf"
+    if format == "fp16" and np.abs(table).max(initial=0) > FP16_MAX:
+        return f"values beyond fp16's range (|x| > {FP16_MAX:g})"
+    if format == "int4" and (np.abs(table).max(initial=0) > FP16_MAX / 2):
+        return "values beyond the range an fp16 scale and bias can describe"
+    return None
+
+
+def encode(table: np.ndarray, format: str) -> EncodedTable:
+    table = table.astype(np.float32, copy=False)
+    if format == "fp16":
+        return EncodedTable(format, table.shape[1], {"values": table.astype(np.float16)})
+    levels = 255 if format == "int8" else 15
+    low, high = table.min(axis=1), table.max(axis=1)
+    scale_type = np.float32 if format == "int8" else np.float16
+    bias = low.astype(scale_type)
+    # A constant row has no range: any scale decodes code 0 to the bias exactly.
+    scale = np.where(high > low, (high - low) / levels, 1.0).astype(scale_type)
+    codes = np.rint((table - bias[:, None].astype(np.float32)) / scale[:, None].astype(np.float32))
+    codes = np.clip(codes, 0, levels).astype(np.uint8)
+    scale_bias = np.stack([scale, bias], axis=1)
+    if format == "int4":
+        codes = _pack_nibbles(codes)
+    return EncodedTable(format, table.shape[1], {"codes": codes, "scale_bias": scale_bias})
+
+
+def decode(encoded: EncodedTable) -> np.ndarray:
+    """The float32 table a lookup of `encoded` reads (what the emitted ops compute, row by row)."""
+    if encoded.format == "fp16":
+        return encoded.arrays["values"].astype(np.float32)
+    codes = encoded.arrays["codes"].astype(np.float32)
+    if encoded.format == "int4":
+        high = np.floor(codes / 16)
+        codes = np.concatenate([codes - high * 16, high], axis=1)[:, : encoded.dim]
+    scale_bias = encoded.arrays["scale_bias"].astype(np.float32)
+    return codes * scale_bias[:, 0:1] + scale_bias[:, 1:2]
+
+
+def _pack_nibbles(codes: np.ndarray) -> np.ndarray:
+    half = -(-codes.shape[1] // 2)
+    low, high = codes[:, :half], codes[:, half:]
+    high = np.pad(high, ((0, 0), (0, half - high.shape[1])))
+    return (low | (high << 4)).astype(np.uint8)
+
+
+def emit_lookup(graph: gs.Graph, encoded: EncodedTable, stored: dict[str, gs.Constant], ids: gs.Tensor, output: gs.Variable, name: str) -> None:
+    """Append ops computing `output` = the float32 rows of the table at `ids`, from its `stored`
+    constants (by role, as in encoded.arrays). `name` prefixes the new nodes."""
+    ops = _Emitter(graph, name)
+    if encoded.format == "fp16":
+        ops.node("Cast", [ops.node("Gather", [stored["values"], ids], axis=0)], output=output, to=onnx.TensorProto.FLOAT)
+        return
+    codes = ops.node("Cast", [ops.node("Gather", [stored["codes"], ids], axis=0)], to=onnx.TensorProto.FLOAT)
+    if encoded.format == "int4":
+        sixteen = ops.constant("sixteen", np.array(16, np.float32))
+        high = ops.node("Floor", [ops.node("Div", [codes, sixteen])])
+        low = ops.node("Sub", [codes, ops.node("Mul", [high, sixteen])])
+        codes = ops.node("Concat", [low, high], axis=-1)
+        if 2 * encoded.arrays["codes"].shape[1] != encoded.dim:
+            codes = ops.slice_last(codes, 0, encoded.dim)
+    scale_bias = ops.node("Gather", [stored["scale_bias"], ids], axis=0)
+    if encoded.format == "int4":
+        scale_bias = ops.node("Cast", [scale_bias], to=onnx.TensorProto.FLOAT)
+    scale, bias = ops.slice_last(scale_bias, 0, 1), ops.slice_last(scale_bias, 1, 2)
+    ops.node("Add", [ops.node("Mul", [codes, scale]), bias], output=output)
+
+
+class _Emitter:
+    def __init__(self, graph: gs.Graph, prefix: str):
+        self.graph, self.prefix = graph, prefix
+
+    def node(self, op: str, inputs: list[gs.Tensor], output: gs.Variable | None = None, **attrs) -> gs.Variable:
+        if output is None:
+            output = gs.Variable(fresh_name(self.graph, f"{self.prefix}__{op.lower()}"))
+        new_node(self.graph, op, f"{self.prefix}__{op.lower()}", inputs, [output], **attrs)
+        return output
+
+    def constant(self, base: str, values: np.ndarray) -> gs.Constant:
+        return new_constant(self.graph, f"{self.prefix}__{base}", values)
+
+    def slice_last(self, tensor: gs.Tensor, start: int, end: int) -> gs.Variable:
+        bounds = [self.constant(role, np.array([value], np.int64)) for role, value in (("start", start), ("end", end), ("axis", -1))]
+        return self.node("Slice", [tensor, *bounds])
