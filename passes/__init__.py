@@ -2,6 +2,11 @@
 
 from reccc.passes import constant_folding, dead_code_elimination  # noqa: F401  (imported to register)
 from reccc.passes import concat_fc_fusion  # noqa: F401  (imported to register)
+from reccc.passes import (  # noqa: F401  (imported to register) import legalization passes
+    explicit_squeeze_axes,
+    resolve_static_ifs,
+    static_shape_operands,
+)
 from reccc.passes import embedding_quantization  # noqa: F401  (imported to register) compression
 from reccc.passes import (  # noqa: F401  (imported to register) pruning passes
     dedupe_initializers,

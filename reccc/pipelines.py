@@ -25,7 +25,22 @@ _CLEANUP = (
 # -O2 adds the rewrites that trade one form for a faster one (and TVM's default schedules).
 _FAST = (*_CLEANUP[:-1], "concat-fc-fusion", "dead-code-elimination")
 
-PIPELINES: dict[int, tuple[str, ...]] = {0: (), 1: _CLEANUP, 2: _FAST, 3: _FAST}
+# Import legalization: rewrites of forms that exporters write and TVM's importer cannot read. They are
+# not optimizations, so they run first at every level, -O0 included (README: Exported-model corpus).
+# Each rewrite gives onnx's shape inference static dims that the others read (what follows a Squeeze
+# without axes or an undecided If has unknown shapes), so squeezes and shape operands run again after
+# If resolution.
+IMPORT_LEGALIZATION = (
+    "explicit-squeeze-axes",
+    "static-shape-operands",
+    "resolve-static-ifs",
+    "explicit-squeeze-axes",
+    "static-shape-operands",
+)
+
+PIPELINES: dict[int, tuple[str, ...]] = {
+    level: (*IMPORT_LEGALIZATION, *passes) for level, passes in {0: (), 1: _CLEANUP, 2: _FAST, 3: _FAST}.items()
+}
 
 # Opt-in lossy passes, by the CompileOptions field that requests them and the parameter it sets.
 LOSSY_PASS_OPTIONS: dict[str, tuple[str, str]] = {

@@ -15,7 +15,7 @@ import reccc
 from reccc.reference import agreement, run_reference
 from reccc.sample_inputs import random_inputs
 from reccc.ir import Model
-from reccc.pipelines import PIPELINES
+from reccc.pipelines import IMPORT_LEGALIZATION, PIPELINES
 
 from conftest import TESTSUITE_MODELS, assert_matches_onnxruntime, model_path
 
@@ -103,13 +103,16 @@ def print_pipeline(reccc_cli):
 
 
 def test_print_pipeline_per_level(print_pipeline):
-    assert print_pipeline("-O0") == []
+    legalization = list(IMPORT_LEGALIZATION)
+    assert print_pipeline("-O0") == legalization
     cleanup = print_pipeline("-O1")
+    assert cleanup[: len(legalization)] == legalization
+    cleanup = cleanup[len(legalization):]
     assert cleanup[0] == "remove-no-ops" and cleanup[-1] == "dead-code-elimination"
     assert cleanup.index("constant-folding") < cleanup.index("fold-transpose-into-gemm") < cleanup.index("prune-dead-neurons")
     assert "concat-fc-fusion" not in cleanup
     fast = print_pipeline("-O2")
-    assert fast == [*cleanup[:-1], "concat-fc-fusion", "dead-code-elimination"]
+    assert fast == [*legalization, *cleanup[:-1], "concat-fc-fusion", "dead-code-elimination"]
     # -O3 adds the lossy default: int8 embedding tables, before the cleanup that follows lossy passes.
     position = fast.index("prune-dead-neurons")
     assert print_pipeline("-O3") == [*fast[:position], "embedding-quantization<format=int8>", *fast[position:]]

@@ -15,6 +15,7 @@ import pytest
 from onnx import numpy_helper
 
 from reccc import golden
+from reccc.pipelines import PIPELINES
 from reccc.reference import run_reference
 
 from conftest import TESTSUITE_MODELS, model_path
@@ -30,7 +31,7 @@ def golden_path(name: str) -> Path:
 def test_every_bundled_model_compiled_for_x86_matches_its_golden_file(reccc_cli, compiled, name):
     result = reccc_cli("golden", "check", compiled(name), "--golden", golden_path(name))
     assert result.code == 0, result.stdout
-    assert "fp32, lossless build (-O2: remove-no-ops, " in result.stdout
+    assert f"fp32, lossless build (-O2: {', '.join(PIPELINES[2])})" in result.stdout
     outputs = [o.name for o in onnx.load(model_path(name)).graph.output]
     assert result.stdout.splitlines()[-1] == f"{len(outputs)} passed, 0 failed"
 
