@@ -4,6 +4,7 @@ from reccc.passes import constant_folding, dead_code_elimination  # noqa: F401  
 from reccc.passes import concat_fc_fusion  # noqa: F401  (imported to register)
 from reccc.passes import (  # noqa: F401  (imported to register) import legalization passes
     explicit_squeeze_axes,
+    reject_baked_dims,
     resolve_static_ifs,
     static_shape_operands,
 )

@@ -31,6 +31,7 @@ _FAST = (*_CLEANUP[:-1], "concat-fc-fusion", "dead-code-elimination")
 # without axes or an undecided If has unknown shapes), so squeezes and shape operands run again after
 # If resolution.
 IMPORT_LEGALIZATION = (
+    "reject-baked-dims",
     "explicit-squeeze-axes",
     "static-shape-operands",
     "resolve-static-ifs",

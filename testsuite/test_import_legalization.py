@@ -208,3 +208,20 @@ def test_legalization_passes_leave_plain_graphs_alone(name):
                                                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])]),
                               opset_imports=[helper.make_opsetid("", OPSET)], ir_version=8)
     assert create_pass(name)(Model.from_onnx(proto)) is False
+
+
+def test_a_split_into_sizes_of_the_traced_batch_names_the_real_batch(tmp_path, reccc_cli):
+    """Reshape(x[batch, 3], [-1]) split into [6, 6]: only batch 4 works."""
+    nodes = [helper.make_node("Reshape", ["x", "flat"], ["f"]), helper.make_node("Split", ["f", "sizes"], ["a", "b"], axis=0),
+             helper.make_node("Add", ["a", "b"], ["y"])]
+    graph = helper.make_graph(nodes, "baked", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [6])],
+                              [numpy_helper.from_array(np.array([-1], np.int64), "flat"),
+                               numpy_helper.from_array(np.array([6, 6], np.int64), "sizes")])
+    path = tmp_path / "baked.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=8), path)
+    result = reccc_cli(path, "-O0", "-o", tmp_path / "baked.so")
+    assert result.code == 2 and result.stderr.count("\n") == 1
+    assert "dim 'batch' is declared symbolic but is really 4" in result.stderr and "--input-shape x=4,3" in result.stderr
+    fixed = reccc_cli(path, "-O0", "--input-shape", "x=4,3", "-o", tmp_path / "baked.so")
+    assert fixed.code == 0, fixed.stderr
