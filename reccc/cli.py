@@ -36,6 +36,7 @@ def _compile_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--target", default="x86",
         help="'x86' (this host's CPU), 'arm' / 'arm:neon' / 'arm:sve' / 'arm:TVM_TAG' (aarch64 Linux, cross-compiled), "
+        "'cuda' (NVIDIA sm_80) / 'cuda:sm_XX' (sm_75, sm_80, sm_86, sm_89, sm_90, sm_100, sm_120; needs nvcc), "
         "or a TVM target as JSON, e.g. '{\"kind\":\"llvm\",\"mcpu\":\"skylake-avx512\"}' (default: x86)",
     )
     parser.add_argument("-O", dest="opt_level", type=int, default=2, choices=range(4), metavar="{0,1,2,3}",

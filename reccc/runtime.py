@@ -35,10 +35,12 @@ class CompiledModel:
         self.path = path
         self.manifest: Manifest = read_manifest(path)
         _check_host_arch(self.manifest, path)
-        self._device = tvm.cpu()
+        self._device = _device_for(self.manifest, path)
         self._vm = VirtualMachine(tvm.runtime.load_module(str(path)), self._device)
         self._main = self._vm["main"]
-        self._view_as_tensor = tvm.runtime.from_dlpack
+        on_cpu = self._device.dlpack_device_type() == tvm.cpu().dlpack_device_type()
+        # On the CPU an input tensor views numpy memory; a GPU gets a copy (outputs come back with .numpy()).
+        self._to_tensor = tvm.runtime.from_dlpack if on_cpu else lambda array: tvm.runtime.tensor(array, self._device)
 
     @property
     def input_names(self) -> list[str]:
@@ -70,7 +72,7 @@ class CompiledModel:
         more than the whole model at small batches.)"""
         if array.ctypes.data % TVM_ALIGNMENT:
             array = _aligned_copy(array)
-        return self._view_as_tensor(array)
+        return self._to_tensor(array)
 
 
 def _check_host_arch(manifest: Manifest, path: Path) -> None:
@@ -81,6 +83,21 @@ def _check_host_arch(manifest: Manifest, path: Path) -> None:
             f"{path}: built for {manifest.target['mtriple']}, and this host is {platform.machine()}: "
             f"run it on an {arch} machine (README: Cross-compilation and deployment)"
         )
+
+
+def _device_for(manifest: Manifest, path: Path):
+    """The device the artifact's kernels run on: a CUDA artifact's on GPU 0 (its target kind says so)."""
+    import tvm
+
+    if manifest.target.get("kind") != "cuda":
+        return tvm.cpu()
+    device = tvm.cuda(0)
+    if not device.exist:
+        raise UsageError(
+            f"{path}: built for CUDA ({manifest.target.get('arch')}) and needs a CUDA GPU with its driver; "
+            "this process sees none"
+        )
+    return device
 
 
 def _aligned_copy(array: np.ndarray) -> np.ndarray:

@@ -98,10 +98,12 @@ def build(
     target: tvm.target.Target,
     opt_level: int,
     schedule: Callable[[tvm.IRModule, tvm.target.Target], tvm.IRModule] | None = None,
+    bind_kernels: Callable[[tvm.IRModule, tvm.target.Target], tvm.IRModule] | None = None,
 ) -> tvm.runtime.Executable:
     """Import and compile. From -O1 on, Relax-level legalization, constant folding (weight transposes
     of Gemm are folded here instead of running every call) and operator fusion run before TVM's build;
-    from -O2 on, the target's default `schedule` rules."""
+    from -O2 on, the target's default `schedule` rules. `bind_kernels` then maps, at every level, the
+    kernels no rule scheduled onto the device's threads (GPU targets need it)."""
     module = to_relax(model)
     try:
         with target:
@@ -110,6 +112,8 @@ def build(
                 module = fuse_operators()(module)
             if opt_level >= 2 and schedule is not None:
                 module = schedule(module, target)
+            if bind_kernels is not None:  # at every level: an unbound GPU kernel would be built as host code
+                module = bind_kernels(module, target)
             pipeline = tvm.transform.Sequential([relax.pipeline.default_build_pipeline(), _sort_shape_function_stores])
             return tvm.compile(module, target=target, relax_pipeline=pipeline)
     except Exception as error:

@@ -65,8 +65,8 @@ def test_tvm_target_as_json(reccc_cli, tmp_path):
     "target, message",
     [
         ("riscv", "unknown target 'riscv' (available: "),
-        ("cuda", "unknown target 'cuda'"),
-        ('{"kind": "cuda"}', "TVM target kind 'cuda' is not supported (supported kinds: llvm)"),
+        ("rocm", "unknown target 'rocm'"),
+        ('{"kind": "rocm"}', "TVM target kind 'rocm' is not supported (supported kinds: cuda, llvm)"),
         ('{"kind": "llvm", "mtriple": "riscv64-linux-gnu"}', "cross-compiling for riscv64 from a x86_64 host is not supported"),
         ('{"kind": "llvm", "mcpu": "no-such-cpu-at-all", "bogus-key": 1}', "TVM rejects"),
         ("{not json", "invalid JSON"),

@@ -1,0 +1,128 @@
+"""reccc's default GPU schedules (-O2 and up): dlight's rules for matmuls, matrix-vector products and
+reductions, reccc's own rule for embedding gathers, and dlight's Fallback for the rest. dlight tries
+the rules in this order on every kernel and keeps the first that applies.
+
+Only Fallback fits a gather: it fuses all output axes and deals them out 1024 threads a block, so a
+batch-1 lookup of a 64-wide row launches 1024 threads for 64 elements, and every element is one
+scalar load. GatherRows gives each thread block a chunk of rows, THREADS_PER_BLOCK threads: up to a
+warp along the embedding dim (threadIdx.x), so a warp reads contiguous table memory, the rest over
+rows (threadIdx.y); each thread loads up to 16 bytes at once. It applies to any kernel that, after
+inlining, is one data-parallel block reading a table at a row loaded from another buffer, with the
+table's last axis as the block's last axis: take, and a gather with its elementwise epilogue (a
+dequantizing gather: cast and scale).
+"""
+
+import math
+
+import tvm
+import tvm_ffi
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+
+THREADS_PER_BLOCK = 256
+WARP = 32
+LOAD_BYTES = 16  # the widest load a CUDA thread issues
+
+
+def _loads(expr) -> list:
+    found = []
+    tvm_ffi.structural_walk(expr, [(tvm.ir.TensorLoad, found.append)])
+    return found
+
+
+def _uses(expr, var: tirx.Var) -> bool:
+    found = []
+    tvm_ffi.structural_walk(expr, [(tirx.Var, lambda each: found.append(each) if each.same_as(var) else None)])
+    return bool(found)
+
+
+def _column_offset(index, axis: tirx.Var) -> int | None:
+    """c where `index` is `axis` + c (a Concat of gathers shifts the columns), else None."""
+    if index.same_as(axis):
+        return 0
+    if isinstance(index, (tirx.Add, tirx.Sub)) and index.a.same_as(axis) and isinstance(index.b, tirx.IntImm):
+        return int(index.b) if isinstance(index, tirx.Add) else -int(index.b)
+    return None
+
+
+def _is_gather(block: s_tir.SBlock) -> bool:
+    """The block loads from a table at a row read from memory, along the block's last axis."""
+    last_axis = block.iter_vars[-1].var
+    for load in _loads(block.body):
+        if len(load.indices) < 2:
+            continue
+        *rows, column = load.indices
+        if _column_offset(column, last_axis) is not None and any(_loads(row) for row in rows):
+            return True
+    return False
+
+
+def _vector_lanes(block: s_tir.SBlock, width: int) -> int:
+    """Elements per load and store: a power of two dividing the row width, at most LOAD_BYTES, and
+    keeping every access along the last axis aligned (CUDA faults on a misaligned vector load): each
+    such buffer's row length and column offset must be multiples of it. Accesses that do not follow
+    the last axis one to one get scalar code."""
+    last_axis = block.iter_vars[-1].var
+    output = block.writes[0].source
+    lanes = max(1, LOAD_BYTES // tvm.DataType(output.dtype).itemsize)
+    for load in _loads(block.body):
+        if not load.indices:
+            continue
+        *rows, column = load.indices
+        offset = _column_offset(column, last_axis)
+        row_length = load.source.shape[-1] if load.source.shape else None
+        if any(_uses(row, last_axis) for row in rows) or (offset is None and _uses(column, last_axis)):
+            return 1
+        if offset is not None:
+            if not isinstance(row_length, tirx.IntImm):
+                return 1
+            lanes = math.gcd(lanes, int(row_length), offset, LOAD_BYTES // tvm.DataType(load.source.dtype).itemsize)
+    return math.gcd(lanes, width)
+
+
+class GatherRows(dlight.ScheduleRule):
+    """One thread block per chunk of rows; threads along the embedding dim, vector loads."""
+
+    def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, _tunable: bool) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc) or "gpu" not in target.keys:
+            return None
+        schedule = s_tir.Schedule(func)
+        blocks = normalize_prim_func(schedule)
+        if blocks is None:
+            return None
+        blocks = dlight.try_inline(schedule, blocks)
+        if len(blocks) != 1 or not blocks[0].is_injective():
+            return None
+        block = blocks[0].block_rv
+        loops = schedule.get_loops(block)
+        width = schedule.get(loops[-1]).extent if loops else None
+        if len(loops) < 2 or not isinstance(width, tirx.IntImm) or not _is_gather(schedule.get(block)):
+            return None
+        lanes = _vector_lanes(schedule.get(block), int(width))
+        vectors = int(width) // lanes
+        threads_x = min(vectors, WARP)
+        rows = schedule.fuse(*loops[:-1])
+        row_chunks, row = schedule.split(rows, factors=[None, max(1, THREADS_PER_BLOCK // threads_x)])
+        if lanes > 1:
+            columns, vector = schedule.split(loops[-1], factors=[None, lanes])
+            schedule.vectorize(vector)
+        else:
+            columns = loops[-1]
+        column_steps, column = schedule.split(columns, factors=[None, threads_x])
+        schedule.reorder(row_chunks, row, column_steps, column)
+        schedule.bind(row_chunks, "blockIdx.x")
+        schedule.bind(row, "threadIdx.y")
+        schedule.bind(column, "threadIdx.x")
+        return schedule
+
+
+def apply_default_schedules(module: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    rules = [dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(), GatherRows(), dlight.gpu.Fallback()]
+    return dlight.ApplyDefaultSchedule(*rules)(module)
+
+
+def bind_unscheduled(module: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Every kernel no rule scheduled (all of them below -O2) gets Fallback's thread binding: a kernel
+    left unbound would be built as host code reading device memory."""
+    return dlight.ApplyDefaultSchedule(dlight.gpu.Fallback())(module)

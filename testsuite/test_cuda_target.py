@@ -1,0 +1,284 @@
+"""The CUDA target: artifacts carry machine code for the requested arch, checked with NVIDIA's cuobjdump.
+
+No GPU is needed to build; running needs one (tools/check_cuda.py compares with onnxruntime there).
+Tests that need nvcc skip without it, except under CI (env CI set), whose machine has it.
+"""
+
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tvm
+import tvm_ffi
+from tvm import te
+
+import reccc
+from reccc.manifest import read_manifest
+from reccc.targets import gpu_schedules
+from reccc.targets.cuda_device_code import find_fatbins
+from conftest import TESTSUITE_MODELS, model_path
+
+ARCHS = ("sm_80", "sm_90")
+
+
+def _missing(what: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is missing on CI, whose machine must have it")
+    pytest.skip(f"{what} is not installed")
+
+
+@pytest.fixture(scope="session")
+def nvcc() -> str:
+    path = shutil.which("nvcc")
+    if path is None:
+        _missing("nvcc (the CUDA toolkit, on PATH)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def cuobjdump() -> Path:
+    """cuobjdump from the PyPI package nvidia-cuda-cuobjdump (reccc's test extra)."""
+    try:
+        files = importlib.metadata.files("nvidia-cuda-cuobjdump") or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    found = [Path(file.locate()) for file in files if file.name == "cuobjdump"]
+    if not found:
+        _missing("cuobjdump (pip package nvidia-cuda-cuobjdump)")
+    return found[0]
+
+
+@pytest.fixture(scope="session")
+def cuda_artifacts(tmp_path_factory, nvcc):
+    """Artifacts compiled once per session (per worker), by target spec and model."""
+    cache: dict[tuple[str, str], Path] = {}
+
+    def get(spec: str, name: str) -> Path:
+        if (spec, name) not in cache:
+            path = tmp_path_factory.mktemp("cuda") / f"{name}.so"
+            reccc.compile(model_path(name), path, target=spec)
+            cache[spec, name] = path
+        return cache[spec, name]
+
+    return get
+
+
+def _objdump(cuobjdump: Path, fatbin: Path, *flags: str) -> str:
+    return subprocess.run([str(cuobjdump), *flags, str(fatbin)], capture_output=True, text=True, check=True).stdout
+
+
+def _launch_table(artifact: Path) -> set[str]:
+    """The kernels the host code launches by name: the function table TVM stores with the CUDA module,
+    where each entry is the name twice (map key and FunctionInfo.name), each as u64 length + bytes."""
+    names = set()
+    for match in re.finditer(rb"(?s)(.{8})([A-Za-z_][A-Za-z0-9_]*)\1\2", artifact.read_bytes()):
+        if struct.unpack("<Q", match.group(1))[0] == len(match.group(2)):
+            names.add(match.group(2).decode())
+    return names
+
+
+def _extract_fatbin(artifact: Path, into: Path) -> Path:
+    fatbins = find_fatbins(artifact.read_bytes())
+    assert len(fatbins) == 1, f"{artifact.name}: {len(fatbins)} fatbins"
+    path = into / f"{artifact.stem}.fatbin"
+    path.write_bytes(fatbins[0].data)
+    return path
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", TESTSUITE_MODELS)
+def test_artifact_carries_machine_code_for_the_arch(reccc_cli, nvcc, cuobjdump, tmp_path, name, arch):
+    artifact = tmp_path / f"{name}.so"
+    result = reccc_cli(model_path(name), f"--target=cuda:{arch}", "-o", artifact)
+    assert (result.code, result.stdout, result.stderr) == (0, "", "")
+    assert read_manifest(artifact).target["arch"] == arch
+
+    fatbin = _extract_fatbin(artifact, tmp_path)
+    assert re.findall(r"ELF file\s+\d+: \S+\.(sm_\d+)\.cubin", _objdump(cuobjdump, fatbin, "-lelf")) == [arch]
+    assert "PTX file" not in _objdump(cuobjdump, fatbin, "-lptx")
+    symbols = _objdump(cuobjdump, fatbin, "-symbols")
+    assert set(re.findall(r"^arch = (\S+)$", symbols, flags=re.MULTILINE)) == {arch}
+    kernels = set(re.findall(r"^FUNC\s+GLOBAL\s+\S+\s+ENTRY\s+(\w+)$", symbols, flags=re.MULTILINE))
+    launched = _launch_table(artifact)
+    assert launched, f"{name}: no kernel table found in the artifact"
+    assert kernels == launched
+
+
+def test_plain_cuda_is_sm_80_and_json_targets_take_any_arch(cuda_artifacts, reccc_cli, nvcc, tmp_path):
+    artifact = cuda_artifacts("cuda", "two_tower")
+    assert read_manifest(artifact).target["arch"] == "sm_80"
+    assert {e.arch for f in find_fatbins(artifact.read_bytes()) for e in f.entries} == {"sm_80"}
+
+    artifact = tmp_path / "two_tower.so"
+    result = reccc_cli(model_path("two_tower"), "--target", json.dumps({"kind": "cuda", "arch": "sm_86"}), "-o", artifact)
+    assert result.code == 0, result.stderr
+    assert read_manifest(artifact).target["kind"] == "cuda"
+    assert {e.arch for f in find_fatbins(artifact.read_bytes()) for e in f.entries} == {"sm_86"}
+
+
+def test_builds_are_reproducible_and_every_level_carries_device_code(cuda_artifacts, reccc_cli, nvcc, tmp_path):
+    again = tmp_path / "again.so"
+    assert reccc_cli(model_path("deepfm"), "--target=cuda:sm_90", "-o", again).code == 0
+    assert again.read_bytes() == cuda_artifacts("cuda:sm_90", "deepfm").read_bytes()
+    for level in ("-O0", "-O1"):
+        artifact = tmp_path / f"deepfm{level}.so"
+        assert reccc_cli(model_path("deepfm"), "--target=cuda:sm_90", level, "-o", artifact).code == 0
+        assert {e.arch for f in find_fatbins(artifact.read_bytes()) for e in f.entries} == {"sm_90"}
+
+
+@pytest.mark.parametrize(
+    "spec, code, message",
+    [
+        ('{"kind": "cuda", "arch": "ampere"}', 2, "CUDA arch must look like sm_80"),
+        ('{"kind": "cuda", "arch": "sm_35"}', 1, "this nvcc cannot compile for sm_35"),
+        ("cuda:sm_81", 2, "unknown target 'cuda:sm_81'"),
+        ('{"kind": "cuda", "host": "llvm"}', 2, "a CUDA target's host must be a JSON object"),
+        ('{"kind": "cuda", "host": {"kind": "llvm", "mtriple": "aarch64-linux-gnu"}}', 2, "host must be this machine's CPU"),
+    ],
+)
+def test_bad_arch_fails_in_one_line_and_writes_nothing(reccc_cli, nvcc, tmp_path, spec, code, message):
+    output = tmp_path / "model.so"
+    result = reccc_cli(model_path("dlrm"), f"--target={spec}", "-o", output)
+    assert result.code == code
+    assert message in result.stderr and result.stderr.count("\n") == 1
+    assert not output.exists()
+
+
+def test_without_nvcc_the_build_fails_in_one_line(reccc_cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    output = tmp_path / "model.so"
+    result = reccc_cli(model_path("dlrm"), "--target=cuda", "-o", output)
+    assert result.code == 1
+    assert result.stderr == "reccc: error: the CUDA target needs nvcc (the CUDA toolkit) on PATH to compile device code\n"
+    assert not output.exists()
+
+
+def _has_driver() -> bool:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(_has_driver(), reason="a CUDA driver is installed: TVM loads its CUDA runtime by itself")
+def test_an_artifact_without_device_code_is_refused(nvcc, tmp_path):
+    """TVM's trap, reproduced: without reccc loading its CUDA runtime, TVM embeds CUDA C source only.
+    The check before writing must catch it: exit 1, one line, an existing output left as it was."""
+    output = tmp_path / "model.so"
+    output.write_bytes(b"previous build")
+    script = (
+        "import sys\n"
+        "from reccc.targets import cuda_toolchain\n"
+        "cuda_toolchain.ensure_cuda_runtime = lambda: None\n"
+        "from reccc.cli import main\n"
+        f"sys.exit(main(['{model_path('two_tower')}', '--target=cuda:sm_90', '-o', '{output}']))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr == "reccc: error: TVM embedded no CUDA device code for sm_90 (no fatbin in the library); nothing written\n"
+    assert output.read_bytes() == b"previous build"
+
+
+@pytest.mark.skipif(tvm.cuda(0).exist, reason="this machine has a CUDA GPU")
+def test_loading_needs_a_gpu(cuda_artifacts):
+    artifact = cuda_artifacts("cuda:sm_90", "wide_and_deep")
+    with pytest.raises(reccc.errors.UsageError, match=rf"^{re.escape(str(artifact))}: built for CUDA \(sm_90\) and needs a CUDA GPU"):
+        reccc.load(artifact)
+
+
+@pytest.mark.skipif(tvm.cuda(0).exist, reason="this machine has a CUDA GPU")
+def test_check_cuda_tool_says_it_needs_a_gpu():
+    tool = Path(__file__).resolve().parent.parent / "tools" / "check_cuda.py"
+    result = subprocess.run([sys.executable, str(tool)], capture_output=True, text=True)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == "check_cuda: this process sees no CUDA GPU (and its driver); run it on a machine with one\n"
+
+
+@pytest.mark.skipif(tvm.cuda(0).exist, reason="this machine has a CUDA GPU")
+def test_o3_without_a_gpu_says_so_and_keeps_the_o2_schedules(reccc_cli, nvcc, tmp_path):
+    output = tmp_path / "model.so"
+    result = reccc_cli(model_path("two_tower"), "--target=cuda:sm_90", "-O3", "-v", "-o", output)
+    assert result.code == 0
+    assert (
+        "reccc: -O3: tuning CUDA kernels needs a GPU, and none is reachable (none on this machine, no --tune-rpc); "
+        "keeping the -O2 schedules\n" in result.stderr
+    )
+    assert {e.arch for f in find_fatbins(output.read_bytes()) for e in f.entries} == {"sm_90"}
+
+
+# The gather rule, on single kernels.
+
+
+def _scheduled(compute) -> tvm.tirx.PrimFunc:
+    module = tvm.IRModule({"main": te.create_prim_func(compute)})
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host={"kind": "llvm"})
+    with target:
+        return gpu_schedules.apply_default_schedules(module, target)["main"]
+
+
+def _loops(function: tvm.tirx.PrimFunc) -> list[tuple[str, int | None]]:
+    """(thread tag, "vectorized" or "serial"; static extent or None) of every loop, outermost first."""
+    loops = []
+
+    def visit(loop):
+        if loop.thread_binding is not None:
+            kind = loop.thread_binding.thread_tag
+        else:
+            kind = "vectorized" if loop.kind == tvm.tirx.ForKind.VECTORIZED else "serial"
+        loops.append((kind, int(loop.extent) if isinstance(loop.extent, tvm.tirx.IntImm) else None))
+
+    tvm_ffi.structural_walk(function.body, [(tvm.tirx.For, visit)], order="pre")
+    return loops
+
+
+def _lookup(table_rows: int, width: int):
+    batch = tvm.tirx.Var("batch", "int64")
+    ids = te.placeholder((batch,), "int64", name="ids")
+    table = te.placeholder((table_rows, width), "float32", name="table")
+    return batch, ids, table
+
+
+def test_gather_rule_gives_row_chunks_threads_along_the_row_and_vector_loads():
+    batch, ids, table = _lookup(100, 64)
+    take = te.compute((batch, 64), lambda i, j: table[ids[i], j], name="take")
+    assert _loops(_scheduled([ids, table, take])) == [
+        ("blockIdx.x", None), ("threadIdx.y", 256 // 16), ("serial", 1), ("threadIdx.x", 16), ("vectorized", 4)
+    ]
+
+
+def test_gather_rule_keeps_misaligned_concat_columns_scalar():
+    """Concat(dense[batch, 13], lookup): a float4 at column 13 of a 13-wide row would be misaligned."""
+    batch, ids, table = _lookup(100, 64)
+    dense = te.placeholder((batch, 13), "float32", name="dense")
+    concat = te.compute(
+        (batch, 77), lambda i, j: tvm.tirx.if_then_else(j < 13, dense[i, j], table[ids[i], j - 13]), name="concat"
+    )
+    loops = _loops(_scheduled([ids, table, dense, concat]))
+    assert loops[:2] == [("blockIdx.x", None), ("threadIdx.y", 256 // 32)]
+    assert ("threadIdx.x", 32) in loops and "vectorized" not in [kind for kind, _ in loops]
+
+
+def test_gather_rule_leaves_other_kernels_to_dlight():
+    batch, ids, table = _lookup(100, 64)
+    scaled = te.compute((100, 64), lambda i, j: table[i, j] * 2.0, name="scaled")
+    assert _loops(_scheduled([table, scaled])) == [("blockIdx.x", 100 * 64 // 1024 + 1), ("threadIdx.x", 1024)]
+
+
+def test_gather_rule_covers_a_dequantizing_gather():
+    batch, ids, _ = _lookup(100, 64)
+    codes = te.placeholder((100, 64), "int8", name="codes")
+    scales = te.placeholder((100,), "float32", name="scales")
+    rows = te.compute((batch, 64), lambda i, j: codes[ids[i], j].astype("float32") * scales[ids[i]], name="dequantized")
+    assert _loops(_scheduled([ids, codes, scales, rows])) == [
+        ("blockIdx.x", None), ("threadIdx.y", 256 // 16), ("serial", 1), ("threadIdx.x", 16), ("vectorized", 4)
+    ]
