@@ -55,7 +55,6 @@ def _compile_parser() -> argparse.ArgumentParser:
                         help="lossy: zero FC weights with |w| < T (magnitude pruning); reports the sparsity reached")
     parser.add_argument("--prune-neurons", type=float, metavar="FRACTION",
                         help="lossy: remove this fraction of each hidden FC layer's neurons, lowest L2 norm first")
-    parser.add_argument("--accuracy-budget", type=float, metavar="ABS",
     parser.add_argument("--embedding-quant", choices=("int8", "int4", "fp16", "none"),
                         help="lossy: store embedding tables of at least --embedding-quant-min-bytes as row-wise int8 or int4 "
                         "(scale and bias per row) or fp16; default: int8 at -O3 (within 1%% of the outputs' scale, else "
@@ -64,6 +63,7 @@ def _compile_parser() -> argparse.ArgumentParser:
                         help="quantize only tables of at least N bytes (default: 1048576)")
     parser.add_argument("--embedding-quant-table", action="append", default=[], metavar="NAME=FORMAT",
                         help="give one table (by initializer name) its own format: int8, int4, fp16 or none (repeatable)")
+    parser.add_argument("--accuracy-budget", type=float, metavar="ABS",
                         help="lossy passes: fail the build (exit 1, nothing written) if any output moves more than ABS "
                         "on the calibration batch; the deviation is always printed")
     parser.add_argument("--calibration", metavar="NPZ",
@@ -173,10 +173,10 @@ def _run_compile(args: argparse.Namespace) -> int:
         verify_each=args.verify_each,
         prune_threshold=args.prune_threshold,
         prune_neurons=args.prune_neurons,
-        accuracy_budget=args.accuracy_budget,
         embedding_quant=args.embedding_quant,
         embedding_quant_min_bytes=args.embedding_quant_min_bytes,
         embedding_quant_tables=_table_formats(args.embedding_quant_table),
+        accuracy_budget=args.accuracy_budget,
         calibration=args.calibration,
         input_shapes=_input_shapes(args.input_shape),
         tune_trials=args.tune_trials,
@@ -205,15 +205,15 @@ def _run_compile(args: argparse.Namespace) -> int:
         print(format_pass_report(result.passes), file=sys.stderr)
     if args.verbose:
         size = result.output.stat().st_size
+        parameters = f"parameters {result.passes[0].bytes_before} -> {result.passes[-1].bytes_after} bytes; " if result.passes else ""
         print(
             f"reccc: passes {result.pass_seconds * 1e3:.1f} ms, lowering {result.lowering_seconds:.2f} s; "
-            f"wrote {result.output} ({size} bytes)",
+            f"{parameters}wrote {result.output} ({size} bytes)",
             file=sys.stderr,
         )
     return 0
 
 
-def _input_shapes(values: list[str]) -> dict[str, list[int]]:
 def _table_formats(values: list[str]) -> dict[str, str]:
     """--embedding-quant-table NAME=FORMAT (repeatable) as {name: format}."""
     formats = {}
@@ -227,6 +227,7 @@ def _table_formats(values: list[str]) -> dict[str, str]:
     return formats
 
 
+def _input_shapes(values: list[str]) -> dict[str, list[int]]:
     """--input-shape NAME=DIM,DIM,... (repeatable) as {name: dims}."""
     shapes = {}
     for value in values:

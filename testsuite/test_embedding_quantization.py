@@ -266,3 +266,19 @@ def test_out_of_range_ids_into_a_quantized_table_raise_naming_the_input(reccc_cl
     feeds["cat_2"][3] = 20000
     with pytest.raises(EmbeddingIndexError, match="input 'cat_2': id 20000 at \\[3\\]"):
         model.run(feeds)
+
+
+@pytest.mark.parametrize("name", ["dlrm", "wide_and_deep", "two_tower", "deepfm"])
+def test_every_bundled_model_with_all_tables_quantized_compiles_to_its_quantized_graph(reccc_cli, tmp_path, name):
+    """All tables, whatever their size (wide_and_deep's dim-1 tables take int4's odd-dim path, deepfm's
+    table feeds a pooling, a product and a flatten at once)."""
+    source = Path(__file__).parent / "models" / f"{name}.onnx"
+    flags = ["--embedding-quant=int4", "--embedding-quant-min-bytes=0"]
+    assert reccc_cli(source, *flags, "--emit=onnx", "-o", tmp_path / "q.onnx").code == 0
+    assert reccc_cli(source, *flags, "-o", tmp_path / "q.so").code == 0
+    quantized = onnx.load(tmp_path / "q.onnx")
+    assert any(t.data_type == TensorProto.UINT8 for t in quantized.graph.initializer)
+    feeds = random_inputs(Model.from_onnx(onnx.load(source)), 9, seed=4)
+    expected = run_reference(quantized, feeds)
+    for output, (error, bound) in agreement(expected, reccc.load(tmp_path / "q.so").run(feeds)).items():
+        assert error <= bound, f"{name} output '{output}': {error} > {bound}"
