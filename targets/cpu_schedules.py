@@ -10,6 +10,9 @@ Rules, each tried on every fused PrimFunc and skipped where its pattern does not
   of the tile inside the kernel (a copy of A), which keeps predicates out of the inner loops.
 - elementwise: the epilogue blocks (bias, activation, and other data-parallel blocks on 2-D
   tensors) run parallel over rows, vectorized over columns.
+- lookup: a kernel that gathers (an embedding lookup with its dequantization and pooling) is
+  inlined into its output block: parallel over rows, vectorized along the row.
+- concatenation: parallel over rows, the columns partitioned at the inputs' boundaries.
 Vector width comes from the target: 16 fp32 lanes with AVX-512, 8 with AVX2, 4 with SSE and NEON; with
 SVE, the vector length the target declares ("vector-width"), else SVE's minimum of 128 bits (4 lanes).
 """

@@ -1,5 +1,5 @@
-"""reccc's default CPU schedules: they apply to the fused matmul kernels at -O2 (parallel, vectorized,
-register-tiled) and leave -O1 alone; numerics are covered by the runtime tests, which run -O2
+"""reccc's default CPU schedules: they apply to the fused matmul, lookup and concatenation kernels at
+-O2 (parallel, vectorized, register-tiled) and leave other kernels alone; numerics are covered by the runtime tests, which run -O2
 artifacts at batch sizes that do and do not divide the tile (1, 7, 64, 2048)."""
 
 import onnx
@@ -7,7 +7,7 @@ import pytest
 import tvm
 from tvm import relax
 
-from reccc.targets import cpu_schedules, relax_lowering
+from reccc.targets import cpu_schedules, operator_fusion, relax_lowering
 from reccc.targets.x86 import host_cpu
 
 from conftest import model_path
@@ -16,7 +16,7 @@ from conftest import model_path
 def _fused_module(name: str) -> tvm.IRModule:
     target = host_cpu().tvm_target()
     with target:
-        return relax.get_pipeline("zero")(relax_lowering.to_relax(onnx.load(model_path(name))))
+        return operator_fusion.fuse_operators()(relax_lowering.to_relax(onnx.load(model_path(name))))
 
 
 @pytest.mark.parametrize("name", ["dlrm", "two_tower"])
@@ -38,9 +38,18 @@ def test_vector_width_follows_the_target():
     assert [cpu_schedules.vector_lanes(t) for t in (avx512, avx2, generic)] == [16, 8, 4]
 
 
-def test_functions_without_a_matmul_are_left_alone():
+def test_lookup_and_concatenation_kernels_are_scheduled_and_others_left_alone():
     module = _fused_module("dlrm")
-    others = {s.name_hint: f for s, f in module.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and "matmul" not in s.name_hint}
+    functions = {s.name_hint: f for s, f in module.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
     scheduled = cpu_schedules.apply_default_schedules(module, host_cpu().tvm_target())
-    for name, function in others.items():
-        assert scheduled[name].same_as(function), name
+    lookups = [name for name in functions if "take" in name]
+    concatenations = [name for name in functions if name.startswith("concatenate")]
+    assert lookups and concatenations
+    for name in lookups:
+        text = scheduled[name].script()
+        assert "T.parallel" in text and "T.vectorized" in text, name
+    for name in concatenations:
+        assert "pragma_loop_partition_hint" in scheduled[name].script(), name
+    for name, function in functions.items():
+        if "matmul" not in name and name not in lookups + concatenations:
+            assert scheduled[name].same_as(function), name
