@@ -142,11 +142,11 @@ from reccc.pass_manager import Pass, register_pass
 @register_pass
 class PretendLossy(Pass):
     name = "pretend-lossy"
-    summary = "changes nothing, but declares itself lossy"
+    summary = "reports a change it does not make, and declares itself lossy"
     lossless = False
 
     def call(self, model):
-        return False
+        return True
 '''
 
 
@@ -158,6 +158,15 @@ def test_artifacts_of_lossy_builds_need_explicit_tolerances(reccc_cli, tmp_path_
     result = reccc_cli("golden", "check", artifact, "--golden", golden_path("dlrm"))
     assert result.code == 2 and "cannot vouch are lossless (pretend-lossy) and no accuracy budget; give --atol" in result.stderr
     assert reccc_cli("golden", "check", artifact, "--golden", golden_path("dlrm"), "--rtol", "1e-4").code == 0
+
+
+def test_O3_artifact_whose_tables_stayed_fp32_is_checked_as_lossless(reccc_cli, tmp_path):
+    """-O3's embedding quantization leaves the bundled model's small tables alone: nothing lossy happened."""
+    artifact = tmp_path / "m.so"
+    flags = ["-O3", "--tune-trials=0", f"--tune-db={tmp_path / 'tune'}"]
+    assert reccc_cli(model_path("dlrm"), *flags, "-o", artifact).code == 0
+    result = reccc_cli("golden", "check", artifact, "--golden", golden_path("dlrm"))
+    assert result.code == 0 and "fp32, lossless build (-O3" in result.stdout
 
 
 _USER_TEST = '''
