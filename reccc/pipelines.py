@@ -32,6 +32,7 @@ _FAST = (*_CLEANUP[:-1], "concat-fc-fusion", "dead-code-elimination")
 # If resolution.
 IMPORT_LEGALIZATION = (
     "reject-baked-dims",
+    "legalize-embedding-bags",
     "explicit-squeeze-axes",
     "static-shape-operands",
     "resolve-static-ifs",
