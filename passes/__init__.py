@@ -9,7 +9,7 @@ from reccc.passes import (  # noqa: F401  (imported to register) import legaliza
     resolve_static_ifs,
     static_shape_operands,
 )
-from reccc.passes import embedding_quantization  # noqa: F401  (imported to register) compression
+from reccc.passes import embedding_quantization, fc_quantization  # noqa: F401  (imported to register) compression
 from reccc.passes import (  # noqa: F401  (imported to register) pruning passes
     dedupe_initializers,
     magnitude_pruning,

@@ -63,6 +63,12 @@ def _compile_parser() -> argparse.ArgumentParser:
                         help="quantize only tables of at least N bytes (default: 1048576)")
     parser.add_argument("--embedding-quant-table", action="append", default=[], metavar="NAME=FORMAT",
                         help="give one table (by initializer name) its own format: int8, int4, fp16 or none (repeatable)")
+    parser.add_argument("--fc-precision", choices=("fp32", "bf16", "int8"),
+                        help="lossy: run FC layers (Gemm/MatMul of a constant weight, 8 units or more) in int8 (per-unit "
+                        "weight scales, per-row dynamic activation scales, int32 accumulation) or bf16 (fp32 accumulation); "
+                        "default: fp32")
+    parser.add_argument("--fc-precision-layer", action="append", default=[], metavar="NODE=PRECISION",
+                        help="give one FC layer (by Gemm/MatMul node name) its own precision: int8, bf16 or fp32 (repeatable)")
     parser.add_argument("--accuracy-budget", type=float, metavar="ABS",
                         help="lossy passes: fail the build (exit 1, nothing written) if any output moves more than ABS "
                         "on the calibration batch; the deviation is always printed")
@@ -176,6 +182,8 @@ def _run_compile(args: argparse.Namespace) -> int:
         embedding_quant=args.embedding_quant,
         embedding_quant_min_bytes=args.embedding_quant_min_bytes,
         embedding_quant_tables=_table_formats(args.embedding_quant_table),
+        fc_precision=args.fc_precision,
+        fc_precision_layers=_named_choices("--fc-precision-layer", args.fc_precision_layer, ("int8", "bf16", "fp32"), "layer"),
         accuracy_budget=args.accuracy_budget,
         calibration=args.calibration,
         input_shapes=_input_shapes(args.input_shape),
@@ -225,6 +233,19 @@ def _table_formats(values: list[str]) -> dict[str, str]:
             raise UsageError(f"--embedding-quant-table {value}: table '{name}' is given twice")
         formats[name] = format
     return formats
+
+
+def _named_choices(flag: str, values: list[str], choices: tuple[str, ...], what: str) -> dict[str, str]:
+    """A repeatable NAME=CHOICE flag as {name: choice}."""
+    chosen = {}
+    for value in values:
+        name, _, choice = value.rpartition("=")
+        if not name or choice not in choices:
+            raise UsageError(f"{flag} {value}: expected NAME=PRECISION with PRECISION one of {', '.join(choices)}")
+        if name in chosen:
+            raise UsageError(f"{flag} {value}: {what} '{name}' is given twice")
+        chosen[name] = choice
+    return chosen
 
 
 def _input_shapes(values: list[str]) -> dict[str, list[int]]:

@@ -27,7 +27,9 @@ from reccc.native_output import silenced_output
 from reccc.pass_manager import PassManager, PassRecord, create_pass, registered_passes
 from reccc.pipelines import (
     DEFAULT_EMBEDDING_FORMAT,
+    DEFAULT_FC_PRECISION,
     EMBEDDING_QUANTIZATION,
+    FC_QUANTIZATION,
     LOSSY_PASS_OPTIONS,
     PipelineStep,
     pipeline_for,
@@ -41,6 +43,8 @@ EMIT_KINDS = ("library", "onnx")
 # The accuracy budget of -O3's default embedding quantization, as a fraction of the outputs' scale
 # (max(1, max |output|)): for a probability, 0.01.
 DEFAULT_BUDGET_FRACTION = 1e-2
+# What each default quantization stores, and the flag that chooses it, for the message when it is dropped.
+_DEFAULT_FALLBACK = {EMBEDDING_QUANTIZATION: ("embedding tables", "--embedding-quant"), FC_QUANTIZATION: ("FC layers", "--fc-precision")}
 # -O3's default tuning budget: whichever ends first. About 10 minutes on 2 cores for a DLRM-style model.
 DEFAULT_TUNE_TRIALS = 256
 DEFAULT_TUNE_SECONDS = 600.0
@@ -65,6 +69,10 @@ class CompileOptions:
     embedding_quant: str | None = None
     embedding_quant_min_bytes: int | None = None
     embedding_quant_tables: Mapping[str, str] = field(default_factory=dict)
+    # FC layer precision: fp32, bf16 or int8; None means the level's default (DEFAULT_FC_PRECISION, under
+    # the same default budget). `fc_precision_layers` gives single layers (by node name) their own.
+    fc_precision: str | None = None
+    fc_precision_layers: Mapping[str, str] = field(default_factory=dict)
     accuracy_budget: float | None = None
     calibration: str | None = None  # .npz of inputs; default: generated valid rows
     input_shapes: Mapping[str, Sequence[int]] = field(default_factory=dict)  # input name -> static shape
@@ -97,6 +105,9 @@ def pipeline(options: CompileOptions) -> list[PipelineStep]:
     quantization = _embedding_quantization(options)
     if quantization is not None:
         lossy.append(quantization)
+    fc = _fc_quantization(options)
+    if fc is not None:
+        lossy.append(fc)
     steps = pipeline_for(options.opt_level, options.passes, options.disabled_passes, lossy)
     for step in steps:
         create_pass(step.name, **step.params)
@@ -120,8 +131,24 @@ def _embedding_quantization(options: CompileOptions) -> PipelineStep | None:
     return PipelineStep(EMBEDDING_QUANTIZATION, params)
 
 
+def _fc_quantization(options: CompileOptions) -> PipelineStep | None:
+    """The fc-quantization step the options ask for (or the level's default), if any."""
+    chosen = options.fc_precision
+    precision = chosen if chosen is not None else (None if options.passes is not None else DEFAULT_FC_PRECISION[options.opt_level])
+    if precision is None or (precision == "fp32" and not options.fc_precision_layers):
+        return None
+    params = {"precision": precision}
+    if options.fc_precision_layers:
+        params["layers"] = dict(options.fc_precision_layers)
+    return PipelineStep(FC_QUANTIZATION, params)
+
+
 def _is_default_quantization(options: CompileOptions, step: PipelineStep) -> bool:
-    return step.name == EMBEDDING_QUANTIZATION and options.embedding_quant is None
+    """A lossy step the level chose, not the user: it runs under the default budget and is dropped
+    (not failed) when it exceeds it."""
+    return (step.name == EMBEDDING_QUANTIZATION and options.embedding_quant is None) or (
+        step.name == FC_QUANTIZATION and options.fc_precision is None and not options.fc_precision_layers
+    )
 
 
 def _lossy_change(records: list[PassRecord]) -> bool:
@@ -160,14 +187,22 @@ def compile_model(
             budget = DEFAULT_BUDGET_FRACTION * max(output_scale(values) for values in calibration.outputs.values())
         accuracy = measure(calibration, description, model.to_onnx(), budget)
         print(f"reccc: {accuracy.summary()}", file=log)
-        if accuracy.exceeded and options.accuracy_budget is None:
-            # Only -O3's default quantization runs under a budget the user did not set: drop it rather than fail.
-            print(f"reccc: -O{options.opt_level}: embedding tables kept fp32: quantizing them exceeds the default budget "
-                  "(choose with --embedding-quant and --accuracy-budget)", file=log)
-            steps = [step for step in steps if step not in defaulted]
+        # Only -O3's default quantizations run under a budget the user did not set: drop them rather than
+        # fail, the last one first (FC layers, then embedding tables), until the rest fits; what is left
+        # is then measured without a budget (the user chose it).
+        while accuracy.exceeded and options.accuracy_budget is None and defaulted:
+            dropped = defaulted.pop()
+            what, flag = _DEFAULT_FALLBACK[dropped.name]
+            print(f"reccc: -O{options.opt_level}: {what} kept fp32: quantizing them exceeds the default budget "
+                  f"(choose with {flag} and --accuracy-budget)", file=log)
+            steps = [step for step in steps if step != dropped]
             model, records, pass_seconds = _optimize(source, str(model_path), steps, options, log)
-            accuracy = measure(calibration, description, model.to_onnx(), None) if _lossy_change(records) else None
-        elif accuracy.exceeded:
+            if not _lossy_change(records):
+                accuracy = None
+                break
+            accuracy = measure(calibration, description, model.to_onnx(), budget if defaulted else None)
+            print(f"reccc: {accuracy.summary()}", file=log)
+        if accuracy is not None and accuracy.exceeded:
             raise CompileError(
                 f"accuracy budget exceeded: max output deviation {accuracy.max_deviation:.3g} > {budget:g}; nothing written"
             )

@@ -73,6 +73,10 @@ def _param_text(value) -> str:
 EMBEDDING_QUANTIZATION = "embedding-quantization"
 # The embedding-table format each level uses when the user does not choose one.
 DEFAULT_EMBEDDING_FORMAT: dict[int, str | None] = {0: None, 1: None, 2: None, 3: "int8"}
+FC_QUANTIZATION = "fc-quantization"
+# The FC layer precision each level uses when the user does not choose one (None: fp32, no pass). Not
+# int8 at -O3 yet: reccc's int8 kernels are still slower than its fp32 ones (README: Mixed-precision FC layers).
+DEFAULT_FC_PRECISION: dict[int, str | None] = {0: None, 1: None, 2: None, 3: None}
 
 
 def pipeline_for(opt_level: int, explicit: list[str] | None, disabled: list[str], lossy: list[PipelineStep]) -> list[PipelineStep]:

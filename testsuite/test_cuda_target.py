@@ -18,6 +18,7 @@ import pytest
 import tvm
 import tvm_ffi
 from tvm import te
+from tvm.s_tir import dlight
 
 import reccc
 from reccc.manifest import read_manifest
@@ -282,3 +283,19 @@ def test_gather_rule_covers_a_dequantizing_gather():
     assert _loops(_scheduled([ids, codes, scales, rows])) == [
         ("blockIdx.x", None), ("threadIdx.y", 256 // 16), ("serial", 1), ("threadIdx.x", 16), ("vectorized", 4)
     ]
+
+
+def test_a_dlight_rule_that_fails_on_a_pooled_gather_declines_instead_of_ending_the_build():
+    """Sum pooling of lookups (an EmbeddingBag; the id fix-up's Select makes the row read a range):
+    dlight's GEMV asserts on it. The kernel must still get a thread binding."""
+    batch, _, table = _lookup(300, 1)
+    ids = te.placeholder((batch, 5), "int64", name="ids")
+    fixed = te.compute((batch, 5), lambda i, f: tvm.tirx.Select(ids[i, f] < 0, ids[i, f] + 300, ids[i, f]), name="fixed")
+    rows = te.compute((batch, 5, 1), lambda i, f, j: table[fixed[i, f], j], name="take")
+    fields, column = te.reduce_axis((0, 5), "fields"), te.reduce_axis((0, 1), "column")
+    pooled = te.compute((batch,), lambda i: te.sum(rows[i, fields, column], axis=[fields, column]), name="pooled")
+    module = tvm.IRModule({"main": te.create_prim_func([ids, table, pooled])})
+    with tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host={"kind": "llvm"}):
+        with pytest.raises(AssertionError):
+            dlight.ApplyDefaultSchedule(dlight.gpu.GEMV())(module)
+    assert _loops(_scheduled([ids, table, pooled]))[:2] == [("blockIdx.x", None), ("threadIdx.x", 1024)]
