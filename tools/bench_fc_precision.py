@@ -1,0 +1,111 @@
+"""Benchmark mixed-precision FC layers: latency and output deviation of reccc's fp32, int8 and bf16 FC
+layers against onnxruntime's fp32 run and onnxruntime's own int8 (quantize_dynamic), on a DLRM-style
+model (issue 7's anchor: 6 tables of dim 64, MLPs 13-128-64-64 and 448-256-64-1) and a DeepFM-style one.
+
+    python tools/bench_fc_precision.py                         # batches 64 and 2048, -O2
+    python tools/bench_fc_precision.py --batches 64 --repeats 30 --models dlrm
+
+All variants run in one process on the same inputs; one round runs each variant once, rounds are
+repeated (interleaved, so load on a shared machine hits every variant alike) and the median is
+reported. onnxruntime runs with as many intra-op threads as the machine has cores, reccc's artifacts
+with TVM's default (one per core). Deviation: max abs difference of the sigmoid output from the fp32
+model in onnxruntime, on the batch. Results go to bench-results/fc_precision.json.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnxruntime.quantization import QuantType, quantize_dynamic
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT / "tools"))
+
+import testmodels  # noqa: E402
+
+import reccc  # noqa: E402
+from reccc.ir import Model  # noqa: E402
+from reccc.sample_inputs import random_inputs  # noqa: E402
+
+MODELS = {
+    "dlrm": lambda: testmodels.dlrm(tables=6, rows=10000, dim=64, dense=13, bottom=(128, 64), top=(256, 64)),
+    "deepfm": lambda: testmodels.deepfm(fields=26, rows=10000, dim=16),
+}
+PRECISIONS = ("fp32", "int8", "bf16")
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = os.cpu_count() or 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _median_ms(runs: dict, feeds: dict, repeats: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for run in runs.values():  # warm-up
+        run(feeds)
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run(feeds)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def bench_model(name: str, work: Path, batches: list[int], repeats: int, opt_level: int) -> dict:
+    source = work / f"{name}.onnx"
+    onnx.save(MODELS[name](), source)
+    quantized_by_ort = work / f"{name}.ort_int8.onnx"
+    quantize_dynamic(str(source), str(quantized_by_ort), weight_type=QuantType.QInt8, op_types_to_quantize=["Gemm", "MatMul"])
+    artifacts = {}
+    for precision in PRECISIONS:
+        library = work / f"{name}.{precision}.so"
+        reccc.compile(source, library, opt_level=opt_level, fc_precision=precision)
+        artifacts[precision] = reccc.load(library)
+    sessions = {"onnxruntime fp32": _session(source), "onnxruntime quantize_dynamic": _session(quantized_by_ort)}
+    runs = {label: (lambda feeds, s=session: s.run(None, feeds)[0]) for label, session in sessions.items()}
+    output = onnx.load(source).graph.output[0].name
+    runs.update({f"reccc {precision}": (lambda feeds, a=artifact: np.asarray(a.run(feeds)[output])) for precision, artifact in artifacts.items()})
+    model = Model.from_onnx(onnx.load(source))
+    results = {}
+    for batch in batches:
+        feeds = random_inputs(model, batch, seed=batch)
+        reference = runs["onnxruntime fp32"](feeds)
+        deviation = {label: float(np.abs(run(feeds) - reference).max()) for label, run in runs.items()}
+        latency = _median_ms(runs, feeds, repeats)
+        results[batch] = {label: {"ms": latency[label], "vs_ort_fp32": latency[label] / latency["onnxruntime fp32"],
+                                  "max_abs_deviation": deviation[label]} for label in runs}
+        print(f"{name} batch {batch}:")
+        for label, row in results[batch].items():
+            print(f"  {label:30s} {row['ms']:9.3f} ms  {row['vs_ort_fp32']:5.2f}x ort fp32  deviation {row['max_abs_deviation']:.2e}")
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
+    parser.add_argument("--batches", default="64,2048")
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("-O", dest="opt_level", type=int, default=2, help="reccc's optimization level (default 2)")
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    with tempfile.TemporaryDirectory(prefix="bench-fc-") as scratch:
+        results = {name: bench_model(name, Path(scratch), batches, args.repeats, args.opt_level) for name in args.models.split(",")}
+    out = REPO_ROOT / "bench-results" / "fc_precision.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                               "opt_level": args.opt_level, "repeats": args.repeats, "results": results}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
