@@ -7,6 +7,7 @@ unread are removed, unread initializers drop out of the graph. Constants that ar
 outputs, or are read inside a subgraph, keep their identity. Exact: every reader reads the same values.
 """
 
+import collections
 import hashlib
 
 import numpy as np
@@ -38,6 +39,7 @@ class DedupeInitializers(Pass):
         protected = {t.name for t in [*graph.inputs, *graph.outputs]} | _subgraph_names(graph)
         groups: dict[tuple, list[tuple[gs.Tensor, np.ndarray]]] = {}
         seen = set()
+        constants: list[tuple[gs.Tensor, np.ndarray]] = []
         for node in graph.nodes:
             candidates = list(node.inputs) + (list(node.outputs) if node.op == "Constant" else [])
             for tensor in candidates:
@@ -45,15 +47,20 @@ class DedupeInitializers(Pass):
                     continue
                 seen.add(id(tensor))
                 values = constant_value(tensor)
-                if values is None or values.dtype.kind in "OSUV":
-                    continue
-                data = np.ascontiguousarray(values).tobytes()
-                key = (values.dtype.str, values.shape, hashlib.blake2b(data, digest_size=16).digest())
-                bucket = groups.setdefault(key, [])
-                if not any(np.ascontiguousarray(other).tobytes() == data for _, other in bucket[:1]):
-                    if bucket:  # a digest collision: leave it alone
-                        continue
-                bucket.append((tensor, values))
+                if values is not None and values.dtype.kind not in "OSUV":
+                    constants.append((tensor, values))
+        # Only constants of the same dtype and shape can be equal: a table of its own shape (the usual
+        # embedding table, memory-mapped from its file) is never read.
+        kinds = collections.Counter((values.dtype.str, values.shape) for _, values in constants)
+        for tensor, values in constants:
+            if kinds[values.dtype.str, values.shape] < 2:
+                continue
+            data = _bytes_view(values)
+            key = (values.dtype.str, values.shape, hashlib.blake2b(data, digest_size=16).digest())
+            bucket = groups.setdefault(key, [])
+            if bucket and not _same_bytes(_bytes_view(bucket[0][1]), data):
+                continue  # a digest collision: leave it alone
+            bucket.append((tensor, values))
         merged, saved, kept = 0, 0, 0
         for bucket in groups.values():
             if len(bucket) < 2:
@@ -73,3 +80,15 @@ class DedupeInitializers(Pass):
         if merged:
             graph.toposort()
         return bool(merged)
+
+
+def _bytes_view(values: np.ndarray) -> memoryview:
+    """The array's bytes without copying them (a copy only of a non-contiguous array)."""
+    return memoryview(np.ascontiguousarray(values).reshape(-1).view(np.uint8))
+
+
+def _same_bytes(first: memoryview, second: memoryview, chunk: int = 1 << 24) -> bool:
+    """Bit equality, compared a chunk at a time so that no copy of a whole table is made."""
+    return len(first) == len(second) and all(
+        first[start : start + chunk].tobytes() == second[start : start + chunk].tobytes() for start in range(0, len(first), chunk)
+    )

@@ -45,6 +45,10 @@ def _compile_parser() -> argparse.ArgumentParser:
     parser.add_argument("--disable-pass", action="append", default=[], metavar="NAME", help="drop a pass from the pipeline (repeatable)")
     parser.add_argument("--emit", choices=("library", "onnx"), default="library",
                         help="'library': a shared library for reccc.load (default); 'onnx': the optimized graph as ONNX")
+    parser.add_argument("--weights", choices=("embed", "external"), default="embed",
+                        help="'embed': every weight inside the library (default; models up to 2 GiB); 'external': "
+                        "constants of 1 MiB or more in OUTPUT.weights beside the library, memory-mapped by reccc.load "
+                        "(models past 2 GiB need it; keep both files together)")
     parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=DIM,...",
                         help="fix an input's symbolic dims, e.g. dense=64,13 (repeatable)")
     parser.add_argument("--index-check", choices=("error", "clamp"), default="error",
@@ -175,6 +179,7 @@ def _run_compile(args: argparse.Namespace) -> int:
         disabled_passes=args.disable_pass,
         emit=args.emit,
         index_check=args.index_check,
+        weights=args.weights,
         print_after=args.print_after,
         verify_each=args.verify_each,
         prune_threshold=args.prune_threshold,

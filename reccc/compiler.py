@@ -19,6 +19,7 @@ from reccc import __version__
 from reccc.atomic_file import atomic_output, check_writable
 from reccc.accuracy_guard import AccuracyReport, calibration_reference, measure
 from reccc.errors import CompileError, UsageError
+from reccc.external_data import inlined
 from reccc.index_guard import FLAGS_OUTPUT, INDEX_CHECK_MODES, guard_embedding_indices
 from reccc.ir import Model
 from reccc.manifest import Manifest, TensorSpec, write_manifest_source
@@ -38,6 +39,7 @@ from reccc.plugins import PASS_GROUP, load_entry_points
 from reccc.reference import ReferenceOutputs, output_scale
 from reccc.sample_inputs import random_inputs
 from reccc.target import TuningOptions, resolve_target
+from reccc.weights_file import WEIGHTS_MODES, split_weights, weights_path, write_weights
 
 EMIT_KINDS = ("library", "onnx")
 # The accuracy budget of -O3's default embedding quantization, as a fraction of the outputs' scale
@@ -83,6 +85,9 @@ class CompileOptions:
     tune_rpc: str | None = None  # HOST:PORT of a TVM RPC tracker
     device_key: str | None = None
     tune_progress: bool = False  # show the updating progress line on stderr
+    # "embed": every weight in the library; "external": constants of at least 1 MiB in a file beside it
+    # (reccc.weights_file), which models past 2 GiB need.
+    weights: str = "embed"
 
 
 @dataclass
@@ -169,6 +174,10 @@ def compile_model(
         raise UsageError(f"--emit: must be one of {', '.join(EMIT_KINDS)}, not '{options.emit}'")
     if options.index_check not in INDEX_CHECK_MODES:
         raise UsageError(f"--index-check: must be one of {', '.join(INDEX_CHECK_MODES)}, not '{options.index_check}'")
+    if options.weights not in WEIGHTS_MODES:
+        raise UsageError(f"--weights: must be one of {', '.join(WEIGHTS_MODES)}, not '{options.weights}'")
+    if options.weights != "embed" and options.emit != "library":
+        raise UsageError("--weights=external: only a library output has a weights file (the ONNX output keeps its weights)")
     if options.accuracy_budget is not None and not options.accuracy_budget >= 0:
         raise UsageError(f"--accuracy-budget: must be a non-negative number, not {options.accuracy_budget}")
     steps = pipeline(options)
@@ -209,14 +218,17 @@ def compile_model(
 
     start = time.perf_counter()
     if options.emit == "onnx":
-        write_model(model.to_onnx(), output)
+        write_model(inlined(model.to_onnx(), f"{model_path}: --emit=onnx"), output)
         return CompileResult(Path(output), records, pass_seconds, 0.0, accuracy)
 
     manifest_inputs, manifest_outputs = _interface(model)
     guards = guard_embedding_indices(model, options.index_check)
     with _progress_stream(options.tune_progress and tuning is not None) as progress, silenced_output(enabled=not show_tvm_log):
         tuning = dataclasses.replace(tuning, progress=progress) if tuning is not None else None
-        executable = target.compile(model.to_onnx(), options.opt_level, tuning)
+        lowered, weights = split_weights(model.to_onnx()) if options.weights == "external" else (model.to_onnx(), [])
+        remedy = "; build with --weights=external" if options.weights == "embed" else ""
+        lowered = inlined(lowered, f"{model_path}: --weights={options.weights}", remedy)
+        executable = target.compile(lowered, options.opt_level, tuning)
     manifest = Manifest(
         reccc_version=__version__,
         target=target.description(),
@@ -229,10 +241,16 @@ def compile_model(
         index_flags_output=FLAGS_OUTPUT if guards else None,
         accuracy=None if accuracy is None else accuracy.as_manifest_entry(),
     )
-    with tempfile.TemporaryDirectory(prefix="reccc-") as scratch, atomic_output(output) as temporary, silenced_output(
-        enabled=not show_tvm_log
-    ):
-        target.export(executable, temporary, [write_manifest_source(manifest, Path(scratch))])
+    # With --weights=external both files are written, or neither: the library's temporary file is renamed
+    # last, and a library always names the weights it was built with (a stale pair is refused at load).
+    with contextlib.ExitStack() as outputs:
+        temporary = outputs.enter_context(atomic_output(output))
+        if options.weights == "external":
+            weights_file = weights_path(Path(output))
+            manifest = dataclasses.replace(manifest, weights=write_weights(weights, outputs.enter_context(atomic_output(weights_file)), weights_file.name))
+        scratch = outputs.enter_context(tempfile.TemporaryDirectory(prefix="reccc-"))
+        with silenced_output(enabled=not show_tvm_log):
+            target.export(executable, temporary, [write_manifest_source(manifest, Path(scratch))])
     return CompileResult(Path(output), records, pass_seconds, time.perf_counter() - start, accuracy)
 
 

@@ -11,8 +11,10 @@ import networkx as nx
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from reccc.errors import CompileError, UsageError, one_line
+from reccc.external_data import MappedValues, is_mapped
 from reccc.shape_inference import inferred
 
 # Opsets of the default ONNX domain that both TVM's Relax importer and onnxruntime handle.
@@ -25,6 +27,7 @@ class Model:
     def __init__(self, graph: gs.Graph, source: str = "<model>"):
         self.graph = graph
         self.source = source
+        self._mapped: list[MappedValues] = []  # the tensors left in their files (reccc.external_data)
 
     @classmethod
     def from_onnx(cls, proto: onnx.ModelProto, source: str = "<model>") -> "Model":
@@ -35,6 +38,10 @@ class Model:
                 f"{SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1})"
             )
         model = cls(gs.import_onnx(inferred(proto, source)), source)
+        for constant in model.initializers().values():
+            if isinstance(constant._values, LazyValues) and is_mapped(constant._values.tensor):
+                constant._values = MappedValues(constant._values.tensor)
+                model._mapped.append(constant._values)
         model._name_nodes_uniquely()
         return model
 
@@ -42,9 +49,20 @@ class Model:
         """Export as a ModelProto with shapes re-inferred; raises UsageError if the graph is invalid."""
         self.graph.toposort()
         try:
-            return inferred(gs.export_onnx(self.graph), self.source)
+            return inferred(self._export(), self.source)
         except UsageError as error:  # the input was valid, so a broken graph now is a compiler bug
             raise CompileError(str(error)) from error
+
+    def _export(self) -> onnx.ModelProto:
+        """graphsurgeon's export, with each mapped table still a reference to its file: a constant that
+        still holds the read-only map of its file is unchanged, so it gets its MappedValues back, which
+        graphsurgeon exports as the original TensorProto instead of copying the values into the model
+        (passes that change a table make a new array)."""
+        by_array = {id(values.loaded): values for values in self._mapped if values.loaded is not None}
+        for constant in self.initializers().values():
+            if id(constant._values) in by_array:
+                constant._values = by_array[id(constant._values)]
+        return gs.export_onnx(self.graph)
 
     def set_input_shapes(self, shapes: Mapping[str, Sequence[int]]) -> None:
         """Give the named graph inputs these shapes, and other inputs the same size for each symbolic dim
@@ -58,7 +76,8 @@ class Model:
                 tensor.shape = list(shapes[tensor.name])
             elif tensor.shape is not None:
                 tensor.shape = [sizes.get(dim, dim) if isinstance(dim, str) else dim for dim in tensor.shape]
-        self.graph = Model.from_onnx(gs.export_onnx(self.graph), self.source).graph
+        reimported = Model.from_onnx(self._export(), self.source)
+        self.graph, self._mapped = reimported.graph, reimported._mapped
 
     @property
     def opset(self) -> int:

@@ -45,6 +45,9 @@ class Manifest:
     index_guards: list[IndexGuard] = field(default_factory=list)
     index_flags_output: str | None = None  # int32 vector, one entry per guard, positive if its ids were out of range
     accuracy: dict | None = None  # lossy builds: the accuracy guard's budget and measured deviation
+    # --weights=external: the weights file beside the library (reccc.weights_file.write_weights's entry:
+    # file name, size, sha256, and each tensor's name, dtype, shape and offset, in main's parameter order)
+    weights: dict | None = None
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:

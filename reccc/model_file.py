@@ -8,15 +8,15 @@ import onnx
 
 from reccc.atomic_file import atomic_output
 from reccc.errors import UsageError, one_line
+from reccc.external_data import read_small_external_data
 from reccc.tensor_data import check_tensor_data
-
-# protobuf cannot serialize a larger message, and shape inference and export need to.
-MAX_MODEL_BYTES = (1 << 31) - 1
 
 
 def read_model(path: str | os.PathLike) -> onnx.ModelProto:
     """Parse and check an ONNX file; raise UsageError naming the file on any problem. External data is
-    read only after every tensor's size and data location have been checked."""
+    read only after every tensor's size and data location have been checked, and large external tensors
+    are not read at all: they stay in their files, memory-mapped where their values are needed
+    (reccc.external_data), so a model may be larger than protobuf's 2 GiB."""
     file = Path(path)
     if not file.exists():
         raise UsageError(f"{file}: no such file")
@@ -32,12 +32,13 @@ def read_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise UsageError(f"{file}: not a valid ONNX model (no graph)")
     _check_utf8(model, file)
     check_tensor_data(model, file)
-    _load_external_data(model, file)
     _check_acyclic(model.graph, file)
     try:
-        onnx.checker.check_model(model)
+        # By path: the checker resolves external data locations from the model's folder, not the working one.
+        onnx.checker.check_model(str(file))
     except onnx.checker.ValidationError as error:
         raise UsageError(f"{file}: invalid ONNX model: {one_line(error)}") from error
+    _read_external_data(model, file)
     return model
 
 
@@ -47,14 +48,11 @@ def write_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
         onnx.save(model, str(temporary))
 
 
-def _load_external_data(model: onnx.ModelProto, file: Path) -> None:
-    """Read external data as onnx.load does, from the model's folder (onnx checks the locations again)."""
+def _read_external_data(model: onnx.ModelProto, file: Path) -> None:
     try:
-        onnx.external_data_helper.load_external_data_for_model(model, str(file.parent))
-    except (OSError, ValueError, onnx.checker.ValidationError) as error:
+        read_small_external_data(model, str(file.parent))
+    except OSError as error:
         raise UsageError(f"{file}: cannot read external data: {one_line(error)}") from error
-    if model.ByteSize() > MAX_MODEL_BYTES:
-        raise UsageError(f"{file}: with its external data the model is over 2 GiB, more than reccc handles")
 
 
 def _check_utf8(message, file: Path) -> None:

@@ -4,6 +4,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from reccc.external_data import inlined
+
 # fp32 agreement: max |compiled - reference| <= FP32_TOLERANCE * max(1, max |reference|).
 FP32_TOLERANCE = 1e-5
 
@@ -15,7 +17,8 @@ def reference_session(model: onnx.ModelProto) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    data = inlined(model, "running the model in onnxruntime (the reference)").SerializeToString()
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
 def run_reference(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

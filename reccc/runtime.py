@@ -13,6 +13,7 @@ import numpy as np
 
 from reccc.errors import EmbeddingIndexError, ModelInputError, UsageError
 from reccc.manifest import IndexGuard, Manifest, TensorSpec, read_manifest
+from reccc.weights_file import map_weights
 
 
 # TVM takes a numpy array without a copy only at this alignment of its data.
@@ -41,6 +42,9 @@ class CompiledModel:
         on_cpu = self._device.dlpack_device_type() == tvm.cpu().dlpack_device_type()
         # On the CPU an input tensor views numpy memory; a GPU gets a copy (outputs come back with .numpy()).
         self._to_tensor = tvm.runtime.from_dlpack if on_cpu else lambda array: tvm.runtime.tensor(array, self._device)
+        # --weights=external: main's parameters after the inputs, views of the mapped weights file.
+        weights = map_weights(path, self.manifest.weights) if self.manifest.weights is not None else []
+        self._weights = [self._as_tensor(array) for array in weights]
 
     @property
     def input_names(self) -> list[str]:
@@ -53,7 +57,7 @@ class CompiledModel:
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run once; returns the graph's outputs by name."""
         arrays = _checked_inputs(self.manifest.inputs, inputs)
-        results = self._main(*(self._as_tensor(arrays[spec.name]) for spec in self.manifest.inputs))
+        results = self._main(*(self._as_tensor(arrays[spec.name]) for spec in self.manifest.inputs), *self._weights)
         names = [spec.name for spec in self.manifest.outputs]
         if self.manifest.index_flags_output is not None:
             names.append(self.manifest.index_flags_output)
