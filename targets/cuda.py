@@ -69,7 +69,8 @@ class CudaTarget(Target):
 
     def export(self, executable: tvm.runtime.Executable, path: Path, addons: list[Path]) -> None:
         executable.export_library(str(path), addons=[str(a) for a in addons])
-        self._check_device_code(path)
+        if _has_kernels(executable.mod):  # a model that only moves its inputs to its outputs has none
+            self._check_device_code(path)
 
     def _check_device_code(self, path: Path) -> None:
         """The library must hold machine code for exactly this arch, not CUDA source or PTX alone."""
@@ -80,6 +81,11 @@ class CudaTarget(Target):
         if archs != {self.arch}:
             found = ", ".join(sorted(archs)) or "none"
             raise CompileError(f"the library's CUDA machine code is for {found}, not {self.arch}; nothing written")
+
+
+def _has_kernels(module: tvm.runtime.Module) -> bool:
+    """Whether the build made a CUDA module (with device code or, TVM's trap, only CUDA source)."""
+    return module.kind == "cuda" or any(_has_kernels(imported) for imported in module.imports)
 
 
 def _why_not_tuned(tuning: TuningOptions) -> str:

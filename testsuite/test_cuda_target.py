@@ -14,9 +14,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import onnx
 import pytest
 import tvm
 import tvm_ffi
+from conftest import TESTSUITE_MODELS, model_path
+from onnx import TensorProto, helper
 from tvm import te
 from tvm.s_tir import dlight
 
@@ -24,7 +27,6 @@ import reccc
 from reccc.manifest import read_manifest
 from reccc.targets import gpu_schedules
 from reccc.targets.cuda_device_code import find_fatbins
-from conftest import TESTSUITE_MODELS, model_path
 
 ARCHS = ("sm_80", "sm_90")
 
@@ -132,6 +134,19 @@ def test_builds_are_reproducible_and_every_level_carries_device_code(cuda_artifa
         artifact = tmp_path / f"deepfm{level}.so"
         assert reccc_cli(model_path("deepfm"), "--target=cuda:sm_90", level, "-o", artifact).code == 0
         assert {e.arch for f in find_fatbins(artifact.read_bytes()) for e in f.entries} == {"sm_90"}
+
+
+def test_a_model_without_kernels_needs_no_device_code(reccc_cli, nvcc, tmp_path):
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "passthrough",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+    )
+    model = tmp_path / "passthrough.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), model)
+    result = reccc_cli(model, "--target=cuda", "-o", tmp_path / "passthrough.so")
+    assert (result.code, result.stderr) == (0, "")
+    assert find_fatbins((tmp_path / "passthrough.so").read_bytes()) == []
 
 
 @pytest.mark.parametrize(
