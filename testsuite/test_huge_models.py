@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -73,15 +74,22 @@ def _huge_model_round_trip(folder: Path, table_bytes: int) -> tuple[float, int, 
     return seconds, peak, size
 
 
-def test_a_512_mib_model_compiles_with_external_weights_in_bounded_memory(tmp_path):
-    _huge_model_round_trip(tmp_path, 512 << 20)
+@pytest.fixture
+def scratch() -> Path:
+    """A folder deleted after the test (pytest keeps its tmp_path folders, gigabytes here)."""
+    with tempfile.TemporaryDirectory(prefix="reccc-huge-") as folder:
+        yield Path(folder)
+
+
+def test_a_512_mib_model_compiles_with_external_weights_in_bounded_memory(scratch):
+    _huge_model_round_trip(scratch, 512 << 20)
 
 
 @pytest.mark.skipif(not os.environ.get("RECCC_HUGE_MODEL_TEST"), reason="the 3 GiB model takes minutes and 7 GB of disk: set RECCC_HUGE_MODEL_TEST=1")
-def test_a_3_gib_model_past_protobufs_limit_compiles_and_runs(tmp_path):
-    free = shutil.disk_usage(tmp_path).free
-    assert free > 8 << 30, f"{free / 2**30:.1f} GiB free in {tmp_path}: the model and its weights file need about 7"
-    _huge_model_round_trip(tmp_path, 3 << 30)
+def test_a_3_gib_model_past_protobufs_limit_compiles_and_runs(scratch):
+    free = shutil.disk_usage(scratch).free
+    assert free > 8 << 30, f"{free / 2**30:.1f} GiB free in {scratch}: the model and its weights file need about 7"
+    _huge_model_round_trip(scratch, 3 << 30)
 
 
 def test_a_model_past_2_gib_needs_external_weights(reccc_cli, tmp_path):
