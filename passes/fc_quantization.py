@@ -162,12 +162,14 @@ def _quantize_rows(graph: gs.Graph, x: gs.Tensor) -> tuple[gs.Tensor, gs.Tensor,
             return step(op, [x, const(f"{suffix}_axes", [-1], np.int64)], np.float32, suffix, keepdims=1)
         return step(op, [x], np.float32, suffix, axes=[-1], keepdims=1)
 
+    # Relu and Clip rather than Max/Min with a constant: TVM lowers a two-input Max to a broadcast, a
+    # stack and a reduction, each a kernel of its own.
     zero, levels = const("zero", 0.0), const("levels", 255.0)
-    high = step("Max", [reduce("ReduceMax", "row_max"), zero], np.float32, "high")
-    low = step("Min", [reduce("ReduceMin", "row_min"), zero], np.float32, "low")
-    spread = step("Div", [step("Sub", [high, low], np.float32, "range"), levels], np.float32, "spread")
-    scale = step("Max", [spread, const("tiny", np.finfo(np.float32).tiny)], np.float32, "scale")
-    offset = step("Div", [step("Neg", [low], np.float32, "neg_low"), scale], np.float32, "offset")
+    high = step("Relu", [reduce("ReduceMax", "row_max")], np.float32, "high")  # max(hi, 0)
+    below = step("Relu", [step("Neg", [reduce("ReduceMin", "row_min")], np.float32, "neg_min")], np.float32, "below")  # -min(lo, 0)
+    spread = step("Div", [step("Add", [high, below], np.float32, "range"), levels], np.float32, "spread")
+    scale = step("Clip", [spread, const("tiny", np.finfo(np.float32).tiny)], np.float32, "scale")
+    offset = step("Div", [below, scale], np.float32, "offset")
     zero_point = step("Round", [step("Clip", [offset, zero, levels], np.float32, "offset_clipped")], np.float32, "zero_point")
     shifted = step("Add", [step("Round", [step("Div", [x, scale], np.float32, "scaled")], np.float32, "rounded"), zero_point],
                    np.float32, "shifted")

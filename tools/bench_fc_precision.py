@@ -7,8 +7,8 @@ model (issue 7's anchor: 6 tables of dim 64, MLPs 13-128-64-64 and 448-256-64-1)
 
 All variants run in one process on the same inputs; one round runs each variant once, rounds are
 repeated (interleaved, so load on a shared machine hits every variant alike) and the median is
-reported. onnxruntime runs with as many intra-op threads as the machine has cores, reccc's artifacts
-with TVM's default (one per core). Deviation: max abs difference of the sigmoid output from the fp32
+reported. onnxruntime runs with as many intra-op threads as the machine has cores, not spinning when
+idle, reccc's artifacts with TVM's default (one per core). Deviation: max abs difference of the sigmoid output from the fp32
 model in onnxruntime, on the batch. Results go to bench-results/fc_precision.json.
 """
 
@@ -46,6 +46,8 @@ PRECISIONS = ("fp32", "int8", "bf16")
 def _session(path: Path) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = os.cpu_count() or 1
+    # Idle onnxruntime threads would otherwise spin and take the cores from TVM's in interleaved runs.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
