@@ -183,6 +183,8 @@ def compile_model(
     steps = pipeline(options)
     tuning = tuning_options(options)
     check_writable(output)
+    if options.weights == "external":
+        check_writable(weights_path(Path(output)))
     target = resolve_target(options.target) if options.emit == "library" else None
     source = read_model(model_path)
     log = log or sys.stderr

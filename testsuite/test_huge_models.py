@@ -19,7 +19,7 @@ import onnxruntime as ort
 import pytest
 
 import reccc
-from reccc.errors import UsageError
+from reccc.errors import EmbeddingIndexError, UsageError
 from huge_model import make_dlrm, model_bytes
 
 # Peak RSS of a compile may be this many times the model's size (its .onnx and external data).
@@ -162,3 +162,23 @@ def test_external_weights_need_a_library_output(reccc_cli, external_build, tmp_p
     result = reccc_cli(external_build[0], "--emit=onnx", "--weights=external", "-o", tmp_path / "model.onnx")
     assert result.code == 2
     assert "--weights=external: only a library output has a weights file" in result.stderr
+
+
+def test_out_of_range_ids_into_an_external_table_are_reported(external_build):
+    compiled = reccc.load(external_build[1])
+    rows = compiled.manifest.weights["tensors"][2]["shape"][0]
+    feeds = {"dense": np.zeros((2, 13), np.float32), **{f"ids_{index}": np.zeros(2, np.int64) for index in range(4)}}
+    feeds["ids_2"] = np.array([0, rows])
+    with pytest.raises(EmbeddingIndexError, match=re.escape(f"input 'ids_2': id {rows} at [1] is out of range for embedding table 'table_2'")):
+        compiled.run(feeds)
+
+
+def test_a_failed_external_build_writes_neither_file(reccc_cli, external_build, tmp_path):
+    library = tmp_path / "model.so"
+    library.write_bytes(b"the previous build")
+    (tmp_path / "model.so.weights").mkdir()  # the weights cannot be written
+    result = reccc_cli(external_build[0], "--weights=external", "-o", library)
+    assert result.code == 2
+    assert result.stderr == f"reccc: error: {tmp_path / 'model.so.weights'}: is a directory\n"
+    assert library.read_bytes() == b"the previous build"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model.so", "model.so.weights"]
