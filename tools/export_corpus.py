@@ -10,7 +10,7 @@ Deterministic: every model is built and fed from seeds. Writes
 testsuite/corpus/<library>/<model>.<exporter>.onnx, <model>.<exporter>.npz (keys
 `b<batch>/input/<name>` and `b<batch>/output/<name>`) and testsuite/corpus/index.json, which records
 what did not export or does not run in onnxruntime, with the reason. Then run
-`.venv/bin/python tools/corpus_table.py` to refresh the README's table.
+`.venv/bin/python tools/corpus_status.py` to measure reccc on it and refresh the README's table.
 """
 
 from __future__ import annotations
