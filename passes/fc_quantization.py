@@ -45,7 +45,7 @@ MIN_UNITS = 8
 @register_pass
 class FcQuantization(Pass):
     name = "fc-quantization"
-    summary = "run FC layers (Gemm/MatMul of a constant float32 weight) in int8 (per-unit weight scales, dynamic activation scale) or bf16; standard ONNX"
+    summary = "run FC layers (Gemm/MatMul of a constant float32 weight, >= 8 units) in int8 (per-unit weight scales, per-row dynamic activation scales) or bf16; standard ONNX"
     lossless = False
 
     def __init__(self, precision: str = "int8", layers: Mapping[str, str] | None = None):
