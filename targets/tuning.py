@@ -25,6 +25,7 @@ from the same database measures nothing and gives the same library.
 import hashlib
 import json
 import math
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -110,6 +111,7 @@ class _TuningSession:
         self.progress = _ProgressLine(options.progress)
         self.start = time.monotonic()
         self.measured = 0  # candidates measured by this build
+        self.compared = 0  # kernels timed against their -O2 schedule by this build
         self._tools = None  # builder, runner and cost model: started only when something is measured
 
     def run(self, kernels: list[Kernel], scheduled: tvm.IRModule) -> None:
@@ -121,8 +123,8 @@ class _TuningSession:
             self._choose(kernel, scheduled[kernel.name], f"[{number}/{len(hot)}] {kernel.name}")
         used = sum(kernel.verdict.get("use") == "tuned" for kernel in hot)
         self.progress.note(
-            f"reccc: tuning: {len(hot)} hot kernels of {len(kernels)}, {self.measured} candidates measured "
-            f"in {self.elapsed():.0f} s; tuned schedule used for {used}, -O2's kept for {len(hot) - used}"
+            f"reccc: tuning: {len(hot)} hot kernels of {len(kernels)}; measured {self.measured} candidates and "
+            f"{self.compared} comparisons with -O2 in {self.elapsed():.0f} s; tuned schedule used for {used}, -O2's kept for {len(hot) - used}"
         )
 
     def elapsed(self) -> float:
@@ -172,6 +174,7 @@ class _TuningSession:
         if verdict is None:
             self.progress.update(f"reccc: tuning {label}: comparing with -O2 at batch {', '.join(map(str, kernel.compare_batches))}")
             verdict = self._compare(kernel, kernel.tuned, default)
+            self.compared += 1
             self.shared.record_verdict(key, verdict)
         kernel.verdict = verdict
 
@@ -188,6 +191,8 @@ class _TuningSession:
             for rows in kernel.compare_batches
         ]
         seconds = [_median_seconds(future.result()) for future in runner.run(inputs)]
+        for result in built:
+            shutil.rmtree(Path(result.artifact_path).parent, ignore_errors=True)
         count = len(kernel.compare_batches)
         tuned_us, default_us = [s * 1e6 for s in seconds[:count]], [s * 1e6 for s in seconds[count:]]
         faster = all(t <= d for t, d in zip(tuned_us, default_us))
