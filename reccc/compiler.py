@@ -39,9 +39,11 @@ from reccc.plugins import PASS_GROUP, load_entry_points
 from reccc.reference import ReferenceOutputs, output_scale
 from reccc.sample_inputs import random_inputs
 from reccc.target import TuningOptions, resolve_target
-from reccc.weights_file import WEIGHTS_MODES, split_weights, weights_path, write_weights
+from reccc.weights_file import weights_path, write_weights
+from reccc.weights_inputs import split_weights
 
 EMIT_KINDS = ("library", "onnx")
+WEIGHTS_MODES = ("embed", "external")  # --weights
 # The accuracy budget of -O3's default embedding quantization, as a fraction of the outputs' scale
 # (max(1, max |output|)): for a probability, 0.01.
 DEFAULT_BUDGET_FRACTION = 1e-2
@@ -86,7 +88,7 @@ class CompileOptions:
     device_key: str | None = None
     tune_progress: bool = False  # show the updating progress line on stderr
     # "embed": every weight in the library; "external": constants of at least 1 MiB in a file beside it
-    # (reccc.weights_file), which models past 2 GiB need.
+    # (reccc.weights_inputs, reccc.weights_file), which models past 2 GiB need.
     weights: str = "embed"
 
 

@@ -1,45 +1,43 @@
-"""`--weights=external`: a model's large constants in a file beside the library, memory-mapped at load.
-
-The library's `main` takes them as parameters after the model's inputs (TVM imports each as a graph
-input of its own), so the library holds code and small constants only, and `reccc.load` passes views
-of the mapped file, aligned for TVM, without copying them.
+"""The weights file of `--weights=external`: a library's large constants beside it, memory-mapped at load.
 
 File layout: a 64-byte header (MAGIC, then the sha256 of everything after the header), then each
 tensor's bytes at an offset aligned to ALIGNMENT, zero-padded between. The manifest records the file's
 name, size, digest and each tensor's name, dtype, shape and offset, so a weights file from another
-build is refused by name instead of giving wrong outputs.
+build is refused by name instead of giving wrong outputs. `reccc.load` maps the file and passes TVM
+views of it, aligned, without copying.
+
+Only numpy here: `map_weights` is part of reccc's runtime, which a device runs with numpy and TVM's
+runtime alone.
 """
 
 import hashlib
 import math
 import mmap
-import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
-from onnx import TensorProto
 
 from reccc.errors import UsageError
-from reccc.external_data import file_region, is_mapped
 
-WEIGHTS_MODES = ("embed", "external")
-# Smaller constants stay in the library, where TVM folds them into the kernels (weight transposes);
-# the tables, which are nearly all of a recommender's bytes, go to the file.
-EXTERNAL_MIN_BYTES = 1 << 20
 ALIGNMENT = 64
 MAGIC = b"RECCCWTS"
 HEADER_BYTES = 64
-_CHUNK = 1 << 24  # bytes copied at a time: the compiler never holds a table in memory to write it
 
 
 @dataclass(frozen=True)
-class WeightSpec:
+class Weight:
+    """One tensor to write: its name, dtype, shape, and its bytes a chunk at a time."""
+
     name: str
-    dtype: str
+    dtype: np.dtype
     shape: list[int]
-    offset: int
+    chunks: Iterable[bytes | memoryview]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def weights_path(library: Path) -> Path:
@@ -47,45 +45,31 @@ def weights_path(library: Path) -> Path:
     return library.with_name(library.name + ".weights")
 
 
-def split_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[TensorProto]]:
-    """`model` with each initializer of at least EXTERNAL_MIN_BYTES made a graph input after the model's
-    own inputs (in the order of the weights file), and those initializers."""
-    weights = [tensor for tensor in model.graph.initializer if _nbytes(tensor) >= EXTERNAL_MIN_BYTES]
-    if not weights:
-        return model, []
-    names = {tensor.name for tensor in weights}
-    rest = onnx.ModelProto()
-    rest.CopyFrom(model)  # the weights are mapped, or inline only in models under 2 GiB
-    kept = [tensor for tensor in rest.graph.initializer if tensor.name not in names]
-    del rest.graph.initializer[:]
-    rest.graph.initializer.extend(kept)
-    rest.graph.input.extend(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims) for tensor in weights)
-    return rest, weights
-
-
-def write_weights(tensors: list[TensorProto], path: Path, name: str) -> dict:
-    """Write `tensors` to `path` in the weights file layout; returns the manifest's entry for the file
+def write_weights(weights: list[Weight], path: Path, name: str) -> dict:
+    """Write `weights` to `path` in the weights file layout; returns the manifest's entry for the file
     (which names it `name`)."""
     specs, offset = [], HEADER_BYTES
-    for tensor in tensors:
+    for weight in weights:
         offset += -offset % ALIGNMENT
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
-        specs.append(WeightSpec(tensor.name, dtype.str, list(tensor.dims), offset))
-        offset += _nbytes(tensor)
+        specs.append({"name": weight.name, "dtype": weight.dtype.str, "shape": list(weight.shape), "offset": offset})
+        offset += weight.nbytes
     digest = hashlib.sha256()
     with open(path, "wb") as out:
         out.write(bytes(HEADER_BYTES))
-        for tensor, spec in zip(tensors, specs):
-            padding = bytes(spec.offset - out.tell())
+        for weight, spec in zip(weights, specs):
+            padding = bytes(spec["offset"] - out.tell())
             digest.update(padding)
             out.write(padding)
-            for chunk in _chunks(tensor):
+            for chunk in weight.chunks:
                 digest.update(chunk)
                 out.write(chunk)
+            if out.tell() != spec["offset"] + weight.nbytes:
+                raise UsageError(f"{path}: '{weight.name}' gave {out.tell() - spec['offset']} bytes, not {weight.nbytes} "
+                                 "(its external data file changed while reccc read it)")
         size = out.tell()
         out.seek(0)
         out.write(_header(digest.digest()))
-    return {"file": name, "size": size, "sha256": digest.hexdigest(), "tensors": [spec.__dict__ for spec in specs]}
+    return {"file": name, "size": size, "sha256": digest.hexdigest(), "tensors": specs}
 
 
 def map_weights(library: Path, entry: dict) -> list[np.ndarray]:
@@ -114,24 +98,3 @@ def map_weights(library: Path, entry: dict) -> list[np.ndarray]:
 
 def _header(digest: bytes) -> bytes:
     return (MAGIC + digest).ljust(HEADER_BYTES, b"\0")
-
-
-def _nbytes(tensor: TensorProto) -> int:
-    return math.prod(tensor.dims) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
-
-
-def _chunks(tensor: TensorProto):
-    """The tensor's bytes, a chunk at a time: read from its file when it is mapped, else from the model."""
-    if is_mapped(tensor):
-        path, offset, nbytes = file_region(tensor)
-        with open(path, "rb") as source:
-            while nbytes:
-                chunk = os.pread(source.fileno(), min(_CHUNK, nbytes), offset)
-                if not chunk:
-                    raise UsageError(f"{path}: external data of '{tensor.name}' ended early (the file changed while reccc read it)")
-                yield chunk
-                offset, nbytes = offset + len(chunk), nbytes - len(chunk)
-        return
-    data = memoryview(np.ascontiguousarray(onnx.numpy_helper.to_array(tensor)).reshape(-1).view(np.uint8))
-    for start in range(0, len(data), _CHUNK):
-        yield data[start : start + _CHUNK]
