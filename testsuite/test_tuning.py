@@ -61,7 +61,8 @@ def test_concurrent_builds_share_the_database_and_rebuilds_reuse_it(tmp_path, re
     records = _records(database)
     assert all(json.loads(line) for line in workloads)
     assert all(0 <= number < len(workloads) for number, _ in records)
-    assert len(_measured(records)) == 2  # each build measured its trial
+    assert len(records) == 2  # each build's one trial, neither lost in the merge
+    assert _measured(records)  # and at least one candidate ran (one may fail to build)
     verdicts = json.loads((database / VERDICTS).read_text())
     assert verdicts and all(verdict["use"] in ("tuned", "default") for verdict in verdicts.values())
 

@@ -79,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--levels", type=level_list, default=[2, 3], help="reccc optimization levels to compare, comma-separated (default: 2,3)")
     parser.add_argument("--tune-trials", type=int, default=256, help="-O3's tuning trials (default: 256, reccc's default)")
     parser.add_argument("--tune-time", type=float, default=600.0, help="-O3's tuning seconds (default: 600, reccc's default)")
+    parser.add_argument("--embedding-quant", choices=("int8", "int4", "fp16", "none"),
+                        help="embedding table format at every level (default: each level's own: -O3 quantizes tables to int8)")
     parser.add_argument("--tune-db", type=Path, help="-O3's tuning database (default: a fresh one, so -O3's compile time is the tuning's)")
     parser.add_argument("--json", type=Path, help="where to write the results (default: bench-results/bench-<model stem>.json)")
     parser.add_argument("--no-plain-tvm", action="store_true", help="skip the plain TVM baseline (its compile and runs are slow)")
@@ -167,11 +169,12 @@ def onnxruntime_session(model: onnx.ModelProto, threads: int):
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def compile_with_reccc(model_path: Path, artifact: Path, opt_level: int, tuning: dict) -> float:
+def compile_with_reccc(model_path: Path, artifact: Path, opt_level: int, tuning: dict, embedding_quant: str | None) -> float:
     import reccc
 
+    options = {**(tuning if opt_level == 3 else {}), **({"embedding_quant": embedding_quant} if embedding_quant else {})}
     start = time.perf_counter()
-    reccc.compile(str(model_path), str(artifact), target="x86", opt_level=opt_level, **(tuning if opt_level == 3 else {}))
+    reccc.compile(str(model_path), str(artifact), target="x86", opt_level=opt_level, **options)
     return time.perf_counter() - start
 
 
@@ -329,7 +332,7 @@ def run_benchmark(args: argparse.Namespace, model_path: Path, model_description:
     for level in args.levels:
         artifact = scratch / f"model-O{level}.so"
         print(f"compiling with reccc -O{level} ...", flush=True)
-        seconds = compile_with_reccc(model_path, artifact, level, tuning)
+        seconds = compile_with_reccc(model_path, artifact, level, tuning, args.embedding_quant)
         builds.append(Build(level, reccc.load(artifact), load_vm_main(artifact)))
         compiles[f"reccc_O{level}"] = {"seconds": seconds, "artifact_bytes": artifact.stat().st_size}
         print(f"  {seconds:.1f} s, artifact {artifact.stat().st_size / 1e6:.1f} MB", flush=True)
@@ -368,6 +371,7 @@ def main(argv: list[str] | None = None) -> None:
         "threads": {"onnxruntime_intra_op": args.threads, "tvm_runtime": tvm_runtime_threads(), "tvm_source": tvm_threads_source},
         "model": model_description,
         "levels": args.levels,
+        "embedding_quant": args.embedding_quant or "each level's default",
         "tuning": {"trials": args.tune_trials, "seconds": args.tune_time, "database": str(args.tune_db) if args.tune_db else "fresh"},
         "repeat": args.repeat,
         "warmup_runs": WARMUP_RUNS,
