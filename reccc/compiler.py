@@ -142,6 +142,8 @@ def _fc_quantization(options: CompileOptions) -> PipelineStep | None:
     """The fc-quantization step the options ask for (or the level's default), if any."""
     chosen = options.fc_precision
     precision = chosen if chosen is not None else (None if options.passes is not None else DEFAULT_FC_PRECISION[options.opt_level])
+    if precision is None and options.fc_precision_layers:
+        precision = "fp32"  # only the named layers change
     if precision is None or (precision == "fp32" and not options.fc_precision_layers):
         return None
     params = {"precision": precision}

@@ -258,3 +258,10 @@ def test_bf16_artifact_rounds_weights_not_activations(reccc_cli, tmp_path):
         for name, (error, bound) in agreement(run_reference(weights_only, feeds), actual).items():
             assert error <= bound, (batch, name, error, bound)
         assert np.abs(np.asarray(actual["ctr"]) - run_reference(source, feeds)["ctr"]).max() <= 1e-2
+
+
+def test_named_layer_alone(reccc_cli, tmp_path):
+    """--fc-precision-layer without --fc-precision: the named layer changes, the others stay fp32."""
+    quantized = _quantized(reccc_cli, tmp_path, "dlrm", "--fc-precision-layer", "fc_7_node=int8")
+    assert [node.name for node in quantized.graph.node if node.op_type == "MatMulInteger"] == ["fc_7_node__matmul_int8"]
+    assert _ops(quantized).count("Gemm") == 4
