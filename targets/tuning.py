@@ -238,7 +238,10 @@ def _kernels(module: tvm.IRModule) -> list[Kernel]:
         else:
             kernels.append(Kernel([symbol.name_hint], function, symbols, calls.get(symbol.name_hint, 0)))
     for kernel in kernels:
-        kernel.cost = kernel.calls * _work(kernel.at_batch(TUNING_BATCH))
+        try:
+            kernel.cost = kernel.calls * _work(kernel.at_batch(TUNING_BATCH))
+        except Exception:  # noqa: BLE001  (a kernel TVM cannot specialize is not tuned: cost 0 keeps it cold)
+            kernel.cost = 0.0
     return kernels
 
 
