@@ -4,9 +4,10 @@ A model past protobuf's 2 GiB limit keeps its weights in external files. reccc r
 data only where something needs its values, and then as a read-only memory map of the file, so a
 table is never held twice (numpy views the page cache) and never passes through protobuf.
 
-read_model leaves every external tensor of at least MAPPED_MIN_BYTES unread and makes its location
-the resolved absolute path of its file (the location was checked to lie inside the model's folder
-first); smaller external tensors are read into the model as before. Such a "mapped" TensorProto is
+read_model leaves every external initializer of the main graph of at least MAPPED_MIN_BYTES unread and
+makes its location the resolved absolute path of its file (the location was checked to lie inside the
+model's folder first); other external tensors (smaller ones, Constant nodes' values, subgraphs'
+initializers) are read into the model as before. Such a "mapped" TensorProto is
 internal to reccc: onnx and onnxruntime refuse absolute locations, so every consumer that hands a
 model to them inlines the data first (`inlined`), which only models under 2 GiB allow.
 """
@@ -20,6 +21,7 @@ from onnx import TensorProto
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from reccc.errors import UsageError
+from reccc.tensor_data import declared_bytes
 
 # Smaller external tensors are read into the model at once: mapping pays off only for large ones.
 MAPPED_MIN_BYTES = 1 << 20
@@ -35,8 +37,7 @@ def is_mapped(tensor: TensorProto) -> bool:
 def file_region(tensor: TensorProto) -> tuple[str, int, int]:
     """(absolute path, offset, bytes) of a mapped tensor's data."""
     entries = _entries(tensor)
-    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
-    return entries["location"], int(entries.get("offset", 0)), math.prod(tensor.dims) * dtype.itemsize
+    return entries["location"], int(entries.get("offset", 0)), _nbytes(tensor)
 
 
 def mapped_array(tensor: TensorProto) -> np.ndarray:
@@ -63,26 +64,22 @@ class MappedValues(LazyValues):
 
 
 def read_small_external_data(model: onnx.ModelProto, folder: str) -> None:
-    """Read the external tensors under MAPPED_MIN_BYTES of `model` into it, and point the others'
-    locations at their files' absolute paths (the locations were checked by tensor_data first)."""
+    """Read the external tensors of `model` that stay in memory into it, and point the others' locations
+    at their files' absolute paths (the locations were checked by tensor_data first)."""
+    for tensor in model.graph.initializer:
+        nbytes = declared_bytes(tensor.data_type, tensor.dims, tensor.name)
+        # numpy cannot view packed types (int4, ...): those are read
+        if tensor.data_location == TensorProto.EXTERNAL and nbytes >= MAPPED_MIN_BYTES and nbytes == _nbytes(tensor):
+            _set_location(tensor, os.path.realpath(os.path.join(folder, _entries(tensor)["location"])))
     for tensor in _external_tensors(model):
-        entries = _entries(tensor)
-        path = os.path.realpath(os.path.join(folder, entries["location"]))
-        offset = int(entries.get("offset", 0))
-        nbytes = math.prod(tensor.dims) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
-        if nbytes >= MAPPED_MIN_BYTES:
-            _set_location(tensor, path)
+        if is_mapped(tensor):
             continue
-        with open(path, "rb") as file:
-            file.seek(offset)
-            tensor.raw_data = file.read(nbytes)
+        entries = _entries(tensor)
+        with open(os.path.realpath(os.path.join(folder, entries["location"])), "rb") as file:
+            file.seek(int(entries.get("offset", 0)))
+            tensor.raw_data = file.read(declared_bytes(tensor.data_type, tensor.dims, tensor.name))
         del tensor.external_data[:]
         tensor.data_location = TensorProto.DEFAULT
-
-
-def mapped_bytes(model: onnx.ModelProto) -> int:
-    """The bytes of `model`'s tensors left in their files."""
-    return sum(file_region(tensor)[2] for tensor in _external_tensors(model) if is_mapped(tensor))
 
 
 def inlined(model: onnx.ModelProto, purpose: str, remedy: str = "") -> onnx.ModelProto:
@@ -110,6 +107,10 @@ def inlined(model: onnx.ModelProto, purpose: str, remedy: str = "") -> onnx.Mode
 
 def _external_tensors(model: onnx.ModelProto):
     return (tensor for tensor in onnx.external_data_helper._get_all_tensors(model) if tensor.data_location == TensorProto.EXTERNAL)
+
+
+def _nbytes(tensor: TensorProto) -> int:
+    return math.prod(tensor.dims) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
 
 
 def _entries(tensor: TensorProto) -> dict[str, str]:
