@@ -92,14 +92,19 @@ def test_a_3_gib_model_past_protobufs_limit_compiles_and_runs(scratch):
     _huge_model_round_trip(scratch, 3 << 30)
 
 
-def test_a_model_past_2_gib_needs_external_weights(reccc_cli, tmp_path):
+@pytest.mark.parametrize(("flags", "needs", "remedy"), [
+    ((), "--weights=embed", "; build with --weights=external"),
+    (("--emit=onnx",), "--emit=onnx", ""),
+])
+def test_what_needs_a_model_past_2_gib_in_memory_says_so(reccc_cli, tmp_path, flags, needs, remedy):
     # The tables' file is a hole: its size is all this needs.
     model = make_dlrm(tmp_path, (2 << 30) + (64 << 20), sparse=True)
-    result = reccc_cli(model, "-o", tmp_path / "model.so")
+    output = tmp_path / "out"
+    result = reccc_cli(model, *flags, "-o", output)
     assert result.code == 2
-    assert result.stderr.startswith(f"reccc: error: {model}: --weights=embed needs the model's weights in memory, and with them the model is 2.1 GiB")
-    assert result.stderr.rstrip().endswith("over protobuf's 2 GiB limit; build with --weights=external")
-    assert not (tmp_path / "model.so").exists()
+    assert result.stderr == (f"reccc: error: {model}: {needs} needs the model's weights in memory, and with them the model is 2.1 GiB, "
+                             f"over protobuf's 2 GiB limit{remedy}\n")
+    assert not output.exists()
 
 
 @pytest.fixture(scope="module")
