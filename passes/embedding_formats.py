@@ -6,9 +6,11 @@ ops that read a lookup back as float32, so onnxruntime still runs (and checks) t
   error of a value is at most scale / 2. Codes are a uint8 [rows, dim] table; scale and bias an fp32
   [rows, 2] table beside it, so a lookup reads its row's codes and one 8-byte pair.
 - int4: the same with 16 levels (scale = (max - min) / 15) and an fp16 scale and bias, as FBGEMM's
-  4-bit format. Two codes share a byte: byte j of a row holds column j in its low nibble and column
-  j + ceil(dim / 2) in its high nibble, so unpacking is a Concat of the two halves (no reshape of a
-  symbolic shape). The error bound is scale / 2 plus the fp16 rounding of scale and bias.
+  4-bit format. Two rows share their bytes: byte c of packed row k holds column c of row 2k in its
+  low nibble and of row 2k + 1 in its high nibble. A lookup reads one contiguous packed row and
+  picks its nibble with a divisor per row (1 or 16), so unpacking needs no Concat or Reshape and
+  the codes are read with the same vector loads as int8's. The error bound is scale / 2 plus the
+  fp16 rounding of scale and bias.
 - fp16: the table as float16; lookups Cast back to float32.
 
 A lookup is `Gather(table, ids)` along axis 0 with any ids shape; its replacement computes the same
@@ -60,12 +62,15 @@ def encode(table: np.ndarray, format: str) -> EncodedTable:
     scale_type = np.float32 if format == "int8" else np.float16
     bias = low.astype(scale_type)
     # A constant row has no range: any scale decodes code 0 to the bias exactly.
-    scale = np.where(high > low, (high - low) / levels, 1.0).astype(scale_type)
+    exact_scale = np.where(high > low, (high - low) / levels, 1.0)
+    scale = exact_scale.astype(scale_type)
+    # Rounded down, the stored scale would not reach the row's max with the top code: round it up.
+    scale = np.where(scale < exact_scale, np.nextafter(scale, scale_type(np.inf)), scale).astype(scale_type)
     codes = np.rint((table - bias[:, None].astype(np.float32)) / scale[:, None].astype(np.float32))
     codes = np.clip(codes, 0, levels).astype(np.uint8)
     scale_bias = np.stack([scale, bias], axis=1)
     if format == "int4":
-        codes = _pack_nibbles(codes)
+        codes = _pack_row_pairs(codes)
     return EncodedTable(format, table.shape[1], {"codes": codes, "scale_bias": scale_bias})
 
 
@@ -75,17 +80,19 @@ def decode(encoded: EncodedTable) -> np.ndarray:
         return encoded.arrays["values"].astype(np.float32)
     codes = encoded.arrays["codes"].astype(np.float32)
     if encoded.format == "int4":
-        high = np.floor(codes / 16)
-        codes = np.concatenate([codes - high * 16, high], axis=1)[:, : encoded.dim]
+        rows = encoded.arrays["scale_bias"].shape[0]
+        divisor = np.where(np.arange(rows) % 2, 16.0, 1.0)[:, None]
+        shifted = np.floor(codes[np.arange(rows) // 2] / divisor)
+        codes = shifted - np.floor(shifted / 16) * 16
     scale_bias = encoded.arrays["scale_bias"].astype(np.float32)
     return codes * scale_bias[:, 0:1] + scale_bias[:, 1:2]
 
 
-def _pack_nibbles(codes: np.ndarray) -> np.ndarray:
-    half = -(-codes.shape[1] // 2)
-    low, high = codes[:, :half], codes[:, half:]
-    high = np.pad(high, ((0, 0), (0, half - high.shape[1])))
-    return (low | (high << 4)).astype(np.uint8)
+def _pack_row_pairs(codes: np.ndarray) -> np.ndarray:
+    """Rows 2k and 2k + 1 of 4-bit `codes` in the low and high nibbles of packed row k."""
+    if codes.shape[0] % 2:
+        codes = np.concatenate([codes, np.zeros((1, codes.shape[1]), codes.dtype)])
+    return (codes[0::2] | (codes[1::2] << 4)).astype(np.uint8)
 
 
 def emit_lookup(graph: gs.Graph, encoded: EncodedTable, stored: dict[str, gs.Constant], ids: gs.Tensor, output: gs.Variable, name: str) -> None:
@@ -95,19 +102,33 @@ def emit_lookup(graph: gs.Graph, encoded: EncodedTable, stored: dict[str, gs.Con
     if encoded.format == "fp16":
         ops.node("Cast", [ops.node("Gather", [stored["values"], ids], axis=0)], output=output, to=onnx.TensorProto.FLOAT)
         return
-    codes = ops.node("Cast", [ops.node("Gather", [stored["codes"], ids], axis=0)], to=onnx.TensorProto.FLOAT)
     if encoded.format == "int4":
-        sixteen = ops.constant("sixteen", np.array(16, np.float32))
-        high = ops.node("Floor", [ops.node("Div", [codes, sixteen])])
-        low = ops.node("Sub", [codes, ops.node("Mul", [high, sixteen])])
-        codes = ops.node("Concat", [low, high], axis=-1)
-        if 2 * encoded.arrays["codes"].shape[1] != encoded.dim:
-            codes = ops.slice_last(codes, 0, encoded.dim)
+        codes = _unpack_row_pair(ops, stored["codes"], ids, rows=stored["scale_bias"].values.shape[0])
+    else:
+        codes = ops.node("Cast", [ops.node("Gather", [stored["codes"], ids], axis=0)], to=onnx.TensorProto.FLOAT)
     scale_bias = ops.node("Gather", [stored["scale_bias"], ids], axis=0)
     if encoded.format == "int4":
         scale_bias = ops.node("Cast", [scale_bias], to=onnx.TensorProto.FLOAT)
     scale, bias = ops.slice_last(scale_bias, 0, 1), ops.slice_last(scale_bias, 1, 2)
     ops.node("Add", [ops.node("Mul", [codes, scale]), bias], output=output)
+
+
+def _unpack_row_pair(ops: "_Emitter", packed: gs.Constant, ids: gs.Tensor, rows: int) -> gs.Variable:
+    """The float codes of rows `ids` from row-pair packed int4 (see the module's docstring). Ids are
+    first brought into [0, rows) as Gather reads them (negative ids count from the end); ids outside
+    the table, which onnxruntime rejects, read the nearest row, as the compiled index guard's clamp."""
+    dtype = ids.dtype if ids.dtype is not None else np.int64
+    zero, two = ops.constant("zero", np.array(0, dtype)), ops.constant("two", np.array(2, dtype))
+    wrapped = ops.node("Where", [ops.node("Less", [ids, zero]), ops.node("Add", [ids, ops.constant("rows", np.array(rows, dtype))]), ids])
+    row = ops.node("Clip", [wrapped, zero, ops.constant("last_row", np.array(rows - 1, dtype))])
+    pair = ops.node("Div", [row, two])
+    high = ops.node("Cast", [ops.node("Sub", [row, ops.node("Mul", [pair, two])])], to=onnx.TensorProto.FLOAT)
+    fifteen, sixteen = ops.constant("fifteen", np.array(15, np.float32)), ops.constant("sixteen", np.array(16, np.float32))
+    divisor = ops.node("Unsqueeze", [ops.node("Add", [ops.node("Mul", [high, fifteen]), ops.constant("one", np.array(1, np.float32))]),
+                                     ops.constant("last_axis", np.array([-1], np.int64))])
+    packed_rows = ops.node("Cast", [ops.node("Gather", [packed, pair], axis=0)], to=onnx.TensorProto.FLOAT)
+    shifted = ops.node("Floor", [ops.node("Div", [packed_rows, divisor])])
+    return ops.node("Sub", [shifted, ops.node("Mul", [ops.node("Floor", [ops.node("Div", [shifted, sixteen])]), sixteen])])
 
 
 class _Emitter:

@@ -104,8 +104,9 @@ def _lookup_calls(onnx_model: onnx.ModelProto) -> list:
     return calls
 
 
-def test_each_quantized_lookup_is_one_kernel_reading_the_codes(reccc_cli, embedding_dlrm, tmp_path):
-    assert reccc_cli(embedding_dlrm, "--embedding-quant=int8", "--emit=onnx", "-o", tmp_path / "m.onnx").code == 0
+@pytest.mark.parametrize("format", ["int8", "int4"])
+def test_each_quantized_lookup_is_one_kernel_reading_the_codes(reccc_cli, embedding_dlrm, tmp_path, format):
+    assert reccc_cli(embedding_dlrm, f"--embedding-quant={format}", "--emit=onnx", "-o", tmp_path / "m.onnx").code == 0
     calls = _lookup_calls(onnx.load(tmp_path / "m.onnx"))
     assert len(calls) == 4  # one kernel per table: gather of codes and scales, dequantize
     for dtypes, output in calls:
