@@ -8,7 +8,7 @@ ops that read a lookup back as float32, so onnxruntime still runs (and checks) t
 - int4: the same with 16 levels (scale = (max - min) / 15) and an fp16 scale and bias, as FBGEMM's
   4-bit format. Two rows share their bytes: byte c of packed row k holds column c of row 2k in its
   low nibble and of row 2k + 1 in its high nibble. A lookup reads one contiguous packed row and
-  picks its nibble with a divisor per row (1 or 16), so unpacking needs no Concat or Reshape and
+  picks its nibble with a factor per row (1 or 1/16), so unpacking needs no Concat or Reshape and
   the codes are read with the same vector loads as int8's. The error bound is scale / 2 plus the
   fp16 rounding of scale and bias.
 - fp16: the table as float16; lookups Cast back to float32.
@@ -123,12 +123,14 @@ def _unpack_row_pair(ops: "_Emitter", packed: gs.Constant, ids: gs.Tensor, rows:
     row = ops.node("Clip", [wrapped, zero, ops.constant("last_row", np.array(rows - 1, dtype))])
     pair = ops.node("Div", [row, two])
     high = ops.node("Cast", [ops.node("Sub", [row, ops.node("Mul", [pair, two])])], to=onnx.TensorProto.FLOAT)
-    fifteen, sixteen = ops.constant("fifteen", np.array(15, np.float32)), ops.constant("sixteen", np.array(16, np.float32))
-    divisor = ops.node("Unsqueeze", [ops.node("Add", [ops.node("Mul", [high, fifteen]), ops.constant("one", np.array(1, np.float32))]),
-                                     ops.constant("last_axis", np.array([-1], np.int64))])
+    # Multiplying by 1 or 1/16 (powers of two: exact) instead of dividing by 1 or 16 keeps a
+    # division out of the per-value work.
+    sixteenth, sixteen = ops.constant("sixteenth", np.array(1 / 16, np.float32)), ops.constant("sixteen", np.array(16, np.float32))
+    shift = ops.node("Sub", [ops.constant("one", np.array(1, np.float32)), ops.node("Mul", [high, ops.constant("fifteen_sixteenths", np.array(15 / 16, np.float32))])])
+    shift = ops.node("Unsqueeze", [shift, ops.constant("last_axis", np.array([-1], np.int64))])
     packed_rows = ops.node("Cast", [ops.node("Gather", [packed, pair], axis=0)], to=onnx.TensorProto.FLOAT)
-    shifted = ops.node("Floor", [ops.node("Div", [packed_rows, divisor])])
-    return ops.node("Sub", [shifted, ops.node("Mul", [ops.node("Floor", [ops.node("Div", [shifted, sixteen])]), sixteen])])
+    shifted = ops.node("Floor", [ops.node("Mul", [packed_rows, shift])])
+    return ops.node("Sub", [shifted, ops.node("Mul", [ops.node("Floor", [ops.node("Mul", [shifted, sixteenth])]), sixteen])])
 
 
 class _Emitter:
