@@ -44,11 +44,18 @@ PIPELINES: dict[int, tuple[str, ...]] = {
     level: (*IMPORT_LEGALIZATION, *passes) for level, passes in {0: (), 1: _CLEANUP, 2: _FAST, 3: _FAST}.items()
 }
 
-# Opt-in lossy passes, by the CompileOptions field that requests them and the parameter it sets.
+# Opt-in lossy passes with one parameter, by the CompileOptions field that requests them and the parameter it sets.
 LOSSY_PASS_OPTIONS: dict[str, tuple[str, str]] = {
     "prune_threshold": ("magnitude-pruning", "threshold"),
     "prune_neurons": ("neuron-pruning", "fraction"),
 }
+EMBEDDING_QUANTIZATION = "embedding-quantization"
+# The embedding-table format each level uses when the user does not choose one.
+DEFAULT_EMBEDDING_FORMAT: dict[int, str | None] = {0: None, 1: None, 2: None, 3: "int8"}
+FC_QUANTIZATION = "fc-quantization"
+# The FC layer precision each level uses when the user does not choose one (None: fp32, no pass). Not
+# int8 at -O3 yet: reccc's int8 kernels are still slower than its fp32 ones (README: Mixed-precision FC layers).
+DEFAULT_FC_PRECISION: dict[int, str | None] = {0: None, 1: None, 2: None, 3: None}
 
 # Lossy passes run before the first of these (cleanup that can exploit what they zeroed), else last.
 _LOSSY_PASSES_BEFORE = ("prune-dead-neurons", "dead-code-elimination")
@@ -70,13 +77,6 @@ def _param_text(value) -> str:
     if isinstance(value, Mapping):
         return ",".join(f"{key}:{item}" for key, item in value.items())
     return str(value)
-EMBEDDING_QUANTIZATION = "embedding-quantization"
-# The embedding-table format each level uses when the user does not choose one.
-DEFAULT_EMBEDDING_FORMAT: dict[int, str | None] = {0: None, 1: None, 2: None, 3: "int8"}
-FC_QUANTIZATION = "fc-quantization"
-# The FC layer precision each level uses when the user does not choose one (None: fp32, no pass). Not
-# int8 at -O3 yet: reccc's int8 kernels are still slower than its fp32 ones (README: Mixed-precision FC layers).
-DEFAULT_FC_PRECISION: dict[int, str | None] = {0: None, 1: None, 2: None, 3: None}
 
 
 def pipeline_for(opt_level: int, explicit: list[str] | None, disabled: list[str], lossy: list[PipelineStep]) -> list[PipelineStep]:

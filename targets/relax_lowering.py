@@ -101,7 +101,8 @@ def build(
     bind_kernels: Callable[[tvm.IRModule, tvm.target.Target], tvm.IRModule] | None = None,
 ) -> tvm.runtime.Executable:
     """Import and compile. From -O1 on, Relax-level legalization, constant folding (weight transposes
-    of Gemm are folded here instead of running every call) and operator fusion run before TVM's build;
+    of Gemm are folded here instead of running every call) and operator fusion (gathers included) run
+    before TVM's build;
     from -O2 on, the target's default `schedule` rules. `bind_kernels` then maps, at every level, the
     kernels no rule scheduled onto the device's threads (GPU targets need it)."""
     module = to_relax(model)
