@@ -21,7 +21,6 @@ import tvm
 from tvm import s_tir
 from tvm.target import codegen
 
-from reccc.targets.operator_fusion import reads_at_loaded_index
 
 MATMUL_ROWS = 4
 VECTORS_PER_TILE = 4
@@ -110,9 +109,8 @@ def _elementwise_rule(schedule: s_tir.Schedule, lanes: int) -> None:
 
 
 def _lookup_rule(schedule: s_tir.Schedule, lanes: int) -> bool:
-    """A kernel of embedding lookups (a gather fused with its dequantization and pooling, see
-    targets/operator_fusion.py): every block is inlined into the one writing the output, so each
-    stored row is read once, straight into the output. The output runs parallel over its outermost
+    """A kernel of embedding lookups (a gather, and whatever TVM fused with it): every block is
+    inlined into the one writing the output, so each stored row is read once, straight into it. The output runs parallel over its outermost
     loop and vectorized over the innermost spatial one (the row's columns), with any pooling
     reduction moved outside the columns so that each step reads a whole row."""
     blocks = schedule.get_child_blocks(schedule.get_sblock("root"))
@@ -140,9 +138,21 @@ def _lookup_rule(schedule: s_tir.Schedule, lanes: int) -> bool:
     return True
 
 
+def reads_at_loaded_index(block) -> bool:
+    """Whether `block` reads a buffer at an index it loads from another (a gather)."""
+    return any(_has_load(extent.min) for read in block.reads for extent in read.region)
+
+
+def _has_load(expr) -> bool:
+    if isinstance(expr, tvm.ir.TensorLoad):
+        return True
+    children = [getattr(expr, field) for field in ("a", "b", "value", "condition", "true_value", "false_value") if hasattr(expr, field)]
+    children += list(getattr(expr, "args", ()))
+    return any(_has_load(child) for child in children if isinstance(child, tvm.tirx.Expr))
+
+
 def _concatenation_rule(schedule: s_tir.Schedule, symbol: str) -> bool:
-    """A concatenation (kept apart from its inputs, see targets/operator_fusion.py) picks its source by
-    column: partitioned at the boundaries, each segment of a row is a plain copy loop."""
+    """A concatenation picks its source by column: partitioned at the boundaries, each segment of a row is a plain copy loop."""
     if not symbol.startswith("concatenate"):
         return False
     for block in schedule.get_child_blocks(schedule.get_sblock("root")):

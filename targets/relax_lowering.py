@@ -13,7 +13,6 @@ from tvm.relax.frontend.onnx import from_onnx
 from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
 from reccc.errors import CompileError, one_line
-from reccc.targets.operator_fusion import fuse_operators
 
 # Ops the importer handles outside its convert map.
 _IMPORTER_BUILTIN_OPS = {"Constant", "If"}
@@ -101,8 +100,7 @@ def build(
     bind_kernels: Callable[[tvm.IRModule, tvm.target.Target], tvm.IRModule] | None = None,
 ) -> tvm.runtime.Executable:
     """Import and compile. From -O1 on, Relax-level legalization, constant folding (weight transposes
-    of Gemm are folded here instead of running every call) and operator fusion (gathers included) run
-    before TVM's build;
+    of Gemm are folded here instead of running every call) and operator fusion run before TVM's build;
     from -O2 on, the target's default `schedule` rules. `bind_kernels` then maps, at every level, the
     kernels no rule scheduled onto the device's threads (GPU targets need it)."""
     module = to_relax(model)
@@ -110,7 +108,7 @@ def build(
         with target:
             module = relax.transform.LegalizeOps(_ONNX_EXACT_LEGALIZATIONS)(module)
             if opt_level >= 1:
-                module = fuse_operators()(module)
+                module = relax.get_pipeline("zero")(module)
             if opt_level >= 2 and schedule is not None:
                 module = schedule(module, target)
             if bind_kernels is not None:  # at every level: an unbound GPU kernel would be built as host code

@@ -7,7 +7,7 @@ import pytest
 import tvm
 from tvm import relax
 
-from reccc.targets import cpu_schedules, operator_fusion, relax_lowering
+from reccc.targets import cpu_schedules, relax_lowering
 from reccc.targets.x86 import host_cpu
 
 from conftest import model_path
@@ -16,7 +16,7 @@ from conftest import model_path
 def _fused_module(name: str) -> tvm.IRModule:
     target = host_cpu().tvm_target()
     with target:
-        return operator_fusion.fuse_operators()(relax_lowering.to_relax(onnx.load(model_path(name))))
+        return relax.get_pipeline("zero")(relax_lowering.to_relax(onnx.load(model_path(name))))
 
 
 @pytest.mark.parametrize("name", ["dlrm", "two_tower"])
