@@ -32,7 +32,6 @@ FP16_MAX = float(np.finfo(np.float16).max)
 @dataclass
 class EncodedTable:
     format: str
-    dim: int
     arrays: dict[str, np.ndarray]  # role ("codes", "scale_bias", "values") -> stored array
 
     @property
@@ -56,7 +55,7 @@ def unsupported_reason(table: np.ndarray, format: str) -> str | None:
 def encode(table: np.ndarray, format: str) -> EncodedTable:
     table = table.astype(np.float32, copy=False)
     if format == "fp16":
-        return EncodedTable(format, table.shape[1], {"values": table.astype(np.float16)})
+        return EncodedTable(format, {"values": table.astype(np.float16)})
     levels = 255 if format == "int8" else 15
     low, high = table.min(axis=1), table.max(axis=1)
     scale_type = np.float32 if format == "int8" else np.float16
@@ -71,7 +70,7 @@ def encode(table: np.ndarray, format: str) -> EncodedTable:
     scale_bias = np.stack([scale, bias], axis=1)
     if format == "int4":
         codes = _pack_row_pairs(codes)
-    return EncodedTable(format, table.shape[1], {"codes": codes, "scale_bias": scale_bias})
+    return EncodedTable(format, {"codes": codes, "scale_bias": scale_bias})
 
 
 def decode(encoded: EncodedTable) -> np.ndarray:
