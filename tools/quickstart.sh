@@ -8,4 +8,4 @@ out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 .venv/bin/reccc inspect testsuite/models/dlrm.onnx
 .venv/bin/reccc testsuite/models/dlrm.onnx --target=x86 -O2 -o "$out/dlrm.so" --time-passes -v
-.venv/bin/python tools/bench.py testsuite/models/dlrm.onnx --batches 1,64,2048 --repeat 20 --json "$out/bench.json"
+.venv/bin/python tools/bench.py testsuite/models/dlrm.onnx --levels 2 --batches 1,64,2048 --repeat 20 --json "$out/bench.json"
