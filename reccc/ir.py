@@ -122,8 +122,13 @@ class Model:
 
 
 def tensor_dtype(tensor: gs.Tensor) -> np.dtype | None:
-    """The numpy dtype of a graphsurgeon tensor, or None when unknown."""
-    return None if tensor.dtype is None else np.dtype(tensor.dtype)
+    """The numpy dtype of a graphsurgeon tensor, or None when unknown. graphsurgeon keeps the ONNX type
+    number of types numpy lacks (bfloat16); onnx maps those to ml_dtypes' numpy types."""
+    if tensor.dtype is None:
+        return None
+    if isinstance(tensor.dtype, int):
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.dtype))
+    return np.dtype(tensor.dtype)
 
 
 def _default_opset(proto: onnx.ModelProto) -> int:

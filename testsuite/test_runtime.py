@@ -225,3 +225,48 @@ def test_gathers_with_constant_ids_need_no_guard(tmp_path):
     reccc.compile(tmp_path / "m.onnx", tmp_path / "m.so", opt_level=0)
     out = reccc.load(tmp_path / "m.so").run({"x": np.zeros((2, 2), np.float32)})["y"]
     np.testing.assert_array_equal(out, [[10, 11], [0, 1]])
+
+
+def _save(graph, path, opset=17):
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def test_outputs_are_the_callers_to_change(tmp_path):
+    """An output that is a constant of the model (or an input) comes back as a copy: writing to it
+    changes neither the next call's result nor the caller's input."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["same"], name="same")],
+        "constant_output",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
+        [
+            helper.make_tensor_value_info("same", TensorProto.FLOAT, ["batch", 2]),
+            helper.make_tensor_value_info("bias", TensorProto.FLOAT, [2]),
+        ],
+        [numpy_helper.from_array(np.array([1.5, -2.0], np.float32), "bias")],
+    )
+    reccc.compile(_save(graph, tmp_path / "m.onnx"), tmp_path / "m.so")
+    model = reccc.load(tmp_path / "m.so")
+    x = np.ones((3, 2), np.float32)
+    first = model.run({"x": x})
+    first["bias"][:] = 0
+    first["same"][:] = 7
+    again = model.run({"x": x})
+    np.testing.assert_array_equal(again["bias"], [1.5, -2.0])
+    np.testing.assert_array_equal(x, np.ones((3, 2)))
+
+
+def test_bfloat16_outputs_come_back_as_bfloat16(tmp_path):
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["y"], name="to_bf16", to=TensorProto.BFLOAT16)],
+        "bf16_output",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, ["batch", 4])],
+    )
+    reccc.compile(_save(graph, tmp_path / "m.onnx"), tmp_path / "m.so")
+    x = np.array([[1.0, 0.5, -3.25, 1 + 2**-7]], np.float32)
+    y = reccc.load(tmp_path / "m.so").run({"x": x})["y"]
+    assert str(y.dtype) == "bfloat16"
+    np.testing.assert_array_equal(y.astype(np.float32), [[1.0, 0.5, -3.25, 1 + 2**-7]])
