@@ -21,7 +21,7 @@ from reccc.accuracy_guard import AccuracyReport, calibration_reference, measure
 from reccc.errors import CompileError, UsageError
 from reccc.external_data import inlined
 from reccc.index_guard import FLAGS_OUTPUT, INDEX_CHECK_MODES, guard_embedding_indices
-from reccc.ir import Model
+from reccc.ir import Model, tensor_dtype
 from reccc.manifest import Manifest, TensorSpec, write_manifest_source
 from reccc.model_file import read_model, write_model
 from reccc.native_output import silenced_output
@@ -365,6 +365,6 @@ def _fix_input_shapes(model: Model, shapes: Mapping[str, Sequence[int]]) -> None
 def _interface(model: Model) -> tuple[list[TensorSpec], list[TensorSpec]]:
     def spec(tensor) -> TensorSpec:
         shape = [d if isinstance(d, int) and d >= 0 else (d or f"{tensor.name}_dim{i}") for i, d in enumerate(tensor.shape or [])]
-        return TensorSpec(tensor.name, str(np.dtype(tensor.dtype)), shape)
+        return TensorSpec(tensor.name, str(tensor_dtype(tensor)), shape)
 
     return [spec(t) for t in model.graph.inputs], [spec(t) for t in model.graph.outputs]
