@@ -77,7 +77,8 @@ def _schedule_padding(schedule: s_tir.Schedule, padded_output, lanes: int) -> No
             schedule.compute_inline(block)
             continue
         *_, inner = schedule.get_loops(block)
-        if int(schedule.get(inner).extent) % lanes == 0:
+        extent = schedule.get(inner).extent  # symbolic where the padded dim is (a bag-membership matrix's ids)
+        if isinstance(extent, tvm.tirx.IntImm) and int(extent) % lanes == 0:
             _, vector = schedule.split(inner, factors=[None, lanes])
             schedule.vectorize(vector)
 
