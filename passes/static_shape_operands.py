@@ -121,11 +121,11 @@ class _Builder:
                 run.append(entry)
                 continue
             if run:
-                parts.append(new_constant(self.graph, base, np.array(run, np.int64)))
+                parts.append(new_constant(self.graph, f"{base}_part{len(parts)}", np.array(run, np.int64)))
                 run = []
             parts.append(self._dim(entry))
         if run:
-            parts.append(new_constant(self.graph, base, np.array(run, np.int64)))
+            parts.append(new_constant(self.graph, f"{base}_part{len(parts)}", np.array(run, np.int64)))
         joined = gs.Variable(f"{base}_shape", np.int64, [len(entries)])
         new_node(self.graph, "Concat", f"{base}_concat", parts, [joined], axis=0)
         return joined
