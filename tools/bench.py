@@ -15,7 +15,13 @@ Engines, all fed the same random valid inputs (reccc.sample_inputs) in one proce
                  so the difference to `reccc_O*` is the Python wrapper's overhead
   plain_tvm      tvm.compile(from_onnx(model)) with no reccc passes and no Relax pipeline, numpy in and out
 Repetitions are interleaved (each round runs every engine once, in an order that rotates per round),
-so drift in machine speed hits all engines alike. Results go to bench-results/bench-<model>.json.
+so drift in machine speed hits all engines alike.
+
+Beside the timings, in the same run: the machine's limits (tools/machine_limits.py: copy bandwidth,
+numpy's fp32 GEMM rate) and each reccc build's hot kernels at every batch (tools/kernel_profile.py:
+GFLOP/s of the matmuls against the GEMM rate, gathered GB/s of the lookups against the copy
+bandwidth). Results go to bench-results/bench-<model>.json (bench.json for the standard models)
+with a chart beside it (.png).
 """
 
 import argparse
@@ -23,7 +29,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -33,12 +38,21 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from kernel_profile import print_hot_kernels
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench-results"
 
 # The model of the TVM notes' speed table: 8 tables 100k x 64, MLPs 13-512-256-64 and 576-512-256-1.
 STANDARD_MODEL = {"tables": 8, "rows": 100_000, "dim": 64, "dense": 13, "bottom": (512, 256), "top": (512, 256)}
-STANDARD_MODEL_STEM = "dlrm-standard"
+# The standard models by name: tools/testmodels.py builder and its configuration. DeepFM as in its
+# paper (Criteo's 26 fields, one shared 1M-row table of dim 16, MLP 400-400-400); a two-tower
+# retrieval model with 1M-row tables of dim 64 and 256-128 towers.
+STANDARD_MODELS = {
+    "dlrm": ("dlrm", STANDARD_MODEL),
+    "deepfm": ("deepfm", {"fields": 26, "rows": 1_000_000, "dim": 16, "hidden": (400, 400, 400)}),
+    "two_tower": ("two_tower", {"rows": 1_000_000, "dim": 64, "dense": 32, "hidden": (256, 128)}),
+}
 
 WARMUP_RUNS = 3
 # An engine stops repeating once its timed runs add up to this many seconds (and it has at least
@@ -66,11 +80,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Time reccc's compiled model against onnxruntime and plain TVM (tvm.compile, no reccc passes).",
     )
-    parser.add_argument(
-        "model", nargs="?", type=Path,
-        help="an .onnx model (default: build the standard DLRM-style model, "
-        "dlrm(tables=8, rows=100_000, dim=64, dense=13, bottom=(512, 256), top=(512, 256)), in a temp dir)",
-    )
+    parser.add_argument("model", nargs="?", type=Path, help="an .onnx model (default: the --standard models)")
+    parser.add_argument("--standard", type=standard_list, default=list(STANDARD_MODELS),
+                        help="without a model: the standard models to build (in a temp dir) and time, comma-separated, of "
+                        f"{', '.join(STANDARD_MODELS)} (default: all; see STANDARD_MODELS for their sizes)")
     parser.add_argument("--batches", type=batch_list, default=[1, 64, 2048], help="comma-separated batch sizes (default: 1,64,2048)")
     parser.add_argument("--repeat", type=int, default=20, help="timed repetitions per engine and batch (default: 20; "
                         f"an engine stops early after {ENGINE_BUDGET_S:g} s of timed runs, but not before {MIN_RUNS})")
@@ -82,7 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--embedding-quant", choices=("int8", "int4", "fp16", "none"),
                         help="embedding table format at every level (default: each level's own: -O3 quantizes tables to int8)")
     parser.add_argument("--tune-db", type=Path, help="-O3's tuning database (default: a fresh one, so -O3's compile time is the tuning's)")
-    parser.add_argument("--json", type=Path, help="where to write the results (default: bench-results/bench-<model stem>.json)")
+    parser.add_argument("--json", type=Path, help="where to write the results, the chart beside it with suffix .png "
+                        "(default: bench-results/bench-<model stem>.json, or bench.json for the standard models)")
     parser.add_argument("--no-plain-tvm", action="store_true", help="skip the plain TVM baseline (its compile and runs are slow)")
     args = parser.parse_args(argv)
     if args.repeat < 1 or args.threads < 1:
@@ -95,6 +109,14 @@ def level_list(text: str) -> list[int]:
     if not levels or any(level not in (0, 1, 2, 3) for level in levels):
         raise argparse.ArgumentTypeError(f"expected comma-separated levels 0..3, not '{text}'")
     return levels
+
+
+def standard_list(text: str) -> list[str]:
+    names = text.split(",")
+    unknown = [name for name in names if name not in STANDARD_MODELS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown standard model '{unknown[0]}' (known: {', '.join(STANDARD_MODELS)})")
+    return names
 
 
 def batch_list(text: str) -> list[int]:
@@ -117,12 +139,12 @@ def set_tvm_threads(threads: int) -> str:
     return f"TVM_NUM_THREADS={threads} (set by bench.py from --threads)"
 
 
-def build_standard_model(folder: Path) -> Path:
-    sys.path.insert(0, str(REPO_ROOT / "tools"))  # testmodels.py is a script beside this one, not a package
-    from testmodels import dlrm
+def build_standard_model(name: str, folder: Path) -> Path:
+    import testmodels
 
-    path = folder / f"{STANDARD_MODEL_STEM}.onnx"
-    onnx.save(dlrm(**STANDARD_MODEL), str(path))
+    builder, config = STANDARD_MODELS[name]
+    path = folder / f"{name}-standard.onnx"
+    onnx.save(getattr(testmodels, builder)(**config), str(path))
     return path
 
 
@@ -317,9 +339,12 @@ def print_batch(result: dict) -> None:
         print(f"  max abs error vs onnxruntime, {engine}: {listed}")
     if not result["agrees"]:
         print("  WARNING: outputs differ from onnxruntime beyond the fp32 tolerance")
+    for build, hot in result.get("hot_kernels", {}).items():
+        print(f"  {build} hot kernels (instrumented runs):")
+        print_hot_kernels(hot, indent="    ")
 
 
-def run_benchmark(args: argparse.Namespace, model_path: Path, model_description: dict, scratch: Path) -> dict:
+def run_benchmark(args: argparse.Namespace, model_path: Path, model_description: dict, limits: dict, scratch: Path) -> dict:
     import reccc
     from reccc.ir import Model
 
@@ -328,12 +353,13 @@ def run_benchmark(args: argparse.Namespace, model_path: Path, model_description:
     model_description["parameter_bytes"] = ir_model.parameter_bytes()
 
     tuning = {"tune_trials": args.tune_trials, "tune_seconds": args.tune_time, "tune_db": str(args.tune_db or scratch / "tune"), "tune_progress": True}
-    builds, compiles = [], {}
+    builds, compiles, artifacts = [], {}, {}
     for level in args.levels:
-        artifact = scratch / f"model-O{level}.so"
+        artifact = scratch / f"{model_path.stem}-O{level}.so"
         print(f"compiling with reccc -O{level} ...", flush=True)
         seconds = compile_with_reccc(model_path, artifact, level, tuning, args.embedding_quant)
         builds.append(Build(level, reccc.load(artifact), load_vm_main(artifact)))
+        artifacts[level] = artifact
         compiles[f"reccc_O{level}"] = {"seconds": seconds, "artifact_bytes": artifact.stat().st_size}
         print(f"  {seconds:.1f} s, artifact {artifact.stat().st_size / 1e6:.1f} MB", flush=True)
     plain_main, plain_seconds = None, None
@@ -347,42 +373,62 @@ def run_benchmark(args: argparse.Namespace, model_path: Path, model_description:
     batches = []
     for batch in args.batches:
         batches.append(bench_batch(batch, ir_model, proto, session, builds, plain_main, args.repeat))
+        batches[-1]["hot_kernels"] = profile_builds(artifacts, ir_model, batch, limits)
         print_batch(batches[-1])
-    return {"compile": {**compiles, "plain_tvm_seconds": plain_seconds}, "batches": batches}
+    return {"model": model_description, "compile": {**compiles, "plain_tvm_seconds": plain_seconds}, "batches": batches}
+
+
+def profile_builds(artifacts: dict[int, Path], ir_model, batch: int, limits: dict) -> dict[str, list[dict]]:
+    """Each build's hot kernels at this batch, rated against the machine's limits (untimed runs)."""
+    from kernel_profile import profile_kernels, rate_hot_kernels
+    from reccc.sample_inputs import random_inputs
+
+    feeds = random_inputs(ir_model, batch, seed=INPUT_SEED)
+    return {f"reccc_O{level}": rate_hot_kernels(profile_kernels(artifact, feeds), limits) for level, artifact in artifacts.items()}
+
+
+def print_limits(limits: dict) -> None:
+    print(f"machine limits: copy {limits['copy_bytes_per_s'] / 1e9:.1f} GB/s ({limits['threads']} threads), "
+          f"numpy sgemm {limits['sgemm_flops_per_s'] / 1e9:.0f} GFLOP/s at {limits['sgemm_size']}^3", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
+    from bench_chart import write_chart
+    from machine_limits import measure
+
     args = parse_args(argv)
     tvm_threads_source = set_tvm_threads(args.threads)
+    limits = measure(args.threads)
+    print_limits(limits)
+    models = []
     with tempfile.TemporaryDirectory(prefix="reccc-bench-") as folder:
         scratch = Path(folder)
-        if args.model is None:
-            print("building the standard DLRM-style model ...", flush=True)
-            model_path = build_standard_model(scratch)
-            model_description = {"built": "tools/testmodels.py dlrm", "config": STANDARD_MODEL}
-        else:
-            model_path = args.model
-            model_description = {"path": str(args.model)}
-        measured = run_benchmark(args, model_path, model_description, scratch)
+        if args.model is not None:
+            models.append(run_benchmark(args, args.model, {"name": args.model.stem, "path": str(args.model)}, limits, scratch))
+        for name in args.standard if args.model is None else []:
+            print(f"\n=== {name}: building the standard {name} model ...", flush=True)
+            builder, config = STANDARD_MODELS[name]
+            description = {"name": name, "built": f"tools/testmodels.py {builder}", "config": config}
+            models.append(run_benchmark(args, build_standard_model(name, scratch), description, limits, scratch))
 
     report = {
         "machine": machine_info(),
         "versions": versions(),
         "threads": {"onnxruntime_intra_op": args.threads, "tvm_runtime": tvm_runtime_threads(), "tvm_source": tvm_threads_source},
-        "model": model_description,
+        "limits": limits,
         "levels": args.levels,
         "embedding_quant": args.embedding_quant or "each level's default",
         "tuning": {"trials": args.tune_trials, "seconds": args.tune_time, "database": str(args.tune_db) if args.tune_db else "fresh"},
         "repeat": args.repeat,
         "warmup_runs": WARMUP_RUNS,
         "engine_budget_seconds": ENGINE_BUDGET_S,
-        **measured,
+        "models": models,
     }
-    stem = STANDARD_MODEL_STEM if args.model is None else args.model.stem
-    output = args.json or RESULTS_DIR / f"bench-{stem}.json"
+    output = args.json or RESULTS_DIR / ("bench.json" if args.model is None else f"bench-{args.model.stem}.json")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {output}")
+    chart = write_chart(report, output.with_suffix(".png"))
+    print(f"\nwrote {output} and {chart}")
 
 
 if __name__ == "__main__":

@@ -123,23 +123,25 @@ def wide_and_deep(fields: int = 3, rows: int = 500, dim: int = 8, dense: int = 6
     return g.model("wide_and_deep", [(g.node("Sigmoid", [g.node("Add", [wide, deep])], output="prob"), ["batch", 1])])
 
 
-def two_tower(rows: int = 800, dim: int = 16, dense: int = 8, seed: int = 2) -> onnx.ModelProto:
-    """Two-tower retrieval: user and item towers, each an embedding plus dense features through an MLP, dot product."""
+def two_tower(rows: int = 800, dim: int = 16, dense: int = 8, hidden: tuple[int, ...] = (32, 16), seed: int = 2) -> onnx.ModelProto:
+    """Two-tower retrieval: user and item towers, each an embedding plus dense features through an MLP
+    (`hidden` units, the last one the vectors' width), dot product."""
     g = _GraphBuilder(seed)
     towers = []
     for side in ("user", "item"):
         ids = g.input(f"{side}_id", TensorProto.INT64, ["batch"])
         feats = g.input(f"{side}_features", TensorProto.FLOAT, ["batch", dense])
         joined = g.node("Concat", [g.lookup(ids, rows, dim), feats], axis=1)
-        towers.append(g.mlp(joined, [dim + dense, 32, 16], last_activation=False))
+        towers.append(g.mlp(joined, [dim + dense, *hidden], last_activation=False))
     product = g.node("Mul", towers)
     score = g.node("ReduceSum", [product, g.const("axis", np.array([1], np.int64))], output="score", keepdims=1)
     user_vector = g.node("Identity", [towers[0]], output="user_vector")
-    return g.model("two_tower", [(score, ["batch", 1]), (user_vector, ["batch", 16])])
+    return g.model("two_tower", [(score, ["batch", 1]), (user_vector, ["batch", hidden[-1]])])
 
 
-def deepfm(fields: int = 5, rows: int = 300, dim: int = 8, seed: int = 3) -> onnx.ModelProto:
-    """DeepFM over one [batch, fields] id input: first-order weights, FM pairwise interaction, deep MLP."""
+def deepfm(fields: int = 5, rows: int = 300, dim: int = 8, hidden: tuple[int, ...] = (32, 16), seed: int = 3) -> onnx.ModelProto:
+    """DeepFM over one [batch, fields] id input: first-order weights, FM pairwise interaction, deep MLP
+    with `hidden` units."""
     g = _GraphBuilder(seed)
     ids = g.input("feat_ids", TensorProto.INT64, ["batch", fields])
     first = g.node("ReduceSum", [g.lookup(ids, rows, 1), g.const("axes", np.array([1, 2], np.int64))], keepdims=0)
@@ -150,7 +152,7 @@ def deepfm(fields: int = 5, rows: int = 300, dim: int = 8, seed: int = 3) -> onn
     sum_of_square = g.node("ReduceSum", [g.node("Mul", [v, v]), fields_axis], keepdims=0)
     half = g.const("half", np.array(0.5, np.float32))
     fm = g.node("Mul", [half, g.node("ReduceSum", [g.node("Sub", [square_of_sum, sum_of_square]), fields_axis], keepdims=1)])
-    deep = g.mlp(g.flatten_keep_batch(v, fields * dim), [fields * dim, 32, 16, 1], last_activation=False)
+    deep = g.mlp(g.flatten_keep_batch(v, fields * dim), [fields * dim, *hidden, 1], last_activation=False)
     logit = g.node("Add", [g.node("Add", [first, fm]), deep])
     return g.model("deepfm", [(g.node("Sigmoid", [logit], output="prob"), ["batch", 1])])
 

@@ -1,0 +1,43 @@
+"""tools/bench.py as a user runs it: a report with the machine's limits, timings against onnxruntime,
+rated hot kernels and a chart. Timings are not checked (tests do not time); their presence and the
+agreement with onnxruntime are."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import model_path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_bench_writes_a_report_with_limits_rated_kernels_and_a_chart(tmp_path):
+    report_path = tmp_path / "report.json"
+    subprocess.run(
+        [sys.executable, str(REPO / "tools" / "bench.py"), str(model_path("dlrm")), "--levels", "2", "--batches", "1,64",
+         "--repeat", "3", "--no-plain-tvm", "--json", str(report_path)],
+        check=True, capture_output=True, text=True, timeout=600,
+    )
+    report = json.loads(report_path.read_text())
+    assert report["limits"]["copy_bytes_per_s"] > 1e8 and report["limits"]["sgemm_flops_per_s"] > 1e8
+    [model] = report["models"]
+    assert model["model"]["name"] == "dlrm" and [b["batch"] for b in model["batches"]] == [1, 64]
+    for batch in model["batches"]:
+        assert batch["agrees"]
+        assert set(batch["ratio_to_onnxruntime"]) == {"reccc_O2", "reccc_O2_vm_call"}
+        hot = batch["hot_kernels"]["reccc_O2"]
+        assert hot and sum(kernel["share"] for kernel in hot) <= 1.0
+    # At batch 64 the dlrm's widest layer (64 x 80 -> 64) is among the hot kernels, rated in GFLOP/s.
+    matmuls = [k for k in model["batches"][1]["hot_kernels"]["reccc_O2"] if "gflops" in k]
+    assert matmuls and all(k["gflops"] > 0 and k["flops"] % (2 * 64) == 0 for k in matmuls)
+    assert report_path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_kernel_work_comes_from_the_argument_shapes():
+    sys.path.insert(0, str(REPO / "tools"))
+    from kernel_profile import _work
+
+    assert _work("fused_matmul3_add_relu", [(2048, 576), (576, 512), (512,), (2048, 512)]) == {"flops": 2 * 2048 * 512 * 576}
+    assert _work("take1", [(100, 64), (2048,), (2048, 64)]) == {"gathered_elements": 2048 * 64}
+    assert _work("fused_concatenate", [(8, 4), (8, 4), (8, 8)]) == {}
