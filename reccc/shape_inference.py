@@ -38,7 +38,8 @@ def inferred(proto: onnx.ModelProto, source: str) -> onnx.ModelProto:
     chains keep their symbolic batch) where that is safe."""
     proto = _without_negative_dims(proto)
     _check_static_sizes(proto.graph, source)  # an unknown type would make inference raise a bare ValueError
-    # The safety checks infer a skeleton of the model; the model itself is inferred once, as onnx does it.
+    # Inference reads the skeleton of the model only (onnx serializes what it infers: the weights would
+    # cost seconds per call on a model of hundreds of MB); the weights' data goes back in afterwards.
     skeleton = _skeleton(proto)
     _check_slice_inputs(skeleton, source, data_prop=False)
     plain = _run_inference(skeleton, source, data_prop=False)
@@ -46,9 +47,11 @@ def inferred(proto: onnx.ModelProto, source: str) -> onnx.ModelProto:
     data_prop = _propagates_only_shape_vectors(plain)
     if data_prop:
         _check_slice_inputs(skeleton, source, data_prop=True)
-    result = _run_inference(proto, source, data_prop)
-    _check_static_sizes(result.graph, source)
-    return result
+        result = _run_inference(skeleton, source, data_prop=True)
+        _check_static_sizes(result.graph, source)
+    else:
+        result = plain
+    return _with_weights_of(proto, result) if skeleton is not proto else result
 
 
 def _skeleton(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -67,6 +70,14 @@ def _skeleton(proto: onnx.ModelProto) -> onnx.ModelProto:
             for field in ("raw_data", "float_data", "double_data", "int32_data"):
                 tensor.ClearField(field)
     return skeleton
+
+
+def _with_weights_of(proto: onnx.ModelProto, inferred_skeleton: onnx.ModelProto) -> onnx.ModelProto:
+    """The inferred skeleton with the initializers of `proto` (the ones whose data it lacks) put back."""
+    weights = {tensor.name: tensor for tensor in proto.graph.initializer}
+    for tensor in inferred_skeleton.graph.initializer:
+        tensor.CopyFrom(weights[tensor.name])
+    return inferred_skeleton
 
 
 def _propagates_only_shape_vectors(inferred: onnx.ModelProto) -> bool:
