@@ -3,6 +3,7 @@
 from reccc.passes import constant_folding, dead_code_elimination  # noqa: F401  (imported to register)
 from reccc.passes import concat_fc_fusion  # noqa: F401  (imported to register)
 from reccc.passes import (  # noqa: F401  (imported to register) import legalization passes
+    batch_arithmetic,
     embedding_bag_loops,
     explicit_squeeze_axes,
     reject_baked_dims,

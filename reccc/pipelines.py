@@ -29,13 +29,14 @@ _FAST = (*_CLEANUP[:-1], "concat-fc-fusion", "dead-code-elimination")
 # not optimizations, so they run first at every level, -O0 included (README: Exported-model corpus).
 # Each rewrite gives onnx's shape inference static dims that the others read (what follows a Squeeze
 # without axes or an undecided If has unknown shapes), so squeezes and shape operands run again after
-# If resolution.
+# If resolution, and batch arithmetic (which reads ranks) runs only after it.
 IMPORT_LEGALIZATION = (
     "reject-baked-dims",
     "legalize-embedding-bags",
     "explicit-squeeze-axes",
     "static-shape-operands",
     "resolve-static-ifs",
+    "legalize-batch-arithmetic",
     "explicit-squeeze-axes",
     "static-shape-operands",
 )

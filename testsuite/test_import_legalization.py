@@ -106,7 +106,39 @@ def _din_tile(g: _Graph, x: str, width: int, draw) -> tuple[str, int]:
     return g.node("ReduceSum", [square, g.const(np.array([1], np.int64))], keepdims=0), width
 
 
-FORMS = [_squeeze_if, _squeeze_without_axes, _reshape_through_shapes, _din_tile]
+def _keyed_bags(g: _Graph, x: str, width: int, draw) -> tuple[str, int]:
+    """torchrec's KeyedJaggedTensor of one id per bag and key, as torch's dynamo exporter writes it (the
+    key's ids are x's columns): lengths = full((keys * batch,), 1) from a Reshape of the 0-d keys *
+    batch; per-key sizes = lengths.view(keys, -1).sum(1), unbound into Slice/Squeeze/Reshape and
+    concatenated into the sizes of a Split; offsets = cumsum(lengths) with a 0 in front, and each bag
+    pooled by a membership matrix between offsets[:-1] and offsets[1:] (the end INT64_MAX) over
+    Range(0, ids). Each key's pooled bags are its column again."""
+    vector = lambda values: g.const(np.array(values, np.int64))  # noqa: E731
+    batch = g.node("Squeeze", [g.node("Shape", [x], start=0, end=1), vector([0])])
+    count = g.node("Reshape", [g.node("Mul", [g.const(np.array(width, np.int64)), batch]), vector([-1])])
+    per_key = g.node("Reshape", [g.node("Expand", [g.const(np.array(1, np.int64)), count]), vector([width, -1])])
+    totals = g.node("ReduceSum", [per_key, vector([1])], keepdims=0)
+    sizes = g.node("Concat", [g.node("Reshape", [g.node("Squeeze", [g.node("Slice", [totals, vector([k]), vector([k + 1]), vector([0])]),
+                                                                    vector([0])]), vector([-1])]) for k in range(width)], axis=0)
+    flat = g.node("Reshape", [g.node("Transpose", [x], perm=[1, 0]), vector([-1])])
+    columns = [f"column{next(g._ids)}" for _ in range(width)]
+    g.nodes.append(helper.make_node("Split", [flat, sizes], columns, name=columns[0], axis=0))
+    zeros = g.node("ConstantOfShape", [vector([width, 1])], value=numpy_helper.from_array(np.array([0], np.int64)))
+    offsets = g.node("Concat", [zeros, g.node("CumSum", [per_key, g.const(np.array(-1, np.int64))])], axis=-1)
+    pooled = []
+    for k, column in enumerate(columns):
+        key_offsets = g.node("Squeeze", [g.node("Slice", [offsets, vector([k]), vector([k + 1]), vector([0])]), vector([0])])
+        starts = g.node("Slice", [key_offsets, vector([0]), vector([-1])])
+        ends = g.node("Slice", [key_offsets, vector([1]), vector([np.iinfo(np.int64).max])])
+        ids = g.node("Squeeze", [g.node("Shape", [column], start=0, end=1), vector([0])])
+        positions = g.node("Unsqueeze", [g.node("Range", [g.const(np.array(0, np.int64)), ids, g.const(np.array(1, np.int64))]), vector([0])])
+        member = g.node("And", [g.node("GreaterOrEqual", [positions, g.node("Unsqueeze", [starts, vector([1])])]),
+                                g.node("Less", [positions, g.node("Unsqueeze", [ends, vector([1])])])])
+        pooled.append(g.node("MatMul", [g.node("Cast", [member], to=TensorProto.FLOAT), g.node("Unsqueeze", [column, vector([1])])]))
+    return g.node("Concat", pooled, axis=1), width
+
+
+FORMS = [_squeeze_if, _squeeze_without_axes, _reshape_through_shapes, _din_tile, _keyed_bags]
 
 
 @st.composite
@@ -130,17 +162,28 @@ def legalized(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _reads_only_input_dims(graph: onnx.GraphProto, name: str) -> bool:
-    """A constant, or Concat of constants and Shape(graph input) reads."""
+    """A constant, or Concat of constants and integer arithmetic on Shape(graph input) reads (which TVM
+    reads as a shape expression)."""
     producers = {out: node for node in graph.node for out in node.output}
-    inputs = {value.name for value in graph.input}
+    node = producers.get(name)
+    if node is not None and node.op_type == "Concat":
+        return all(_input_dim_arithmetic(graph, producers, part) for part in node.input)
+    return _input_dim_arithmetic(graph, producers, name)
+
+
+def _input_dim_arithmetic(graph: onnx.GraphProto, producers: dict, name: str, scalar: bool = False) -> bool:
+    """Constants and Shape reads, through Gather/Squeeze/Unsqueeze and, on scalars (`scalar`: below a
+    Mul or Add, which TVM keeps as PrimValues), of any tensor's dims."""
     constants = {init.name for init in graph.initializer} | {n.output[0] for n in graph.node if n.op_type == "Constant"}
     if name in constants:
         return True
     node = producers.get(name)
-    if node is None or node.op_type != "Concat":
+    if node is None:
         return False
-    return all(part in constants or (producers[part].op_type == "Shape" and producers[part].input[0] in inputs)
-               for part in node.input)
+    if node.op_type == "Shape":
+        return scalar or node.input[0] in {value.name for value in graph.input}
+    return node.op_type in {"Gather", "Squeeze", "Unsqueeze", "Mul", "Add"} and all(
+        _input_dim_arithmetic(graph, producers, part, scalar or node.op_type in {"Mul", "Add"}) for part in node.input)
 
 
 def _assert_legal(proto: onnx.ModelProto) -> None:
@@ -148,6 +191,10 @@ def _assert_legal(proto: onnx.ModelProto) -> None:
     for node in graph.node:
         assert node.op_type != "If", "an If on a static dim stayed"
         assert not (node.op_type == "Squeeze" and len(node.input) == 1), "a Squeeze without axes stayed"
+        if node.op_type == "Split":
+            assert len(node.input) < 2 or node.input[1] in {i.name for i in graph.initializer}, f"{node.name}: sizes computed at run time"
+        if node.op_type == "Range":
+            assert node.input[1] in {i.name for i in graph.initializer}, f"{node.name}: a Range to a run-time end"
         if node.op_type in SHAPE_OPERANDS:
             operand = node.input[SHAPE_OPERANDS[node.op_type]]
             if node.op_type == "Tile":
