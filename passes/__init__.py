@@ -6,6 +6,7 @@ from reccc.passes import (  # noqa: F401  (imported to register) import legaliza
     batch_arithmetic,
     embedding_bag_loops,
     explicit_squeeze_axes,
+    gru_unrolling,
     reject_baked_dims,
     resolve_static_ifs,
     static_shape_operands,

@@ -33,6 +33,7 @@ _FAST = (*_CLEANUP[:-1], "concat-fc-fusion", "dead-code-elimination")
 IMPORT_LEGALIZATION = (
     "reject-baked-dims",
     "legalize-embedding-bags",
+    "legalize-gru",
     "explicit-squeeze-axes",
     "static-shape-operands",
     "resolve-static-ifs",
