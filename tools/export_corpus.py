@@ -1,6 +1,7 @@
-"""Regenerate testsuite/corpus/: recommender models from deepctr-torch, pytorch-widedeep and torchrec,
-exported to ONNX by torch's dynamo exporter (opset 20) and its TorchScript exporter (opset 17) with a
-dynamic batch, with inputs and onnxruntime's outputs at batch 1, 7 and 64 so the tests need no torch.
+"""Regenerate testsuite/corpus/: recommender models from deepctr-torch, pytorch-widedeep, torchrec and
+plain torch.nn (GRU sequence models), exported to ONNX by torch's dynamo exporter (opset 20) and its
+TorchScript exporter (opset 17) with a dynamic batch, with inputs and onnxruntime's outputs at batch 1,
+7 and 64 so the tests need no torch.
 
 Runs in the export environment (bash tools/export_env.sh), not in .venv:
 
@@ -329,7 +330,59 @@ TORCHREC = [
     CorpusModel("torchrec", "dlrm_dcn", _torchrec("DLRM_DCN", dcn_num_layers=2, dcn_low_rank_dim=4)),
 ]
 
-LIBRARIES = {"deepctr": DEEPCTR, "widedeep": WIDEDEEP, "torchrec": TORCHREC}
+
+# -- torch.nn sequential recommenders (GRU) ----------------------------------------------------------
+
+_SEQ_ITEMS, _SEQ_LENGTH, _SEQ_DIM = 1000, 8, 16
+
+
+def _gru4rec():
+    """GRU4Rec-style: the session's items embedded, a GRU over them, its last hidden state scored."""
+    import torch
+
+    class GRU4Rec(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.items = torch.nn.Embedding(_SEQ_ITEMS, _SEQ_DIM)
+            self.gru = torch.nn.GRU(_SEQ_DIM, _SEQ_DIM, batch_first=True)
+            self.score = torch.nn.Linear(_SEQ_DIM, 1)
+
+        def forward(self, history):
+            _, last = self.gru(self.items(history))
+            return torch.sigmoid(self.score(last[-1]))
+
+    return GRU4Rec(), [InputSpec("history", "int64", [Column(_SEQ_ITEMS)] * _SEQ_LENGTH)]
+
+
+def _gru_interest():
+    """DIEN-like interest extractor: a GRU's state at every step of the behavior sequence (its interests),
+    attended by the target item, pooled and scored with the target by an MLP."""
+    import torch
+
+    class InterestExtractor(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.items = torch.nn.Embedding(_SEQ_ITEMS, _SEQ_DIM)
+            self.gru = torch.nn.GRU(_SEQ_DIM, _SEQ_DIM, batch_first=True)
+            self.mlp = torch.nn.Sequential(torch.nn.Linear(2 * _SEQ_DIM, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+
+        def forward(self, target, history):
+            item = self.items(target[:, 0])                              # [batch, dim]
+            interests, _ = self.gru(self.items(history))                 # [batch, length, dim]
+            weights = torch.softmax((interests * item.unsqueeze(1)).sum(-1), dim=1)
+            pooled = (weights.unsqueeze(-1) * interests).sum(1)
+            return torch.sigmoid(self.mlp(torch.cat([pooled, item], dim=1)))
+
+    return InterestExtractor(), [InputSpec("target", "int64", [Column(_SEQ_ITEMS)]),
+                                 InputSpec("history", "int64", [Column(_SEQ_ITEMS)] * _SEQ_LENGTH)]
+
+
+TORCH = [
+    CorpusModel("torch", "gru4rec", _gru4rec),
+    CorpusModel("torch", "gru_interest", _gru_interest),
+]
+
+LIBRARIES = {"deepctr": DEEPCTR, "widedeep": WIDEDEEP, "torchrec": TORCHREC, "torch": TORCH}
 
 
 # -- export ------------------------------------------------------------------------------------------
