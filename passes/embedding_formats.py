@@ -14,7 +14,8 @@ ops that read a lookup back as float32, so onnxruntime still runs (and checks) t
 - fp16: the table as float16; lookups Cast back to float32.
 
 A lookup is `Gather(table, ids)` along axis 0 with any ids shape; its replacement computes the same
-shape [*ids.shape, dim] in float32. TVM fuses the gathers and the dequantizing ops into one kernel.
+shape [*ids.shape, dim] in float32. The TVM lowering groups the gathers and the dequantizing ops of a
+lookup into one kernel (reccc.targets.lookup_fusion).
 """
 
 from dataclasses import dataclass

@@ -27,7 +27,8 @@ def guard_embedding_indices(model: Model, mode: str) -> list[IndexGuard]:
         raise ValueError(f"index check mode must be one of {INDEX_CHECK_MODES}, not {mode!r}")
     graph = model.graph
     nodes = {node.name: node for node in graph.nodes}
-    guards, flags = [], []
+    guards: list[IndexGuard] = []
+    checked: list[tuple[gs.Tensor, gs.Tensor]] = []  # (ids, ids in range) per guard
     clipped: dict[tuple[str, int], gs.Variable] = {}  # (ids, rows) -> ids in range: lookups sharing them share a guard
     for lookup in gather_lookups(model):
         gather = nodes[lookup.node]
@@ -44,7 +45,7 @@ def guard_embedding_indices(model: Model, mode: str) -> list[IndexGuard]:
         clipped[ids.name, lookup.rows] = safe
         if mode == "clamp":
             continue
-        flags.append(_any_differs(graph, ids, safe, f"{lookup.node}__"))
+        checked.append((ids, safe))
         guards.append(
             IndexGuard(
                 node=lookup.node,
@@ -54,27 +55,59 @@ def guard_embedding_indices(model: Model, mode: str) -> list[IndexGuard]:
                 source_inputs=list(lookup.source_inputs),
             )
         )
-    if flags:
-        # One output for all lookups: each output costs the runtime a tensor conversion per call.
-        vector = gs.Variable(FLAGS_OUTPUT, dtype=np.int32, shape=[len(flags)])
-        graph.nodes.append(gs.Node("Concat", "__reccc_index_flags", attrs={"axis": 0}, inputs=flags, outputs=[vector]))
-        graph.outputs.append(vector)
+    if guards:
+        guards = _add_flags_output(graph, guards, checked)
     graph.toposort()
     return guards
 
 
-def _any_differs(graph: gs.Graph, a: gs.Tensor, b: gs.Tensor, prefix: str) -> gs.Variable:
-    """A [1] int32 tensor that is 1 if `a` and `b` differ anywhere, else 0 (a negative number for empty tensors)."""
+def _add_flags_output(graph: gs.Graph, guards: list[IndexGuard], checked: list[tuple[gs.Tensor, gs.Tensor]]) -> list[IndexGuard]:
+    """Add the output FLAGS_OUTPUT; returns the guards in the order of its entries. Guards whose ids
+    have the same shape (DLRM's one id column per table) are checked by one reduction over their
+    stacked comparisons: a kernel per group, not two per table, which at batch 1 cost more than the
+    lookups. One output for all of them: each output costs the runtime a tensor conversion per call."""
+    groups: dict[tuple, list[int]] = {}
+    for index, (ids, _) in enumerate(checked):
+        shape = tuple(ids.shape) if ids.shape is not None else None
+        known = shape is not None and all(isinstance(d, (int, str)) and d != -1 for d in shape)
+        groups.setdefault(shape if known else ("unknown", index), []).append(index)
+    flags, ordered = [], []
+    for number, members in enumerate(groups.values()):
+        rows = [_differs_row(graph, *checked[i], f"{guards[i].node}__") for i in members]
+        stacked = rows[0]
+        if len(rows) > 1:
+            stacked = gs.Variable(f"__reccc_index_group{number}_differs", dtype=np.int32)
+            graph.nodes.append(gs.Node("Concat", f"__reccc_index_group{number}_stack", attrs={"axis": 0}, inputs=rows, outputs=[stacked]))
+        # A zero column, so that the reduction never runs over an empty axis: TVM's reduction kernels
+        # leave the output unwritten then (their init sits inside the reduced loop), and an empty
+        # batch would read as out-of-range ids. The count fits int32 for any number of ids.
+        padded = gs.Variable(f"__reccc_index_group{number}_padded", dtype=np.int32)
+        zeros = gs.Constant(f"__reccc_index_group{number}_zeros", np.zeros((len(members), 1), np.int32))
+        graph.nodes.append(gs.Node("Concat", f"__reccc_index_group{number}_pad", attrs={"axis": 1}, inputs=[stacked, zeros], outputs=[padded]))
+        group_flags = gs.Variable(f"__reccc_index_group{number}_flags", dtype=np.int32, shape=[len(members)])
+        axes = gs.Constant(f"__reccc_index_group{number}_axes", np.array([1], np.int64))
+        graph.nodes.append(gs.Node("ReduceSum", f"__reccc_index_group{number}_count", attrs={"keepdims": 0}, inputs=[padded, axes], outputs=[group_flags]))
+        flags.append(group_flags)
+        ordered += [guards[i] for i in members]
+    vector = gs.Variable(FLAGS_OUTPUT, dtype=np.int32, shape=[len(guards)])
+    if len(flags) == 1:
+        graph.nodes.append(gs.Node("Identity", "__reccc_index_flags", inputs=flags, outputs=[vector]))
+    else:
+        graph.nodes.append(gs.Node("Concat", "__reccc_index_flags", attrs={"axis": 0}, inputs=flags, outputs=[vector]))
+    graph.outputs.append(vector)
+    return ordered
+
+
+def _differs_row(graph: gs.Graph, a: gs.Tensor, b: gs.Tensor, prefix: str) -> gs.Variable:
+    """A [1, size] int32 tensor: 1 where `a` and `b` differ, else 0."""
     equal = gs.Variable(f"{prefix}ids_equal", dtype=np.bool_)
     differs = gs.Variable(f"{prefix}ids_differ", dtype=np.bool_)
     as_int = gs.Variable(f"{prefix}ids_differ_i32", dtype=np.int32)
-    flat = gs.Variable(f"{prefix}ids_differ_flat", dtype=np.int32)
-    flag = gs.Variable(f"{prefix}ids_out_of_range", dtype=np.int32, shape=[1])
+    row = gs.Variable(f"{prefix}ids_differ_row", dtype=np.int32)
     graph.nodes += [
         gs.Node("Equal", f"{prefix}equal", inputs=[a, b], outputs=[equal]),
         gs.Node("Not", f"{prefix}differs", inputs=[equal], outputs=[differs]),
         gs.Node("Cast", f"{prefix}cast", attrs={"to": onnx.TensorProto.INT32}, inputs=[differs], outputs=[as_int]),
-        gs.Node("Reshape", f"{prefix}flatten", inputs=[as_int, gs.Constant(f"{prefix}flat_shape", np.array([-1], np.int64))], outputs=[flat]),
-        gs.Node("ReduceMax", f"{prefix}any", attrs={"keepdims": 1}, inputs=[flat], outputs=[flag]),
+        gs.Node("Reshape", f"{prefix}as_row", inputs=[as_int, gs.Constant(f"{prefix}row_shape", np.array([1, -1], np.int64))], outputs=[row]),
     ]
-    return flag
+    return row

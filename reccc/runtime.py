@@ -43,6 +43,7 @@ class CompiledModel:
         # On the CPU an input tensor views numpy memory and an output is copied out of its DLPack view
         # (Tensor.numpy() costs ~7 us an output, the view and copy well under 1); a GPU copies both ways.
         self._to_tensor = tvm.runtime.from_dlpack if on_cpu else lambda array: tvm.runtime.tensor(array, self._device)
+        self._empty_tensor = tvm.runtime.empty
         self._to_numpy = _copy_of_host_tensor if on_cpu else lambda tensor: tensor.numpy()
         self._result_names = self.output_names + (
             [self.manifest.index_flags_output] if self.manifest.index_flags_output is not None else []
@@ -78,6 +79,8 @@ class CompiledModel:
         """The input as a TVM tensor viewing numpy memory: the array itself when TVM accepts its
         alignment, else an aligned numpy copy. (tvm.runtime.tensor's own copy costs ~30 us an input,
         more than the whole model at small batches.)"""
+        if array.size == 0:  # numpy's DLPack view of an empty array fails TVM's alignment and stride checks
+            return self._empty_tensor(array.shape, str(array.dtype), self._device)
         if array.ctypes.data % TVM_ALIGNMENT:
             array = _aligned_copy(array)
         return self._to_tensor(array)

@@ -21,6 +21,7 @@ import tvm
 from tvm import s_tir
 from tvm.target import codegen
 
+from reccc.targets.lookup_fusion import reads_at_loaded_index
 
 MATMUL_ROWS = 4
 VECTORS_PER_TILE = 4
@@ -110,10 +111,11 @@ def _elementwise_rule(schedule: s_tir.Schedule, lanes: int) -> None:
 
 
 def _lookup_rule(schedule: s_tir.Schedule, lanes: int) -> bool:
-    """A kernel of embedding lookups (a gather, and whatever TVM fused with it): every block is
-    inlined into the one writing the output, so each stored row is read once, straight into it. The output runs parallel over its outermost
-    loop and vectorized over the innermost spatial one (the row's columns), with any pooling
-    reduction moved outside the columns so that each step reads a whole row."""
+    """A kernel of embedding lookups (a gather with its id fix-up, dequantization and pooling, grouped
+    by targets/lookup_fusion.py): every block is inlined into the one writing the output, so each
+    stored row is read once, straight into it. The output runs parallel over its outermost loop and
+    vectorized over the innermost spatial one (the row's columns), with any pooling reduction moved
+    outside the columns so that each step reads a whole row into the output row."""
     blocks = schedule.get_child_blocks(schedule.get_sblock("root"))
     if not any(reads_at_loaded_index(schedule.get(block)) for block in blocks):
         return False
@@ -133,23 +135,11 @@ def _lookup_rule(schedule: s_tir.Schedule, lanes: int) -> bool:
             continue
         if reduction:
             schedule.reorder(*spatial[:-1], *reduction, spatial[-1])
-            schedule.decompose_reduction(block, reduction[0])
         schedule.parallel(spatial[0])
         _vectorize(schedule, spatial[-1], lanes)
+        if reduction:  # last: parallel and vectorize refuse a reduction's update block once its init is apart
+            schedule.decompose_reduction(block, reduction[0])
     return True
-
-
-def reads_at_loaded_index(block) -> bool:
-    """Whether `block` reads a buffer at an index it loads from another (a gather)."""
-    return any(_has_load(extent.min) for read in block.reads for extent in read.region)
-
-
-def _has_load(expr) -> bool:
-    if isinstance(expr, tvm.ir.TensorLoad):
-        return True
-    children = [getattr(expr, field) for field in ("a", "b", "value", "condition", "true_value", "false_value") if hasattr(expr, field)]
-    children += list(getattr(expr, "args", ()))
-    return any(_has_load(child) for child in children if isinstance(child, tvm.tirx.Expr))
 
 
 def _concatenation_rule(schedule: s_tir.Schedule, symbol: str) -> bool:

@@ -13,6 +13,7 @@ from tvm.relax.frontend.onnx import from_onnx
 from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
 from reccc.errors import CompileError, one_line
+from reccc.targets.lookup_fusion import fuse_operators
 
 # Ops the importer handles outside its convert map.
 _IMPORTER_BUILTIN_OPS = {"Constant", "If"}
@@ -92,6 +93,24 @@ def _sort_shape_function_stores(module: tvm.IRModule, _context) -> tvm.IRModule:
     return module
 
 
+@tvm.transform.module_pass(opt_level=0, name="ShapeFunctionsNoAlias")
+def _shape_functions_noalias(module: tvm.IRModule, _context) -> tvm.IRModule:
+    """Keep every kernel's `noalias` pointers. TVM 0.27's LLVM codegen gives all functions of a module
+    the `tirx.noalias` setting of the one whose name sorts last (observed: removing or renaming
+    functions flips all of them). VMShapeLower's shape function lacks the attribute, so in a module
+    where it sorts last (no kernel named after "shape_func", e.g. no `take`), LLVM had to assume that
+    every kernel's buffers alias: it kept the matmul accumulators in memory, 2x slower. Its one buffer
+    is the VM's shape heap, which aliases nothing."""
+    updates = {
+        symbol: function.with_attr("tirx.noalias", True)
+        for symbol, function in module.functions.items()
+        if isinstance(function, tirx.PrimFunc) and symbol.name_hint.startswith("shape_func") and len(function.params) == 1
+    }
+    for symbol, function in updates.items():
+        module[symbol] = function
+    return module
+
+
 def build(
     model: onnx.ModelProto,
     target: tvm.target.Target,
@@ -100,7 +119,8 @@ def build(
     bind_kernels: Callable[[tvm.IRModule, tvm.target.Target], tvm.IRModule] | None = None,
 ) -> tvm.runtime.Executable:
     """Import and compile. From -O1 on, Relax-level legalization, constant folding (weight transposes
-    of Gemm are folded here instead of running every call) and operator fusion run before TVM's build;
+    of Gemm are folded here instead of running every call) and operator fusion (one kernel per embedding
+    lookup, see lookup_fusion.py) run before TVM's build;
     from -O2 on, the target's default `schedule` rules. `bind_kernels` then maps, at every level, the
     kernels no rule scheduled onto the device's threads (GPU targets need it)."""
     module = to_relax(model)
@@ -108,12 +128,14 @@ def build(
         with target:
             module = relax.transform.LegalizeOps(_ONNX_EXACT_LEGALIZATIONS)(module)
             if opt_level >= 1:
-                module = relax.get_pipeline("zero")(module)
+                module = fuse_operators()(module)
             if opt_level >= 2 and schedule is not None:
                 module = schedule(module, target)
             if bind_kernels is not None:  # at every level: an unbound GPU kernel would be built as host code
                 module = bind_kernels(module, target)
-            pipeline = tvm.transform.Sequential([relax.pipeline.default_build_pipeline(), _sort_shape_function_stores])
+            pipeline = tvm.transform.Sequential(
+                [relax.pipeline.default_build_pipeline(), _sort_shape_function_stores, _shape_functions_noalias]
+            )
             return tvm.compile(module, target=target, relax_pipeline=pipeline)
     except Exception as error:
         raise CompileError(f"TVM failed to compile the model: {one_line(error)}") from error

@@ -1,6 +1,7 @@
 """Embedding-table quantization through the CLI and the pass API: the formats' error bounds, the
-issue's size and accuracy targets on an embedding-dominated DLRM, valid ONNX that onnxruntime runs,
-pooled lookups, -O3's default under its budget, per-table choices and the id guard."""
+issue's size and accuracy targets on an embedding-dominated DLRM, valid ONNX that onnxruntime runs and
+the artifact computes, one fused kernel per lookup (pooled lookups included), -O3's default under its
+budget, per-table choices and the id guard."""
 
 import re
 import sys
@@ -69,17 +70,79 @@ def test_fp16_tables_halve_and_stay_close(reccc_cli, embedding_dlrm, tmp_path):
     assert accuracy_line(result.stderr) <= 1e-4
 
 
-def test_quantized_graph_is_valid_onnx_and_the_artifact_computes_it_exactly(reccc_cli, embedding_dlrm, tmp_path):
-    graph, artifact = tmp_path / "int4.onnx", tmp_path / "int4.so"
-    assert reccc_cli(embedding_dlrm, "--embedding-quant=int4", "--emit=onnx", "-o", graph).code == 0
-    assert reccc_cli(embedding_dlrm, "--embedding-quant=int4", "-o", artifact).code == 0
+@pytest.mark.parametrize("format", ["int8", "int4", "fp16"])
+def test_quantized_graph_is_valid_onnx_and_the_artifact_computes_it_exactly(reccc_cli, embedding_dlrm, tmp_path, format):
+    graph, artifact = tmp_path / f"{format}.onnx", tmp_path / f"{format}.so"
+    assert reccc_cli(embedding_dlrm, f"--embedding-quant={format}", "--emit=onnx", "-o", graph).code == 0
+    assert reccc_cli(embedding_dlrm, f"--embedding-quant={format}", "-o", artifact).code == 0
     proto = onnx.load(graph)
     onnx.checker.check_model(proto, full_check=True)
-    assert {t.data_type for t in proto.graph.initializer} >= {TensorProto.UINT8, TensorProto.FLOAT16}
+    stored = {"int8": {TensorProto.UINT8}, "int4": {TensorProto.UINT8, TensorProto.FLOAT16}, "fp16": {TensorProto.FLOAT16}}[format]
+    assert {t.data_type for t in proto.graph.initializer} >= stored
     feeds = random_inputs(Model.from_onnx(onnx.load(embedding_dlrm)), 33, seed=5)
+    feeds["cat_1"][:3] -= 20000  # negative ids count from the table's end, in onnxruntime and in the fused lookup
     expected = run_reference(proto, feeds)  # onnxruntime runs the quantized graph: it stays the reference
     for name, (error, bound) in agreement(expected, reccc.load(artifact).run(feeds)).items():
         assert error <= bound, f"output '{name}': {error} > {bound}"
+
+
+def lowered_lookups(proto: onnx.ModelProto) -> list[tuple[list, object, object]]:
+    """The calls of the module -O2 compiles from the optimized graph `proto` (ids guarded as the
+    compiler guards them, fused by reccc.targets.lookup_fusion, scheduled by the CPU rules) that read an
+    embedding table's stored constants: (the constants' shapes and dtypes, the call's output type,
+    the scheduled kernel)."""
+    import tvm
+    from tvm import relax
+
+    from reccc.index_guard import guard_embedding_indices
+    from reccc.targets import cpu_schedules, lookup_fusion, relax_lowering
+    from reccc.targets.x86 import host_cpu
+
+    model = Model.from_onnx(proto)
+    guard_embedding_indices(model, "error")
+    target = host_cpu().tvm_target()
+    with target:
+        module = lookup_fusion.fuse_operators()(relax_lowering.to_relax(model.to_onnx()))
+        module = cpu_schedules.apply_default_schedules(module, target)
+    calls = []
+    for block in module["main"].body.blocks:
+        for binding in block.bindings:
+            call = binding.value
+            if not (isinstance(call, relax.Call) and call.op.name == "relax.call_tir"):
+                continue
+            tables = [(tuple(int(d) for d in arg.ty.shape), arg.ty.dtype) for arg in call.args[1].fields
+                      if isinstance(arg, tvm.ir.GenericConst) and len(arg.ty.shape) == 2 and int(arg.ty.shape[0]) >= 1000]
+            if tables:
+                calls.append((tables, binding.var.ty, module[call.args[0]]))
+    return calls
+
+
+def one_loop_nest(kernel) -> bool:
+    """Every intermediate was inlined: the kernel is its output's block (and a reduction's init), parallel
+    over rows and vectorized along them, so each stored row is loaded once, straight into the output."""
+    from tvm import s_tir
+
+    schedule = s_tir.Schedule(kernel)
+    blocks = [schedule.get(b).name_hint for b in schedule.get_child_blocks(schedule.get_sblock("root"))]
+    text = kernel.script()
+    single = len(blocks) == 1 or (len(blocks) == 2 and blocks[0].endswith("_init"))
+    return single and "sblock_alloc_buffer" not in text and "T.parallel" in text and "T.vectorized" in text
+
+
+@pytest.mark.parametrize("format", ["int8", "int4", "fp16", "none"])
+def test_each_lookup_is_one_kernel_that_reads_its_rows_once(reccc_cli, embedding_dlrm, tmp_path, format):
+    graph = tmp_path / "m.onnx"
+    assert reccc_cli(embedding_dlrm, f"--embedding-quant={format}", "--emit=onnx", "-o", graph).code == 0
+    calls = lowered_lookups(onnx.load(graph))
+    assert len(calls) == 4  # one kernel per table, which reads every constant the table is stored in
+    expected = {"int8": [((20000, 64), "uint8"), ((20000, 2), "float32")],
+                "int4": [((10000, 64), "uint8"), ((20000, 2), "float16")],
+                "fp16": [((20000, 64), "float16")],
+                "none": [((20000, 64), "float32")]}[format]
+    for tables, output, kernel in calls:
+        assert sorted(tables) == sorted(expected)
+        assert output.dtype == "float32" and [int(d) for d in list(output.shape)[1:]] == [DIM]
+        assert one_loop_nest(kernel), kernel.script()
 
 
 def embedding_bag_model(rows: int, dim: int, bag: int, seed: int = 0) -> onnx.ModelProto:
@@ -98,12 +161,15 @@ def embedding_bag_model(rows: int, dim: int, bag: int, seed: int = 0) -> onnx.Mo
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def test_pooled_lookup_of_a_quantized_table_compiles_to_its_quantized_graph(reccc_cli, tmp_path):
+def test_pooled_lookup_dequantizes_and_pools_in_one_kernel(reccc_cli, tmp_path):
     source = tmp_path / "bag.onnx"
     onnx.save(embedding_bag_model(rows=5000, dim=64, bag=6), source)
     graph, artifact = tmp_path / "bag.int8.onnx", tmp_path / "bag.so"
     assert reccc_cli(source, "--embedding-quant=int8", "--emit=onnx", "-o", graph).code == 0
     assert reccc_cli(source, "--embedding-quant=int8", "-o", artifact).code == 0
+    (tables, output, kernel), = lowered_lookups(onnx.load(graph))
+    assert sorted(tables) == [((5000, 2), "float32"), ((5000, 64), "uint8")]
+    assert len(output.shape) == 2 and int(output.shape[1]) == 64 and one_loop_nest(kernel)  # pooled in the kernel
     feeds = random_inputs(Model.from_onnx(onnx.load(source)), 17, seed=2)
     expected = run_reference(onnx.load(graph), feeds)
     for name, (error, bound) in agreement(expected, reccc.load(artifact).run(feeds)).items():

@@ -270,3 +270,18 @@ def test_bfloat16_outputs_come_back_as_bfloat16(tmp_path):
     y = reccc.load(tmp_path / "m.so").run({"x": x})["y"]
     assert str(y.dtype) == "bfloat16"
     np.testing.assert_array_equal(y.astype(np.float32), [[1.0, 0.5, -3.25, 1 + 2**-7]])
+
+
+@pytest.mark.parametrize("table", range(4))
+def test_each_guarded_table_is_named_by_its_own_input(compiled, table):
+    """The guards of same-shaped ids share one check: a bad id must still name the input it came from."""
+    model = reccc.load(compiled("dlrm"))
+    feeds = _dlrm_inputs()
+    feeds[f"cat_{table}"][1] = 1000
+    with pytest.raises(EmbeddingIndexError, match=rf"input 'cat_{table}': id 1000 at \[1\]"):
+        model.run(feeds)
+
+
+def test_an_empty_batch_runs(compiled):
+    model = reccc.load(compiled("dlrm"))
+    assert model.run(_dlrm_inputs(batch=0))["ctr"].shape == (0, 1)

@@ -1,0 +1,226 @@
+"""Relax operator fusion as reccc runs it: TVM's zero pipeline, with each embedding lookup grouped
+into one kernel first.
+
+TVM's FuseOps treats a gather (`take`) as opaque, since its loads are indexed by loaded ids, so a
+quantized lookup (gather the codes, gather the row's scale and bias, cast, multiply, add, and the bag's
+pooling) would run as several kernels that write the gathered rows to memory and read them back.
+Marking every gather fusable instead changes how FuseOps partitions the whole model (it was tried and
+withdrawn: the standard DLRM's matmul kernels got slower), so this pass groups only the lookup chains,
+and leaves the rest of the module to FuseOps as before:
+
+- a lookup starts at a gather from a constant table (a `call_tir` of a one-block PrimFunc that reads
+  its first argument, a constant, at an index it loads);
+- its row side is what such gathers flow into through cheap ops (elementwise, broadcast, injective,
+  and reductions such as a bag's sum), except concatenations: a concatenation joins several tables'
+  lookups, and each table keeps a kernel of its own (a row loop over a contiguous vector loop);
+- its id side is the cheap ops computed from the function's inputs and constants alone (the id
+  wrap-around of negative ids, int4's row-pair arithmetic) that only the lookup reads.
+
+Connected row and id sides form a group; one whose only value read elsewhere is its last is made a
+primitive Relax function, which FuseTIR turns into one PrimFunc (named `fused_lookup...`).
+A group whose intermediate values are read elsewhere stays as it was.
+"""
+
+import tvm
+from tvm import relax, s_tir, tirx
+
+OP_PATTERN_INJECTIVE = 2  # tvm::relax::OpPatternKind: elementwise 0, broadcast 1, injective 2
+OP_PATTERN_COMM_REDUCE = 3
+GROUP_PREFIX = "fused_lookup"
+
+
+def reads_at_loaded_index(block) -> bool:
+    """Whether `block` reads a buffer at an index it loads from another (a gather)."""
+    return any(_has_load(extent.min) for read in block.reads for extent in read.region)
+
+
+def _has_load(expr) -> bool:
+    if isinstance(expr, tvm.ir.TensorLoad):
+        return True
+    children = [getattr(expr, field) for field in ("a", "b", "value", "condition", "true_value", "false_value") if hasattr(expr, field)]
+    children += list(getattr(expr, "args", ()))
+    return any(_has_load(child) for child in children if isinstance(child, tirx.Expr))
+
+
+def is_gather(function: tirx.PrimFunc) -> bool:
+    """One block that reads a buffer at an index it loads (TOPI's take)."""
+    schedule = s_tir.Schedule(function)
+    blocks = schedule.get_child_blocks(schedule.get_sblock("root"))
+    return len(blocks) == 1 and reads_at_loaded_index(schedule.get(blocks[0]))
+
+
+_CALL_TIR = tvm.ir.Op.get("relax.call_tir")
+
+
+class _Kinds:
+    """What each `call_tir` binding of a function computes, as far as grouping is concerned."""
+
+    def __init__(self, module: tvm.IRModule):
+        self.module = module
+        self._gather: dict[str, bool] = {}
+
+    def callee(self, value) -> tirx.PrimFunc | None:
+        if not (isinstance(value, relax.Call) and value.op.same_as(_CALL_TIR)):
+            return None
+        function = self.module.functions.get(value.args[0])
+        return function if isinstance(function, tirx.PrimFunc) else None
+
+    def is_table_gather(self, value) -> bool:
+        function = self.callee(value)
+        if function is None or not isinstance(value.args[1].fields[0], tvm.ir.GenericConst):
+            return False
+        name = value.args[0].name_hint
+        if name not in self._gather:
+            self._gather[name] = is_gather(function)
+        return self._gather[name]
+
+    def is_cheap(self, value) -> bool:
+        function = self.callee(value)
+        if function is None or value.args[0].name_hint.startswith("concatenate"):  # LegalizeOps' name for relax.concat
+            return False
+        pattern = function.attrs.get("op_pattern") if function.attrs is not None else None
+        return pattern is not None and (int(pattern) <= OP_PATTERN_INJECTIVE or int(pattern) == OP_PATTERN_COMM_REDUCE)
+
+
+def _argument_vars(value) -> list[relax.Var]:
+    return [arg for arg in value.args[1].fields if isinstance(arg, relax.Var)]
+
+
+def find_groups(block: relax.DataflowBlock, kinds: _Kinds, escaping: set) -> list[list[int]]:
+    """Binding indices of each lookup group of `block`, in binding order. `escaping` holds the
+    variables the block outputs (read after it)."""
+    bindings = list(block.bindings)
+    defined = {binding.var: index for index, binding in enumerate(bindings)}
+    readers: dict[int, set[int]] = {index: set() for index in range(len(bindings))}
+    for index, binding in enumerate(bindings):
+        for var in relax.analysis.free_vars(binding.value):
+            if var in defined:
+                readers[defined[var]].add(index)
+    row_side, id_side = set(), set()
+    for index, binding in enumerate(bindings):
+        value = binding.value
+        inputs = [defined[var] for var in _argument_vars(value) if var in defined] if kinds.callee(value) else None
+        if kinds.is_table_gather(value) or (kinds.is_cheap(value) and any(i in row_side for i in inputs)):
+            row_side.add(index)
+        elif kinds.is_cheap(value) and all(i in id_side for i in inputs):
+            id_side.add(index)
+    # An id-side value read by anything outside the lookup stays outside it (as an input), and so,
+    # in turn, may the values it reads.
+    members = row_side | id_side
+    changed = True
+    while changed:
+        changed = False
+        for index in sorted(id_side & members, reverse=True):
+            if readers[index] - members or bindings[index].var in escaping:
+                members.discard(index)
+                changed = True
+    # Connected components of the members, linked by the values they pass each other.
+    parent = {index: index for index in members}
+
+    def root(index: int) -> int:
+        while parent[index] != index:
+            parent[index] = parent[parent[index]]
+            index = parent[index]
+        return index
+
+    for index in members:
+        for reader in readers[index] & members:
+            parent[root(reader)] = root(index)
+    components: dict[int, list[int]] = {}
+    for index in sorted(members):
+        components.setdefault(root(index), []).append(index)
+    groups = []
+    for component in components.values():
+        inside = set(component)
+        if not inside & {i for i in row_side if kinds.is_table_gather(bindings[i].value)}:
+            continue
+        outputs = [i for i in component if readers[i] - inside or bindings[i].var in escaping or not readers[i]]
+        # One output, last in binding order: every other member flows into it, so no value leaves the
+        # group and comes back, and the group's call can stand where its last binding stood.
+        if outputs == [component[-1]] and len(component) > 1 or outputs == component == [component[-1]]:
+            groups.append(component)
+    return groups
+
+
+def _group_function(bindings: list[relax.VarBinding]) -> tuple[relax.Function, list[relax.Expr]]:
+    """A primitive function computing `bindings` (the last is its result), and the arguments to call it
+    with: the variables and constants the group reads from outside."""
+    defined = {binding.var for binding in bindings}
+    arguments: list[relax.Expr] = []
+    for binding in bindings:
+        for arg in binding.value.args[1].fields:
+            if not (arg in defined or any(arg.same_as(known) for known in arguments)):
+                arguments.append(arg)
+    params = [relax.Var(f"arg{index}", arg.ty) for index, arg in enumerate(arguments)]
+    builder = relax.BlockBuilder()
+    with builder.function(GROUP_PREFIX, params, attrs={"Primitive": 1}, private=True):
+        with builder.dataflow():
+            renamed = {}
+            for position, binding in enumerate(bindings):
+                call = binding.value
+                fields = [renamed[arg] if arg in renamed else _param_of(arg, arguments, params) for arg in call.args[1].fields]
+                value = relax.Call(call.op, [call.args[0], relax.Tuple(fields), *call.args[2:]], call.attrs, call.ty_args)
+                emit = builder.emit_output if position == len(bindings) - 1 else builder.emit
+                renamed[binding.var] = emit(value, name_hint=binding.var.name)
+            result = renamed[bindings[-1].var]
+        builder.emit_func_output(result)
+    return builder.get()[GROUP_PREFIX], arguments
+
+
+def _param_of(argument: relax.Expr, arguments: list[relax.Expr], params: list[relax.Var]) -> relax.Var:
+    return next(param for param, known in zip(params, arguments) if known.same_as(argument))
+
+
+@relax.expr_functor.mutator
+class _GroupRewriter(relax.PyExprMutator):
+    def __init__(self, module: tvm.IRModule):
+        super().__init__(module)
+        self.kinds = _Kinds(module)
+
+    def visit_dataflow_block_(self, block: relax.DataflowBlock) -> relax.BindingBlock:
+        escaping = {binding.var for binding in block.bindings if not isinstance(binding.var, relax.DataflowVar)}
+        groups = find_groups(block, self.kinds, escaping)
+        if not groups:
+            return super().visit_dataflow_block_(block)
+        bindings = list(block.bindings)
+        grouped = {index: group for group in groups for index in group}
+        self.builder_._begin_dataflow_block()
+        for index, binding in enumerate(bindings):
+            group = grouped.get(index)
+            if group is None:
+                self.visit_binding(binding)
+            elif index == group[-1]:
+                function, arguments = _group_function([bindings[i] for i in group])
+                symbol = self.builder_.add_func(function, GROUP_PREFIX)
+                call = relax.Call(symbol, [self.visit_expr(arg) for arg in arguments])
+                var = binding.var
+                new = self.builder_.emit_output(call, name_hint=var.name) if not isinstance(var, relax.DataflowVar) else self.builder_.emit(call, name_hint=var.name)
+                self.set_var_remap(var, new)
+        return self.builder_._end_block()
+
+
+@tvm.transform.module_pass(opt_level=0, name="GroupLookups")
+def group_lookups(module: tvm.IRModule, _context) -> tvm.IRModule:
+    """Each lookup of a legalized, pattern-annotated module (see the module's docstring) becomes a call
+    of a primitive function, which FuseOps leaves alone and FuseTIR fuses into one kernel."""
+    rewriter = _GroupRewriter(module)
+    for symbol, function in list(module.functions.items()):
+        if isinstance(function, relax.Function) and not (function.attrs and function.attrs.get("Primitive")):
+            rewriter.builder_.update_func(symbol, rewriter.visit_expr(function))
+    return rewriter.builder_.finalize()
+
+
+def fuse_operators() -> tvm.transform.Pass:
+    """TVM's zero pipeline (legalize, annotate op patterns, fold constants, fuse, merge the fused
+    PrimFuncs), with the lookups grouped after constant folding (which turns the tables' row counts,
+    read through shape_of in the id wrap-around, into constants)."""
+    return tvm.transform.Sequential(
+        [
+            relax.transform.LegalizeOps(),
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(),
+            group_lookups,
+            relax.get_pipeline("zero"),
+        ],
+        name="reccc.FuseOperators",
+    )
