@@ -117,15 +117,19 @@ def build(
     opt_level: int,
     schedule: Callable[[tvm.IRModule, tvm.target.Target], tvm.IRModule] | None = None,
     bind_kernels: Callable[[tvm.IRModule, tvm.target.Target], tvm.IRModule] | None = None,
+    select_kernels: Callable[[tvm.IRModule, tvm.target.Target], tvm.IRModule] | None = None,
 ) -> tvm.runtime.Executable:
     """Import and compile. From -O1 on, Relax-level legalization, constant folding (weight transposes
     of Gemm are folded here instead of running every call) and operator fusion (one kernel per embedding
     lookup, see lookup_fusion.py) run before TVM's build;
     from -O2 on, the target's default `schedule` rules. `bind_kernels` then maps, at every level, the
-    kernels no rule scheduled onto the device's threads (GPU targets need it)."""
+    kernels no rule scheduled onto the device's threads (GPU targets need it). `select_kernels`, from -O2
+    on, replaces operators by the target's own kernels before legalization (x86: VNNI int8 matmuls)."""
     module = to_relax(model)
     try:
         with target:
+            if opt_level >= 2 and select_kernels is not None:
+                module = select_kernels(module, target)
             module = relax.transform.LegalizeOps(_ONNX_EXACT_LEGALIZATIONS)(module)
             if opt_level >= 1:
                 module = fuse_operators()(module)

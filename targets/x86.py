@@ -11,7 +11,7 @@ import tvm
 
 from reccc.errors import UsageError, one_line
 from reccc.target import Target, TuningOptions, register_target, register_tvm_kind
-from reccc.targets import cpu_schedules, relax_lowering, tuning as auto_tuning
+from reccc.targets import cpu_int8_schedules, cpu_schedules, relax_lowering, tuning as auto_tuning
 
 # The triple TVM's LLVM defaults to is x86_64-conda-linux-gnu, which builds for a generic CPU;
 # reccc always names the host's.
@@ -39,13 +39,18 @@ class CpuTarget(Target):
         return self._target
 
     def compile(self, model: onnx.ModelProto, opt_level: int, tuning: TuningOptions | None = None) -> tvm.runtime.Executable:
-        schedule = cpu_schedules.apply_default_schedules
+        schedule = _default_schedules
         if tuning is not None:
             schedule = auto_tuning.tuned_schedules(tuning, default=schedule)
-        return relax_lowering.build(model, self._target, opt_level, schedule)
+        return relax_lowering.build(model, self._target, opt_level, schedule, select_kernels=cpu_int8_schedules.select_vnni_matmuls)
 
     def export(self, executable: tvm.runtime.Executable, path: Path, addons: list[Path]) -> None:
         executable.export_library(str(path), addons=[str(a) for a in addons])
+
+
+def _default_schedules(module: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """-O2's rules: int8 FC kernels first (VNNI targets), then the CPU rules for the rest."""
+    return cpu_schedules.apply_default_schedules(cpu_int8_schedules.apply_int8_schedules(module, target), target)
 
 
 def host_cpu() -> CpuTarget:
