@@ -6,6 +6,7 @@ dtype, rank or batch size raises a ModelInputError naming the input instead of c
 
 import os
 import platform
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -39,6 +40,8 @@ class CompiledModel:
         self._device = _device_for(self.manifest, path)
         self._vm = VirtualMachine(tvm.runtime.load_module(str(path)), self._device)
         self._main = self._vm["main"]
+        # A Relax VM runs one call at a time: concurrent calls corrupt its registers and crash the process.
+        self._vm_lock = threading.Lock()
         on_cpu = self._device.dlpack_device_type() == tvm.cpu().dlpack_device_type()
         # On the CPU an input tensor views numpy memory and an output is copied out of its DLPack view
         # (Tensor.numpy() costs ~7 us an output, the view and copy well under 1); a GPU copies both ways.
@@ -61,12 +64,14 @@ class CompiledModel:
         return [spec.name for spec in self.manifest.outputs]
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run once; returns the graph's outputs by name."""
+        """Run once; returns the graph's outputs by name. Safe to call from several threads: the calls
+        take turns (load the artifact once per thread to run them in parallel)."""
         arrays = _checked_inputs(self.manifest.inputs, inputs)
-        results = self._main(*(self._as_tensor(arrays[spec.name]) for spec in self.manifest.inputs), *self._weights)
-        if len(self._result_names) == 1:
-            results = [results]
-        outputs = {name: self._to_numpy(value) for name, value in zip(self._result_names, results)}
+        with self._vm_lock:
+            results = self._main(*(self._as_tensor(arrays[spec.name]) for spec in self.manifest.inputs), *self._weights)
+            if len(self._result_names) == 1:
+                results = [results]
+            outputs = {name: self._to_numpy(value) for name, value in zip(self._result_names, results)}
         if self.manifest.index_flags_output is not None:
             flags = outputs.pop(self.manifest.index_flags_output)
             if flags.any():

@@ -1,6 +1,8 @@
 """Compiled artifacts through the public API: `reccc.load(path).run(inputs)` against onnxruntime,
 input checking, and the embedding index guard."""
 
+import threading
+
 import numpy as np
 import onnx
 import pytest
@@ -285,3 +287,24 @@ def test_each_guarded_table_is_named_by_its_own_input(compiled, table):
 def test_an_empty_batch_runs(compiled):
     model = reccc.load(compiled("dlrm"))
     assert model.run(_dlrm_inputs(batch=0))["ctr"].shape == (0, 1)
+
+
+def test_concurrent_calls_from_threads_get_their_own_results(compiled):
+    """Serving code calls one loaded model from many threads; the Relax VM alone crashes then."""
+    model = reccc.load(compiled("dlrm"))
+    cases = [_dlrm_inputs(batch) for batch in (1, 7, 64, 300)]
+    expected = [model.run(case)["ctr"] for case in cases]
+    wrong = []
+
+    def serve(worker: int) -> None:
+        for call in range(100):
+            index = (call + worker) % len(cases)
+            if not np.array_equal(model.run(cases[index])["ctr"], expected[index]):
+                wrong.append((worker, call))
+
+    threads = [threading.Thread(target=serve, args=(worker,)) for worker in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not wrong
