@@ -4,9 +4,9 @@ into one kernel first.
 TVM's FuseOps treats a gather (`take`) as opaque, since its loads are indexed by loaded ids, so a
 quantized lookup (gather the codes, gather the row's scale and bias, cast, multiply, add, and the bag's
 pooling) would run as several kernels that write the gathered rows to memory and read them back.
-Marking every gather fusable instead changes how FuseOps partitions the whole model (it was tried and
-withdrawn: the standard DLRM's matmul kernels got slower), so this pass groups only the lookup chains,
-and leaves the rest of the module to FuseOps as before:
+Marking gathers fusable would also let FuseOps merge them into whatever reads them (several tables'
+lookups into their Concat, for one), so this pass groups only the lookup chains, and leaves the rest
+of the module to FuseOps as before:
 
 - a lookup starts at a gather from a constant table (a `call_tir` of a one-block PrimFunc that reads
   its first argument, a constant, at an index it loads);
@@ -99,7 +99,7 @@ def find_groups(block: relax.DataflowBlock, kinds: _Kinds, escaping: set) -> lis
     row_side, id_side = set(), set()
     for index, binding in enumerate(bindings):
         value = binding.value
-        inputs = [defined[var] for var in _argument_vars(value) if var in defined] if kinds.callee(value) else None
+        inputs = [defined[var] for var in _argument_vars(value) if var in defined] if kinds.callee(value) else []
         if kinds.is_table_gather(value) or (kinds.is_cheap(value) and any(i in row_side for i in inputs)):
             row_side.add(index)
         elif kinds.is_cheap(value) and all(i in id_side for i in inputs):
@@ -137,7 +137,7 @@ def find_groups(block: relax.DataflowBlock, kinds: _Kinds, escaping: set) -> lis
         outputs = [i for i in component if readers[i] - inside or bindings[i].var in escaping or not readers[i]]
         # One output, last in binding order: every other member flows into it, so no value leaves the
         # group and comes back, and the group's call can stand where its last binding stood.
-        if outputs == [component[-1]] and len(component) > 1 or outputs == component == [component[-1]]:
+        if outputs == [component[-1]]:
             groups.append(component)
     return groups
 

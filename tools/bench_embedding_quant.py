@@ -2,7 +2,8 @@
 int4 and fp16 tables, all compiled by reccc at -O2 in one process.
 
     python tools/bench_embedding_quant.py                          # 8 tables x 250k x 64 (512 MB fp32)
-    python tools/bench_embedding_quant.py --tables 4 --rows 1000000 --batches 64,2048
+    python tools/bench_embedding_quant.py --rows 1000000 --batches 2048 --formats none,int8 --no-accuracy
+                                                                   # 8 x 1M x 64: 2 GB fp32, past the caches
 
 Two models, built in a temp dir by tools/testmodels.py with tables drawn from N(0, 1/dim):
   dlrm      DLRM-style, tables >= 95% of the bytes: artifact size and the max abs deviation of its
@@ -10,7 +11,8 @@ Two models, built in a temp dir by tools/testmodels.py with tables drawn from N(
   lookups   the same tables and ids with nothing but the lookups and their concat as output, so its
             latency is the lookups' own: rows looked up per second = batch x tables / latency
 Latency repetitions are interleaved over the formats (one round runs each once) and the median is
-reported. Results go to bench-results/embedding_quant.json.
+reported. Results go to bench-results/embedding_quant.json. --no-accuracy skips the dlrm model (its
+compiles and its onnxruntime reference), for tables whose lookups alone take the memory and time.
 """
 
 import argparse
@@ -76,7 +78,13 @@ def main() -> None:
     parser.add_argument("--batches", default="64,2048")
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--rows-checked", type=int, default=4096, help="generated rows the accuracy is measured on")
+    parser.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated, from {','.join(FORMATS)} (none: fp32, the baseline, always runs)")
+    parser.add_argument("--no-accuracy", action="store_true", help="lookup latency only: skip the dlrm model's size and accuracy")
     args = parser.parse_args()
+    formats = ["none", *(f for f in args.formats.split(",") if f != "none")]
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        parser.error(f"--formats: unknown format '{unknown[0]}'")
 
     import reccc
     from reccc.ir import Model
@@ -92,31 +100,34 @@ def main() -> None:
         scratch = Path(scratch)
         dlrm = testmodels.dlrm(tables=args.tables, rows=args.rows, dim=args.dim, bottom=(128,), top=(256, 64),
                                table_std=args.dim**-0.5, seed=0)
-        sources = {"dlrm": scratch / "dlrm.onnx", "lookups": scratch / "lookups.onnx"}
-        onnx.save(dlrm, sources["dlrm"])
+        sources = {"lookups": scratch / "lookups.onnx"} if args.no_accuracy else {"dlrm": scratch / "dlrm.onnx", "lookups": scratch / "lookups.onnx"}
+        if not args.no_accuracy:
+            onnx.save(dlrm, sources["dlrm"])
         onnx.save(lookups_only(dlrm), sources["lookups"])
-        artifacts: dict[str, dict[str, Path]] = {"dlrm": {}, "lookups": {}}
+        artifacts: dict[str, dict[str, Path]] = {kind: {} for kind in sources}
         for kind, source in sources.items():
-            for format in FORMATS:
+            for format in formats:
                 path = scratch / f"{kind}.{format}.so"
                 start = time.perf_counter()
                 reccc.compile(source, path, opt_level=2, embedding_quant=format)
                 artifacts[kind][format] = path
                 print(f"compiled {kind} {format}: {path.stat().st_size / 1e6:.1f} MB in {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
-        checked = random_inputs(Model.from_onnx(dlrm), args.rows_checked, seed=99)
-        expected = run_reference(dlrm, checked)["ctr"]
-        fp32_size = artifacts["dlrm"]["none"].stat().st_size
-        for format in FORMATS:
-            actual = reccc.load(artifacts["dlrm"][format]).run(checked)["ctr"]
-            size = artifacts["dlrm"][format].stat().st_size
-            results["formats"][format] = {
-                "artifact_bytes": size,
-                "artifact_ratio": size / fp32_size,
-                "max_abs_deviation": float(np.max(np.abs(actual - expected))),
-                "mean_abs_deviation": float(np.mean(np.abs(actual - expected))),
-                "lookups": {},
-            }
+        for format in formats:
+            results["formats"][format] = {"lookups": {}}
+        if not args.no_accuracy:
+            checked = random_inputs(Model.from_onnx(dlrm), args.rows_checked, seed=99)
+            expected = run_reference(dlrm, checked)["ctr"]
+            fp32_size = artifacts["dlrm"]["none"].stat().st_size
+            for format in formats:
+                actual = reccc.load(artifacts["dlrm"][format]).run(checked)["ctr"]
+                size = artifacts["dlrm"][format].stat().st_size
+                results["formats"][format].update({
+                    "artifact_bytes": size,
+                    "artifact_ratio": size / fp32_size,
+                    "max_abs_deviation": float(np.max(np.abs(actual - expected))),
+                    "mean_abs_deviation": float(np.mean(np.abs(actual - expected))),
+                })
         lookup_model = Model.from_onnx(onnx.load(sources["lookups"]))
         for batch in (int(b) for b in args.batches.split(",")):
             latencies = median_latencies(artifacts["lookups"], random_inputs(lookup_model, batch, seed=batch), args.repeat)
@@ -133,7 +144,8 @@ def main() -> None:
     print(f"{'format':<8}{'size':>8}{'max dev':>11}" + "".join(f"{'lookups b=' + b:>22}" for b in args.batches.split(",")))
     for format, row in results["formats"].items():
         speeds = "".join(f"{row['lookups'][b]['median_ms']:>10.3f} ms ({row['lookups'][b]['vs_fp32']:.2f}x)" for b in args.batches.split(","))
-        print(f"{format:<8}{row['artifact_ratio']:>7.3f}x{row['max_abs_deviation']:>11.2e}{speeds}")
+        accuracy = f"{row['artifact_ratio']:>7.3f}x{row['max_abs_deviation']:>11.2e}" if "artifact_ratio" in row else f"{'-':>8}{'-':>11}"
+        print(f"{format:<8}{accuracy}{speeds}")
     print(f"wrote {out}", file=sys.stderr)
 
 
