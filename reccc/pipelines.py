@@ -29,17 +29,18 @@ _FAST = (*_CLEANUP[:-1], "concat-fc-fusion", "dead-code-elimination")
 # not optimizations, so they run first at every level, -O0 included (README: Exported-model corpus).
 # Each rewrite gives onnx's shape inference static dims that the others read (what follows a Squeeze
 # without axes or an undecided If has unknown shapes), so squeezes and shape operands run again after
-# If resolution, and batch arithmetic (which reads ranks) runs only after it.
+# If resolution, and batch arithmetic (which reads ranks) runs only after it; GRUs are unrolled last, when
+# their sequence lengths are as static as legalization makes them.
 IMPORT_LEGALIZATION = (
     "reject-baked-dims",
     "legalize-embedding-bags",
-    "legalize-gru",
     "explicit-squeeze-axes",
     "static-shape-operands",
     "resolve-static-ifs",
     "legalize-batch-arithmetic",
     "explicit-squeeze-axes",
     "static-shape-operands",
+    "legalize-gru",
 )
 
 PIPELINES: dict[int, tuple[str, ...]] = {
