@@ -151,14 +151,24 @@ def _group_function(bindings: list[relax.VarBinding]) -> tuple[relax.Function, l
         for arg in binding.value.args[1].fields:
             if not (arg in defined or any(arg.same_as(known) for known in arguments)):
                 arguments.append(arg)
+    # A symbolic scalar the kernels take (a dim such as the batch, when no tensor argument's shape is
+    # that plain var: ids of batch * 3 rows) comes in through a shape parameter, as FuseOps passes
+    # them, which defines the var in the function; a scalar parameter would not, and the result's
+    # shape would be unknown (FuseTIR then fails).
+    symbolic = [arg for arg in arguments if isinstance(arg, tirx.Var) and isinstance(arg.ty, tvm.ir.type.PrimType)]
+    arguments = [arg for arg in arguments if not any(arg.same_as(var) for var in symbolic)]
     params = [relax.Var(f"arg{index}", arg.ty) for index, arg in enumerate(arguments)]
+    if symbolic:
+        arguments.append(relax.ShapeExpr(symbolic))
+        params.append(relax.Var("symbolic_dims", arguments[-1].ty))
     builder = relax.BlockBuilder()
     with builder.function(GROUP_PREFIX, params, attrs={"Primitive": 1}, private=True):
         with builder.dataflow():
             renamed = {}
             for position, binding in enumerate(bindings):
                 call = binding.value
-                fields = [renamed[arg] if arg in renamed else _param_of(arg, arguments, params) for arg in call.args[1].fields]
+                fields = [renamed[arg] if arg in renamed else arg if any(arg.same_as(var) for var in symbolic)
+                          else _param_of(arg, arguments, params) for arg in call.args[1].fields]
                 value = relax.Call(call.op, [call.args[0], relax.Tuple(fields), *call.args[2:]], call.attrs, call.ty_args)
                 emit = builder.emit_output if position == len(bindings) - 1 else builder.emit
                 renamed[binding.var] = emit(value, name_hint=binding.var.name)
