@@ -67,7 +67,7 @@ class _Emitter:
 
 def _fail(node: gs.Node, why: str) -> CompileError:
     return CompileError(f"GRU node '{node.name}': {why}; reccc unrolls GRUs only with a static sequence length, "
-                        "layout 0, constant W/R/B, full-length sequences and the default activations")
+                        "layout 0, constant W/R/B, full-length sequences, the default activations and no clip")
 
 
 def _text(value) -> str:
