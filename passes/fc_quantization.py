@@ -8,11 +8,12 @@ stays the reference for the compiled artifact:
 
   int8   y = (MatMulInteger(xq, Wq) - zp·colsum(Wq)) · (sx·sw) + b      xq, sx, zp = DynamicQuantizeLinear(x)
          Wq: int8, symmetric per output unit (sw = max|W[:, j]| / 127, codes in [-127, 127]); x: uint8
-         with one scale and zero point per run (per batch) from the tensor's range, as onnxruntime's
-         quantize_dynamic does. The zero point is taken out of the int32 accumulator by its exact
-         correction zp·colsum(Wq) rather than by MatMulInteger's a_zero_point input, so the product
-         stays uint8 x int8 (the operand shape of x86's VNNI vpdpbusd) in every backend. One
-         activation read by several int8 layers is quantized once.
+         with one scale and zero point per row, computed at run time from the row's range
+         (DynamicQuantizeLinear's rule applied per row; onnxruntime's quantize_dynamic uses one per
+         tensor). The zero point is taken out of the int32 accumulator by its exact correction
+         zp·colsum(Wq) rather than by MatMulInteger's a_zero_point input, so the product stays
+         uint8 x int8, the operand shape of x86's VNNI vpdpbusd (reccc.targets.cpu_int8_schedules
+         lowers it so). One activation read by several int8 layers is quantized once.
   bf16   y = Gemm/MatMul(bf16(x), bf16(W)) in fp32: weights stored as bfloat16 (half the bytes), the
          activation rounded to bfloat16 by Cast; both are widened back with Cast, so every product of
          two bf16 values is exact in fp32 and the sum accumulates in fp32, as AVX-512 BF16's vdpbf16ps

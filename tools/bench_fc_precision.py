@@ -5,11 +5,13 @@ model (issue 7's anchor: 6 tables of dim 64, MLPs 13-128-64-64 and 448-256-64-1)
     python tools/bench_fc_precision.py                         # batches 64 and 2048, -O2
     python tools/bench_fc_precision.py --batches 64 --repeats 30 --models dlrm
 
-All variants run in one process on the same inputs; one round runs each variant once, rounds are
-repeated (interleaved, so load on a shared machine hits every variant alike) and the median is
-reported. onnxruntime runs with as many intra-op threads as the machine has cores, not spinning when
+All variants run in one process on the same inputs; one round runs each variant once, each round
+starting at the next variant, rounds are repeated (interleaved, so load on a shared machine hits
+every variant alike) and the median is reported. onnxruntime runs with as many intra-op threads as the machine has cores, not spinning when
 idle, reccc's artifacts with TVM's default (one per core). Deviation: max abs difference of the sigmoid output from the fp32
-model in onnxruntime, on the batch. Results go to bench-results/fc_precision.json.
+model in onnxruntime, on the batch. The machine's load average is printed before and after each model
+(on a shared machine it says how far the medians can be trusted). Results go to
+bench-results/fc_precision.json.
 """
 
 import argparse
@@ -52,13 +54,18 @@ def _session(path: Path) -> ort.InferenceSession:
 
 
 def _median_ms(runs: dict, feeds: dict, repeats: int) -> dict[str, float]:
+    """Round r starts at variant r mod n: a variant run right after onnxruntime was seen to take up to
+    10x its time at batch 64 (reccc fp32: 3 ms instead of 0.3), and rotating spreads such effects, and
+    slow phases of a shared machine, over every variant instead of one."""
     times: dict[str, list[float]] = {name: [] for name in runs}
     for run in runs.values():  # warm-up
         run(feeds)
-    for _ in range(repeats):
-        for name, run in runs.items():
+    names = list(runs)
+    for round_number in range(repeats):
+        shift = round_number % len(names)
+        for name in names[shift:] + names[:shift]:
             start = time.perf_counter()
-            run(feeds)
+            runs[name](feeds)
             times[name].append((time.perf_counter() - start) * 1e3)
     return {name: statistics.median(values) for name, values in times.items()}
 
@@ -85,11 +92,18 @@ def bench_model(name: str, work: Path, batches: list[int], repeats: int, opt_lev
         deviation = {label: float(np.abs(run(feeds) - reference).max()) for label, run in runs.items()}
         latency = _median_ms(runs, feeds, repeats)
         results[batch] = {label: {"ms": latency[label], "vs_ort_fp32": latency[label] / latency["onnxruntime fp32"],
+                                  "vs_ort_int8": latency[label] / latency["onnxruntime quantize_dynamic"],
                                   "max_abs_deviation": deviation[label]} for label in runs}
         print(f"{name} batch {batch}:")
         for label, row in results[batch].items():
-            print(f"  {label:30s} {row['ms']:9.3f} ms  {row['vs_ort_fp32']:5.2f}x ort fp32  deviation {row['max_abs_deviation']:.2e}")
+            print(f"  {label:30s} {row['ms']:9.3f} ms  {row['vs_ort_fp32']:5.2f}x ort fp32  {row['vs_ort_int8']:5.2f}x ort int8"
+                  f"  deviation {row['max_abs_deviation']:.2e}")
     return results
+
+
+def _load() -> list[float]:
+    """1, 5 and 15 minute load averages (uptime's)."""
+    return [round(value, 2) for value in os.getloadavg()]
 
 
 def main() -> None:
@@ -100,12 +114,17 @@ def main() -> None:
     parser.add_argument("-O", dest="opt_level", type=int, default=2, help="reccc's optimization level (default 2)")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
+    results, load = {}, {}
     with tempfile.TemporaryDirectory(prefix="bench-fc-") as scratch:
-        results = {name: bench_model(name, Path(scratch), batches, args.repeats, args.opt_level) for name in args.models.split(",")}
+        for name in args.models.split(","):
+            before = _load()
+            results[name] = bench_model(name, Path(scratch), batches, args.repeats, args.opt_level)
+            load[name] = {"before": before, "after": _load()}
+            print(f"{name}: load average {before} before, {load[name]['after']} after")
     out = REPO_ROOT / "bench-results" / "fc_precision.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                               "opt_level": args.opt_level, "repeats": args.repeats, "results": results}, indent=1))
+                               "opt_level": args.opt_level, "repeats": args.repeats, "load_average": load, "results": results}, indent=1))
     print(f"wrote {out}")
 
 
