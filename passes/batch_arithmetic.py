@@ -117,7 +117,10 @@ class _Evaluator:
             parts = [self._explicit(v, t) for v, t in zip(inputs, node.inputs)]
             if any(p is None for p in parts):
                 return None
-            return np.concatenate(parts, axis=node.attrs.get("axis", 0))
+            try:
+                return np.concatenate(parts, axis=node.attrs.get("axis", 0))
+            except (ValueError, np.exceptions.AxisError):  # parts that do not join: an invalid graph, not a value
+                return None
         return None
 
     def _explicit(self, value: np.ndarray | _Uniform, tensor: gs.Tensor) -> np.ndarray | None:
@@ -213,8 +216,11 @@ class LegalizeBatchArithmetic(Pass):
         shape = shape_of(node.inputs[0])
         if starts is None or ends is None or ends.dtype != np.int64 or shape is None or self.opset < 15 or (len(node.inputs) > 3 and node.inputs[3].name and axes is None):
             return False
-        axes = [a % len(shape) for a in (axes.tolist() if axes is not None else range(len(ends)))]
-        steps = steps.tolist() if steps is not None else [1] * len(axes)
+        axes = axes.reshape(-1).tolist() if axes is not None else list(range(ends.size))
+        steps = steps.reshape(-1).tolist() if steps is not None else [1] * len(axes)
+        if not shape or not (starts.ndim == ends.ndim == 1 and len(starts) == len(ends) == len(axes) == len(steps)):
+            return False  # an invalid Slice: left for onnx and TVM to report
+        axes = [a % len(shape) for a in axes]
         to_end = [i for i, axis in enumerate(axes) if ends[i] >= 2**31 - 1 and isinstance(shape[axis], str)
                   and steps[i] == 1 and starts[i] >= 0]
         if not to_end:
@@ -278,8 +284,8 @@ class LegalizeBatchArithmetic(Pass):
         do not simplify, and the Reshape gives it 3 * batch."""
         data, count = node.inputs[0], len(node.outputs)
         shape = shape_of(data)
-        axis = node.attrs.get("axis", 0) % len(shape) if shape is not None else None
-        if shape is None or not all(isinstance(d, int) for d in shape[axis + 1:]):
+        axis = node.attrs.get("axis", 0) % len(shape) if shape else None
+        if not shape or not all(isinstance(d, int) for d in shape[axis + 1:]):
             node.inputs = [data]
             if self.opset >= 18:
                 node.attrs["num_outputs"] = count

@@ -99,6 +99,15 @@ def _check(node: gs.Node) -> tuple[int, list[str]]:
     if _input(node, 3) is not None and constant_value(_input(node, 3)) is None:
         raise _fail(node, "B is computed at run time")
     shape = shape_of(node.inputs[0])
+    # Weights that do not fit the GRU (the checker does not compare them) would fail the rewrite later.
+    weights, recurrences = constant_value(_input(node, 1)), constant_value(_input(node, 2))
+    hidden = attr(node, "hidden_size", recurrences.shape[-1] if recurrences.ndim else 0)
+    inputs = shape[-1] if shape and len(shape) == 3 and isinstance(shape[-1], int) else (weights.shape[-1] if weights.ndim else 0)
+    expected = {1: (len(directions), 3 * hidden, inputs), 2: (len(directions), 3 * hidden, hidden), 3: (len(directions), 6 * hidden)}
+    for index, name in ((1, "W"), (2, "R"), (3, "B")):
+        value = constant_value(_input(node, index))
+        if value is not None and value.shape != expected[index]:
+            raise _fail(node, f"{name} has the shape {list(value.shape)}, not {list(expected[index])}")
     steps = shape[0] if shape else None
     if not isinstance(steps, int) or steps < 1:
         raise _fail(node, f"the sequence length (X's first dim) is {steps if steps is not None else 'unknown'}, not static")

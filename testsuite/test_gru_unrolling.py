@@ -142,7 +142,8 @@ def test_unrolled_gru_compiles_and_matches_onnxruntime(tmp_path, config):
     (dict(lengths="input"), "sequence_lens may be shorter than the sequence"),
     (dict(steps_dim="steps"), "the sequence length (X's first dim) is steps, not static"),
     (dict(weights_input=True), "W is computed at run time"),
-], ids=["layout", "clip", "activations", "lengths", "symbolic-steps", "weights"])
+    (dict(hidden_size=3), "W has the shape [1, 6, 3], not [1, 9, 3]"),
+], ids=["layout", "clip", "activations", "lengths", "symbolic-steps", "weights", "hidden-size"])
 def test_unsupported_gru_is_one_line_naming_the_node(overrides, why):
     proto = gru_model(steps=2, inputs=3, hidden=2, **overrides)
     with pytest.raises(CompileError) as raised:
