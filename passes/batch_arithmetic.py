@@ -174,9 +174,10 @@ class LegalizeBatchArithmetic(Pass):
                "proven equal to an even Split")
 
     def call(self, model: Model) -> bool:
-        # Shapes as of now: a rewrite before this pass (an If resolved to its branch) left what follows
-        # it without the ranks this pass reads.
-        model.graph = gs.import_onnx(model.to_onnx())
+        # Shapes as of now: a rewrite before this pass (an If resolved to its branch) may have left what
+        # follows it without the ranks this pass reads. Only then, as re-importing costs an export.
+        if any(n.op in ("Reshape", "Slice", "Split") and shape_of(n.inputs[0]) is None for n in model.graph.nodes):
+            model.graph = gs.import_onnx(model.to_onnx())
         graph = model.graph
         self.opset = model.opset  # Shape's start and end attributes are opset 15's
         changed = False
