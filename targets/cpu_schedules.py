@@ -4,8 +4,8 @@ single-threaded scalar loops; these rules make the hot ones parallel and vectori
 
 Rules, each tried on every fused PrimFunc and skipped where its pattern does not fit:
 - matmul: the reduction block "matmul" (C[i, j] += A[i, k] * W[k, j], from Gemm / MatMul with
-  the weight transpose already folded) gets a register tile of MATMUL_ROWS rows x 4 vectors of
-  columns, K innermost but one, parallel over column panels so each core keeps its panel of W in
+  the weight transpose already folded) gets a register tile (DEFAULT_MATMUL_TILE: 4 rows x 4 vectors
+  of columns; -O3 measures ALTERNATIVE_MATMUL_TILES against it on the hot kernels), K innermost but one, parallel over column panels so each core keeps its panel of W in
   cache across all rows. The batch stays a Relax shape variable: the rows are padded to a multiple
   of the tile inside the kernel (a copy of A), which keeps predicates out of the inner loops.
 - elementwise: the epilogue blocks (bias, activation, and other data-parallel blocks on 2-D
@@ -17,14 +17,35 @@ Vector width comes from the target: 16 fp32 lanes with AVX-512, 8 with AVX2, 4 w
 SVE, the vector length the target declares ("vector-width"), else SVE's minimum of 128 bits (4 lanes).
 """
 
+from dataclasses import dataclass
+
 import tvm
 from tvm import s_tir
 from tvm.target import codegen
 
 from reccc.targets.lookup_fusion import reads_at_loaded_index
 
-MATMUL_ROWS = 4
-VECTORS_PER_TILE = 4
+
+
+@dataclass(frozen=True)
+class MatmulTile:
+    """A matmul's register tile: `rows` rows of A times `vectors` vectors of W's columns, all of whose
+    accumulators stay in registers (rows x vectors of the 32 AVX-512 / NEON registers, plus the
+    vectors of W and a broadcast of A)."""
+
+    rows: int
+    vectors: int
+
+    @property
+    def label(self) -> str:
+        return f"tile {self.rows}x{self.vectors}"
+
+
+DEFAULT_MATMUL_TILE = MatmulTile(4, 4)
+# Taller tiles load each W vector for more rows (6x4 measured 10% faster than 4x4 on a 2048x576x512
+# layer here, 4x4 fastest at batch 1): no one tile is best for every layer, batch and machine, so -O3
+# measures these on the hot kernels (targets/tuning.py).
+ALTERNATIVE_MATMUL_TILES = (MatmulTile(6, 4), MatmulTile(8, 2), MatmulTile(12, 2), MatmulTile(4, 2))
 DATA_PARALLEL = 0  # IterVar.iter_type of a spatial block var
 
 
@@ -42,7 +63,7 @@ def vector_lanes(target: tvm.target.Target) -> int:
     return 4
 
 
-def _matmul_rule(schedule: s_tir.Schedule, lanes: int) -> bool:
+def _matmul_rule(schedule: s_tir.Schedule, lanes: int, tile: MatmulTile) -> bool:
     try:
         block = schedule.get_sblock("matmul")
     except s_tir.ScheduleError:
@@ -50,13 +71,13 @@ def _matmul_rule(schedule: s_tir.Schedule, lanes: int) -> bool:
     if len(schedule.get_loops(block)) != 3:
         return False
     columns = int(schedule.get(schedule.get_loops(block)[1]).extent)
-    panel = min(VECTORS_PER_TILE * lanes, -(-columns // lanes) * lanes)
+    panel = min(tile.vectors * lanes, -(-columns // lanes) * lanes)
     # Pad the (symbolic) rows to a multiple of the tile, and the columns to a multiple of the panel:
     # a split that does not divide guards every element with a predicate, which costs 2-3x here.
-    schedule.pad_einsum(block, [MATMUL_ROWS, panel if columns % panel else 1, 1])
+    schedule.pad_einsum(block, [tile.rows, panel if columns % panel else 1, 1])
     padded_output = schedule.get(block).writes[0].source
     rows, columns, reduction = schedule.get_loops(block)
-    row_tiles, row = schedule.split(rows, factors=[None, MATMUL_ROWS])
+    row_tiles, row = schedule.split(rows, factors=[None, tile.rows])
     panels, column = schedule.split(columns, factors=[None, panel])
     schedule.reorder(panels, row_tiles, reduction, row, column)
     schedule.parallel(panels)
@@ -164,11 +185,11 @@ def _vectorize(schedule: s_tir.Schedule, loop, lanes: int) -> None:
         schedule.vectorize(vector)
 
 
-def schedule_function(function: tvm.tirx.PrimFunc, symbol: str, lanes: int) -> tvm.tirx.PrimFunc | None:
+def schedule_function(function: tvm.tirx.PrimFunc, symbol: str, lanes: int, tile: MatmulTile = DEFAULT_MATMUL_TILE) -> tvm.tirx.PrimFunc | None:
     """The scheduled function, or None when no rule applies (or a rule's preconditions fail)."""
     schedule = s_tir.Schedule(function)
     try:
-        if _matmul_rule(schedule, lanes):
+        if _matmul_rule(schedule, lanes, tile):
             _elementwise_rule(schedule, lanes)
         elif not (_lookup_rule(schedule, lanes) or _concatenation_rule(schedule, symbol)):
             return None
@@ -188,3 +209,15 @@ def apply_default_schedules(module: tvm.IRModule, target: tvm.target.Target) -> 
     for symbol, function in updates.items():
         module[symbol] = function
     return module
+
+
+def matmul_tile_alternatives(function: tvm.tirx.PrimFunc, target: tvm.target.Target) -> list[tuple[str, tvm.tirx.PrimFunc]]:
+    """A matmul kernel scheduled with each of ALTERNATIVE_MATMUL_TILES (labelled), for -O3 to measure
+    against its default schedule; nothing for other kernels."""
+    try:
+        s_tir.Schedule(function).get_sblock("matmul")
+    except s_tir.ScheduleError:
+        return []
+    lanes = vector_lanes(target)
+    scheduled = ((tile.label, schedule_function(function, "", lanes, tile)) for tile in ALTERNATIVE_MATMUL_TILES)
+    return [(label, function) for label, function in scheduled if function is not None]

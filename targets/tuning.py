@@ -8,10 +8,13 @@ that --tune-time is checked often.
 
 MetaSchedule cannot tune symbolic shapes, so a kernel is tuned specialized to TUNING_BATCH rows and
 its best schedule is replayed on the symbolic kernel: a tile decision on a symbolic loop becomes a
-split with an open outer factor (predicated for the last rows). The replayed kernel then runs against
-the kernel's -O2 schedule at COMPARE_BATCHES rows, on the same runner; it replaces the -O2 schedule
-only when it is at least as fast at each of them, so -O3 is never slower than -O2 where measured.
-Kernels that are not hot keep their -O2 schedules.
+split with an open outer factor (predicated for the last rows). The target may offer alternatives of
+its own rules besides (other register tiles of its matmul rule, which pad the batch instead). Each
+candidate runs against the kernel's -O2 schedule at COMPARE_BATCHES rows, on the same runner; of
+those at least as fast as -O2 at each of them, the one with the smallest sum of time ratios replaces
+the -O2 schedule, so -O3 is never slower than -O2 where measured. Kernels that are not hot keep their
+-O2 schedules. Measuring candidates needs a budget: with --tune-trials 0 only the verdicts already in
+the database are used.
 
 Kernels that read integer ids (gathers, and whatever fusion put with them) are not tuned and keep
 their -O2 schedules: MetaSchedule's runner fills every argument with random bits, out-of-range ids
@@ -52,6 +55,10 @@ RPC_SESSION_TIMEOUT_S = 60
 SEARCH = {"population_size": 128, "init_min_unmeasured": 32, "genetic_num_iters": 2}
 
 Schedule = Callable[[tvm.IRModule, tvm.target.Target], tvm.IRModule]
+# A target's own alternative schedules of a kernel, labelled: (label, scheduled PrimFunc).
+Alternatives = Callable[[tirx.PrimFunc, tvm.target.Target], list[tuple[str, tirx.PrimFunc]]]
+DEFAULT = "default"
+METASCHEDULE = "metaschedule"
 
 
 @dataclass
@@ -65,7 +72,7 @@ class Kernel:
     calls: int
     cost: float = 0.0
     trials: int = 0  # its share of --tune-trials
-    tuned: tirx.PrimFunc | None = None
+    chosen: tirx.PrimFunc | None = None  # the schedule that replaces -O2's, if one does
     verdict: dict = field(default_factory=dict)
 
     @property
@@ -83,28 +90,33 @@ class Kernel:
         return _standalone(self.at_batch(TUNING_BATCH))
 
 
-def tuned_schedules(options: TuningOptions, default: Schedule) -> Schedule:
-    """The -O3 schedule pass: `default` (the -O2 rules), with the hot kernels tuned where that is faster."""
+def _no_alternatives(function: tirx.PrimFunc, target: tvm.target.Target) -> list[tuple[str, tirx.PrimFunc]]:
+    return []
+
+
+def tuned_schedules(options: TuningOptions, default: Schedule, alternatives: Alternatives = _no_alternatives) -> Schedule:
+    """The -O3 schedule pass: `default` (the -O2 rules), with each hot kernel's MetaSchedule tuning or
+    one of the target's `alternatives` where that is faster."""
 
     def schedule(module: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
         kernels = _kernels(module)
         scheduled = default(tvm.IRModule(dict(module.functions), attrs=module.attrs), target)
         with tempfile.TemporaryDirectory(prefix="reccc-tune-") as work_dir:
-            _TuningSession(options, _with_cores(target), Path(work_dir)).run(kernels, scheduled)
+            _TuningSession(options, _with_cores(target), Path(work_dir), alternatives).run(kernels, scheduled)
         for kernel in kernels:
-            if kernel.verdict.get("use") == "tuned":
+            if kernel.chosen is not None:
                 for name in kernel.functions:
-                    scheduled[name] = kernel.tuned
+                    scheduled[name] = kernel.chosen
         return scheduled
 
     return schedule
 
 
 class _TuningSession:
-    def __init__(self, options: TuningOptions, target: tvm.target.Target, work_dir: Path):
+    def __init__(self, options: TuningOptions, target: tvm.target.Target, work_dir: Path, alternatives: Alternatives):
         from tvm.s_tir import meta_schedule as ms
 
-        self.options, self.target, self.work_dir = options, target, work_dir
+        self.options, self.target, self.work_dir, self.alternatives = options, target, work_dir, alternatives
         self.shared = SharedTuningDatabase(options.database)
         self.shared.copy_into(work_dir)
         self.database = ms.database.JSONDatabase(work_dir=str(work_dir))
@@ -121,10 +133,14 @@ class _TuningSession:
             self.shared.publish(self.work_dir)
         for number, kernel in enumerate(hot, 1):
             self._choose(kernel, scheduled[kernel.name], f"[{number}/{len(hot)}] {kernel.name}")
-        used = sum(kernel.verdict.get("use") == "tuned" for kernel in hot)
+        used: dict[str, int] = {}
+        for kernel in hot:
+            use = kernel.verdict.get("use", DEFAULT)
+            used[use] = used.get(use, 0) + 1
+        listed = ", ".join(f"{label} for {count}" for label, count in sorted(used.items()) if label != DEFAULT) or "none"
         self.progress.note(
             f"reccc: tuning: {len(hot)} hot kernels of {len(kernels)}; measured {self.measured} candidates and "
-            f"{self.compared} comparisons with -O2 in {self.elapsed():.0f} s; tuned schedule used for {used}, -O2's kept for {len(hot) - used}"
+            f"{self.compared} comparisons with -O2 in {self.elapsed():.0f} s; schedules used instead of -O2's: {listed}"
         )
 
     def elapsed(self) -> float:
@@ -160,43 +176,57 @@ class _TuningSession:
             done = len(self.database.get_top_k(self.database.commit_workload(workload), kernel.trials))
 
     def _choose(self, kernel: Kernel, default: tirx.PrimFunc, label: str) -> None:
-        """Replay the best record on the symbolic kernel; keep it if it beats `default` (the -O2 schedule)."""
+        """Measure the candidates (MetaSchedule's best record replayed on the symbolic kernel, the
+        target's alternatives) against `default` (the -O2 schedule); keep the best that is never slower."""
+        candidates = self.alternatives(kernel.symbolic, self.target)
         records = self.database.get_top_k(self.database.commit_workload(kernel.workload()), 1)
-        if not records:
+        if records:
+            try:
+                candidates.insert(0, (METASCHEDULE, _replay(records[0].trace, kernel.symbolic)))
+            except Exception as error:  # a schedule that does not carry over to the symbolic kernel
+                self.progress.note(f"reccc: tuning {kernel.name}: MetaSchedule's schedule does not replay on the symbolic kernel: {one_line(error)}")
+        if not candidates:
             return
-        try:
-            kernel.tuned = _replay(records[0].trace, kernel.symbolic)
-        except Exception as error:  # a schedule that does not carry over to the symbolic kernel
-            kernel.verdict = {"use": "default", "why": f"replay failed: {one_line(error)}"}
-            return
-        key = _verdict_key(kernel.tuned, default, self.target, kernel.compare_batches)
+        key = _verdict_key([function for _, function in candidates], default, self.target, kernel.compare_batches)
         verdict = self.shared.verdict(key)
         if verdict is None:
-            self.progress.update(f"reccc: tuning {label}: comparing with -O2 at batch {', '.join(map(str, kernel.compare_batches))}")
-            verdict = self._compare(kernel, kernel.tuned, default)
+            if self.options.trials == 0 or self.elapsed() >= self.options.seconds:
+                return  # no budget to measure: -O2's schedule stays
+            self.progress.update(f"reccc: tuning {label}: comparing {len(candidates)} schedules with -O2 at batch {', '.join(map(str, kernel.compare_batches))}")
+            verdict = self._compare(kernel, candidates, default)
             self.compared += 1
             self.shared.record_verdict(key, verdict)
         kernel.verdict = verdict
+        kernel.chosen = dict(candidates).get(verdict["use"])
 
-    def _compare(self, kernel: Kernel, tuned: tirx.PrimFunc, default: tirx.PrimFunc) -> dict:
+    def _compare(self, kernel: Kernel, candidates: list[tuple[str, tirx.PrimFunc]], default: tirx.PrimFunc) -> dict:
         from tvm.s_tir import meta_schedule as ms
 
         builder, runner, _ = self._measuring_tools()
-        built = builder.build([ms.builder.BuilderInput(_standalone(f), self.target) for f in (tuned, default)])
-        if any(result.error_msg for result in built):
-            return {"use": "default", "why": "build failed"}
+        functions = [default, *(function for _, function in candidates)]
+        built = builder.build([ms.builder.BuilderInput(_standalone(f), self.target) for f in functions])
         inputs = [
             ms.runner.RunnerInput(result.artifact_path, _device_type(self.target), ms.arg_info.ArgInfo.from_prim_func(kernel.at_batch(rows)))
-            for result in built
+            for result in built if not result.error_msg
             for rows in kernel.compare_batches
         ]
-        seconds = [_median_seconds(future.result()) for future in runner.run(inputs)]
-        for result in built:
-            shutil.rmtree(Path(result.artifact_path).parent, ignore_errors=True)
+        seconds = iter(_median_seconds(future.result()) for future in runner.run(inputs))
         count = len(kernel.compare_batches)
-        tuned_us, default_us = [s * 1e6 for s in seconds[:count]], [s * 1e6 for s in seconds[count:]]
-        faster = all(t <= d for t, d in zip(tuned_us, default_us))
-        return {"use": "tuned" if faster else "default", "batches": list(kernel.compare_batches), "tuned_us": tuned_us, "default_us": default_us}
+        times_us = [[next(seconds) * 1e6 for _ in range(count)] if not result.error_msg else None for result in built]
+        for result in built:
+            if not result.error_msg:
+                shutil.rmtree(Path(result.artifact_path).parent, ignore_errors=True)
+        default_us, measured = times_us[0], dict(zip((label for label, _ in candidates), times_us[1:]))
+        verdict = {"use": DEFAULT, "batches": list(kernel.compare_batches), "default_us": default_us, "candidates_us": measured}
+        if default_us is None:
+            return verdict
+        never_slower = {
+            label: sum(t / d for t, d in zip(us, default_us))
+            for label, us in measured.items() if us is not None and all(t <= d for t, d in zip(us, default_us))
+        }
+        if never_slower:
+            verdict["use"] = min(never_slower, key=never_slower.get)
+        return verdict
 
     def _measuring_tools(self):
         from tvm.s_tir import meta_schedule as ms
@@ -376,8 +406,8 @@ def _median_seconds(result) -> float:
     return float(np.median([float(s) for s in result.run_secs]))
 
 
-def _verdict_key(tuned: tirx.PrimFunc, default: tirx.PrimFunc, target: tvm.target.Target, batches: tuple[int, ...]) -> str:
-    text = json.dumps([tuned.script(), default.script(), str(target), list(batches)])
+def _verdict_key(candidates: list[tirx.PrimFunc], default: tirx.PrimFunc, target: tvm.target.Target, batches: tuple[int, ...]) -> str:
+    text = json.dumps([[candidate.script() for candidate in candidates], default.script(), str(target), list(batches)])
     return hashlib.sha256(text.encode()).hexdigest()
 
 

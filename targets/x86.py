@@ -41,7 +41,7 @@ class CpuTarget(Target):
     def compile(self, model: onnx.ModelProto, opt_level: int, tuning: TuningOptions | None = None) -> tvm.runtime.Executable:
         schedule = _default_schedules
         if tuning is not None:
-            schedule = auto_tuning.tuned_schedules(tuning, default=schedule)
+            schedule = auto_tuning.tuned_schedules(tuning, default=schedule, alternatives=cpu_schedules.matmul_tile_alternatives)
         return relax_lowering.build(model, self._target, opt_level, schedule, select_kernels=cpu_int8_schedules.select_vnni_matmuls)
 
     def export(self, executable: tvm.runtime.Executable, path: Path, addons: list[Path]) -> None:

@@ -16,7 +16,7 @@ import pytest
 import tvm
 
 import reccc
-from reccc.targets import relax_lowering, tuning
+from reccc.targets import cpu_schedules, relax_lowering, tuning
 from reccc.targets.tuning_db import RECORDS, VERDICTS, WORKLOADS
 from reccc.targets.x86 import host_cpu
 
@@ -64,7 +64,14 @@ def test_concurrent_builds_share_the_database_and_rebuilds_reuse_it(tmp_path, re
     assert len(records) == 2  # each build's one trial, neither lost in the merge
     assert _measured(records)  # and at least one candidate ran (one may fail to build)
     verdicts = json.loads((database / VERDICTS).read_text())
-    assert verdicts and all(verdict["use"] in ("tuned", "default") for verdict in verdicts.values())
+    assert verdicts
+    for verdict in verdicts.values():
+        # Each verdict timed -O2's schedule and the candidates, and chose one never slower than -O2.
+        assert verdict["candidates_us"] and all(len(us) == len(verdict["batches"]) for us in verdict["candidates_us"].values() if us)
+        use = verdict["use"]
+        assert use == "default" or all(t <= d for t, d in zip(verdict["candidates_us"][use], verdict["default_us"]))
+    # The matmul kernels were measured with the x86 target's other register tiles too.
+    assert any(label.startswith("tile ") for verdict in verdicts.values() for label in verdict["candidates_us"])
 
     for i in range(2):
         model = reccc.load(tmp_path / f"concurrent{i}.so")
@@ -83,6 +90,21 @@ def test_concurrent_builds_share_the_database_and_rebuilds_reuse_it(tmp_path, re
     assert (tmp_path / "process0.so").read_bytes() == (tmp_path / "process1.so").read_bytes()
 
     _check_replayed_records(database, tmp_path)
+
+
+def test_alternative_matmul_tiles_compute_what_the_kernel_computes(tmp_path):
+    """-O3's other register tiles for each matmul kernel of the fused module, at batch sizes their
+    tiles do not divide."""
+    fused = []
+    relax_lowering.build(onnx.load(MODEL), host_cpu().tvm_target(), 2, lambda module, _: fused.append(module) or module)
+    checked = 0
+    for kernel in tuning._kernels(fused[0]):
+        for label, alternative in cpu_schedules.matmul_tile_alternatives(kernel.symbolic, host_cpu().tvm_target()):
+            for rows in (1, 7, 13):
+                expected, actual = (_run_kernel(function, kernel, rows) for function in (kernel.symbolic, alternative))
+                np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5, err_msg=f"{kernel.name}, {label}, {rows} rows")
+            checked += 1
+    assert checked >= 2 * len(cpu_schedules.ALTERNATIVE_MATMUL_TILES)
 
 
 def _check_replayed_records(database: Path, scratch: Path) -> None:
