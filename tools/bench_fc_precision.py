@@ -8,7 +8,7 @@ model (issue 7's anchor: 6 tables of dim 64, MLPs 13-128-64-64 and 448-256-64-1)
 All variants run in one process on the same inputs; one round runs each variant once, each round
 starting at the next variant, rounds are repeated (interleaved, so load on a shared machine hits
 every variant alike) and the median is reported. onnxruntime runs with as many intra-op threads as the machine has cores, not spinning when
-idle, reccc's artifacts with TVM's default (one per core). Deviation: max abs difference of the sigmoid output from the fp32
+idle, reccc's artifacts with one TVM thread per core (set before the first compile, as reccc.load sets it). Deviation: max abs difference of the sigmoid output from the fp32
 model in onnxruntime, on the batch. The machine's load average is printed before and after each model
 (on a shared machine it says how far the medians can be trusted). Results go to
 bench-results/fc_precision.json.
@@ -114,6 +114,9 @@ def main() -> None:
     parser.add_argument("-O", dest="opt_level", type=int, default=2, help="reccc's optimization level (default 2)")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
+    # reccc.load sets this for the process, but compiling here first starts TVM's thread pool with TVM's
+    # default (a thread per two cores on x86); reccc fp32 then took 3 ms instead of 0.25 at batch 64.
+    os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
     results, load = {}, {}
     with tempfile.TemporaryDirectory(prefix="bench-fc-") as scratch:
         for name in args.models.split(","):
