@@ -8,8 +8,9 @@ Marking gathers fusable would also let FuseOps merge them into whatever reads th
 lookups into their Concat, for one), so this pass groups only the lookup chains, and leaves the rest
 of the module to FuseOps as before:
 
-- a lookup starts at a gather from a constant table (a `call_tir` of a one-block PrimFunc that reads
-  its first argument, a constant, at an index it loads);
+- a lookup starts at a gather from a table (a `call_tir` of a one-block PrimFunc that reads its first
+  argument at an index it loads, where that argument is a constant, or a parameter of the function
+  as the tables are with --weights=external);
 - its row side is what such gathers flow into through cheap ops (elementwise, broadcast, injective,
   and reductions such as a bag's sum), except concatenations: a concatenation joins several tables'
   lookups, and each table keeps a kernel of its own (a row loop over a contiguous vector loop);
@@ -65,9 +66,14 @@ class _Kinds:
         function = self.module.functions.get(value.args[0])
         return function if isinstance(function, tirx.PrimFunc) else None
 
-    def is_table_gather(self, value) -> bool:
+    def is_table_gather(self, value, computed: dict) -> bool:
+        """A gather from a constant, or from a tensor the function is given (--weights=external
+        passes the tables as parameters): not from a value the block computes."""
         function = self.callee(value)
-        if function is None or not isinstance(value.args[1].fields[0], tvm.ir.GenericConst):
+        if function is None:
+            return False
+        table = value.args[1].fields[0]
+        if not (isinstance(table, tvm.ir.GenericConst) or (isinstance(table, relax.Var) and table not in computed)):
             return False
         name = value.args[0].name_hint
         if name not in self._gather:
@@ -100,7 +106,7 @@ def find_groups(block: relax.DataflowBlock, kinds: _Kinds, escaping: set) -> lis
     for index, binding in enumerate(bindings):
         value = binding.value
         inputs = [defined[var] for var in _argument_vars(value) if var in defined] if kinds.callee(value) else []
-        if kinds.is_table_gather(value) or (kinds.is_cheap(value) and any(i in row_side for i in inputs)):
+        if kinds.is_table_gather(value, defined) or (kinds.is_cheap(value) and any(i in row_side for i in inputs)):
             row_side.add(index)
         elif kinds.is_cheap(value) and all(i in id_side for i in inputs):
             id_side.add(index)
@@ -132,7 +138,7 @@ def find_groups(block: relax.DataflowBlock, kinds: _Kinds, escaping: set) -> lis
     groups = []
     for component in components.values():
         inside = set(component)
-        if not inside & {i for i in row_side if kinds.is_table_gather(bindings[i].value)}:
+        if not inside & {i for i in row_side if kinds.is_table_gather(bindings[i].value, defined)}:
             continue
         outputs = [i for i in component if readers[i] - inside or bindings[i].var in escaping or not readers[i]]
         # One output, last in binding order: every other member flows into it, so no value leaves the

@@ -86,23 +86,25 @@ def test_quantized_graph_is_valid_onnx_and_the_artifact_computes_it_exactly(recc
         assert error <= bound, f"output '{name}': {error} > {bound}"
 
 
-def lowered_lookups(proto: onnx.ModelProto) -> list[tuple[list, object, object]]:
+def lowered_lookups(proto: onnx.ModelProto, weights: str = "embed") -> list[tuple[list, object, object]]:
     """The calls of the module -O2 compiles from the optimized graph `proto` (ids guarded as the
-    compiler guards them, fused by reccc.targets.lookup_fusion, scheduled by the CPU rules) that read an
-    embedding table's stored constants: (the constants' shapes and dtypes, the call's output type,
-    the scheduled kernel)."""
+    compiler guards them, large tables made parameters with --weights=external, fused by
+    reccc.targets.lookup_fusion, scheduled by the CPU rules) that read an embedding table's stored
+    tensors: (their shapes and dtypes, the call's output type, the scheduled kernel)."""
     import tvm
     from tvm import relax
 
     from reccc.index_guard import guard_embedding_indices
     from reccc.targets import cpu_schedules, lookup_fusion, relax_lowering
     from reccc.targets.x86 import host_cpu
+    from reccc.weights_inputs import split_weights
 
     model = Model.from_onnx(proto)
     guard_embedding_indices(model, "error")
+    lowered = split_weights(model.to_onnx())[0] if weights == "external" else model.to_onnx()
     target = host_cpu().tvm_target()
     with target:
-        module = lookup_fusion.fuse_operators()(relax_lowering.to_relax(model.to_onnx()))
+        module = lookup_fusion.fuse_operators()(relax_lowering.to_relax(lowered))
         module = cpu_schedules.apply_default_schedules(module, target)
     calls = []
     for block in module["main"].body.blocks:
@@ -111,7 +113,7 @@ def lowered_lookups(proto: onnx.ModelProto) -> list[tuple[list, object, object]]
             if not (isinstance(call, relax.Call) and call.op.name == "relax.call_tir"):
                 continue
             tables = [(tuple(int(d) for d in arg.ty.shape), arg.ty.dtype) for arg in call.args[1].fields
-                      if isinstance(arg, tvm.ir.GenericConst) and len(arg.ty.shape) == 2 and int(arg.ty.shape[0]) >= 1000]
+                      if len(getattr(arg.ty, "shape", ())) == 2 and isinstance(arg.ty.shape[0], tvm.tirx.IntImm) and int(arg.ty.shape[0]) >= 1000]
             if tables:
                 calls.append((tables, binding.var.ty, module[call.args[0]]))
     return calls
@@ -129,11 +131,12 @@ def one_loop_nest(kernel) -> bool:
     return single and "sblock_alloc_buffer" not in text and "T.parallel" in text and "T.vectorized" in text
 
 
-@pytest.mark.parametrize("format", ["int8", "int4", "fp16", "none"])
-def test_each_lookup_is_one_kernel_that_reads_its_rows_once(reccc_cli, embedding_dlrm, tmp_path, format):
+@pytest.mark.parametrize(("format", "weights"), [("int8", "embed"), ("int4", "embed"), ("fp16", "embed"), ("none", "embed"),
+                                                 ("int8", "external"), ("none", "external")])
+def test_each_lookup_is_one_kernel_that_reads_its_rows_once(reccc_cli, embedding_dlrm, tmp_path, format, weights):
     graph = tmp_path / "m.onnx"
     assert reccc_cli(embedding_dlrm, f"--embedding-quant={format}", "--emit=onnx", "-o", graph).code == 0
-    calls = lowered_lookups(onnx.load(graph))
+    calls = lowered_lookups(onnx.load(graph), weights)
     assert len(calls) == 4  # one kernel per table, which reads every constant the table is stored in
     expected = {"int8": [((20000, 64), "uint8"), ((20000, 2), "float32")],
                 "int4": [((10000, 64), "uint8"), ((20000, 2), "float16")],
