@@ -323,3 +323,14 @@ def test_target_without_vnni_keeps_the_int32_product(reccc_cli, tmp_path):
     feeds = random_inputs(Model.from_onnx(graph), 64, seed=3)
     for output, (error, bound) in agreement(run_reference(graph, feeds), artifact.run(feeds)).items():
         assert error <= bound, (output, error, bound)
+
+
+@pytest.mark.skipif(not _host_has_vnni(), reason="this CPU has no AVX-512 VNNI")
+def test_vnni_kernels_at_o3(reccc_cli, tmp_path):
+    """-O3 builds on -O2's schedules: its int8 layers are the VNNI kernels too (here from an empty
+    tuning database, so nothing is tuned)."""
+    library = tmp_path / "m.so"
+    result = reccc_cli(model_path("dlrm"), "-O3", "--fc-precision=int8", "--embedding-quant=none", "--tune-trials", "0",
+                       "--tune-db", tmp_path / "db", "-o", library)
+    assert result.code == 0, result.stderr
+    assert len(_vnni_kernels(library)) == 4 and "vpdpbusd" in _disassembly(library)
