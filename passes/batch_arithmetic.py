@@ -24,13 +24,22 @@ integer scalar derived from Shape as a PrimValue (a symbolic scalar), and stops 
   graph inputs' dims (`full()`'s value; a ReduceSum multiplies it by the reduced size; reshaping,
   slicing, gathering, squeezing keep it). Sizes proven equal (each table's `bag * batch`) make the
   Split even; sizes proven static become constants.
+
+The evaluator also follows the offsets: a CumSum of such a tensor is a progression (elements start +
+step x their index along one axis), which Concat (after `new_zeros`), Slice and Squeeze keep;
+legalize-embedding-bags reads from it that every bag has one length. Its shapes are onnxruntime's,
+except that onnxruntime takes a Split by sizes it cannot evaluate to be even: for its shapes the
+evaluator gives it such Splits as Slices of unknown bounds (a new dim each), and then those whose sizes
+it proves as they are.
 """
 
 import math
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 import sympy
+from onnx import helper, numpy_helper
 
 from reccc.ir import Model
 from reccc.pass_manager import Pass, register_pass
@@ -45,23 +54,46 @@ _ARITHMETIC = {"Add": sympy.Add, "Mul": sympy.Mul, "Sub": lambda a, b: a - b}
 _MAX_ELEMENTS = 64
 
 
-class _Uniform:
+class Uniform:
     """A tensor whose elements all equal `value` (a sympy expression of input dims)."""
 
     def __init__(self, value: sympy.Expr):
         self.value = sympy.expand(value)
 
 
-class _Evaluator:
-    """Values of the integer tensors computed from constants and input dims: explicit arrays of sympy
-    expressions (constants and onnxruntime's symbolic values) or _Uniform."""
+class Progression:
+    """A tensor whose elements are start + step x (their index along `axis`): the offsets of bags that
+    all hold `step` ids. `step` is not 0 (that is a Uniform)."""
 
-    def __init__(self, model: Model):
-        self.values, shapes, _ = symbolic_values(model.to_onnx())
+    def __init__(self, start: sympy.Expr, step: sympy.Expr, axis: int):
+        self.start, self.step, self.axis = sympy.expand(start), sympy.expand(step), axis
+
+
+Value = np.ndarray | Uniform | Progression
+
+
+def _progression(start: sympy.Expr, step: sympy.Expr, axis: int) -> Uniform | Progression:
+    return Uniform(start) if sympy.expand(step) == 0 else Progression(start, step, axis)
+
+
+class Evaluator:
+    """Values of the integer tensors computed from constants and input dims: explicit arrays of sympy
+    expressions (constants and onnxruntime's symbolic values), Uniform or Progression.
+
+    `proto` is what onnxruntime's symbolic inference reads (default: the model); `run` evaluates the
+    nodes of a graph with the same tensor names (the model's, or a copy's)."""
+
+    def __init__(self, model: Model, proto: onnx.ModelProto | None = None):
+        self.proto = proto if proto is not None else model.to_onnx()
         dims = {d for t in model.graph.inputs for d in (t.shape or ()) if isinstance(d, str)}
         self.symbols = {name: sympy.Symbol(name, integer=True, nonnegative=True) for name in dims}
+        self.values: dict[str, list] = {}
+        self.shapes: dict[str, list[sympy.Expr] | None] = {}
+        self.known: dict[str, Value] = {}
+
+    def _infer(self, proto: onnx.ModelProto) -> None:
+        self.values, shapes, _ = symbolic_values(proto)
         self.shapes = {name: self._shape(dims) for name, dims in shapes.items()}
-        self.known: dict[str, np.ndarray | _Uniform] = {}
 
     def _shape(self, dims: list) -> list[sympy.Expr] | None:
         """onnxruntime's inferred shape as expressions (dims are ints or texts like '3*batch'), or None
@@ -79,7 +111,7 @@ class _Evaluator:
                     return None
         return result
 
-    def value(self, tensor: gs.Tensor) -> np.ndarray | _Uniform | None:
+    def value(self, tensor: gs.Tensor) -> Value | None:
         if tensor.name in self.known:
             return self.known[tensor.name]
         constant = constant_value(tensor)
@@ -93,16 +125,45 @@ class _Evaluator:
         return None
 
     def run(self, graph: gs.Graph) -> None:
+        """Evaluate `graph`'s nodes. First with every Split by run-time sizes given to the shape inference
+        as Slices of unknown bounds, then, until nothing more is proven, with the Splits whose sizes the
+        evaluation proved written with those sizes: each round's shapes hold for every run."""
         graph.toposort()
-        for node in graph.nodes:
-            result = self._evaluate(node)
-            if result is not None and node.outputs:
-                self.known[node.outputs[0].name] = result
+        splits = [n for n in graph.nodes if n.op == "Split" and len(n.inputs) > 1 and n.inputs[1].name
+                  and constant_value(n.inputs[1]) is None]
+        proven: dict[str, list[sympy.Expr]] = {}
+        for _ in range(len(splits) + 1):  # each round proves at least one more Split, or stops
+            self._infer(_exact_splits(self.proto, splits, proven) if splits else self.proto)
+            self.known = {}
+            for node in graph.nodes:
+                result = self._evaluate(node)
+                if result is not None and node.outputs:
+                    self.known[node.outputs[0].name] = result
+            now = {}
+            for node in splits:
+                sizes = self.entries(node.inputs[1], len(node.outputs))
+                if sizes is not None and (all(s.is_Integer for s in sizes) or all(sympy.expand(s - sizes[0]) == 0 for s in sizes)):
+                    now[node.name] = sizes
+            if now.keys() == proven.keys():
+                return
+            proven = now
 
-    def _evaluate(self, node: gs.Node) -> np.ndarray | _Uniform | None:
+    def rank(self, tensor: gs.Tensor) -> int | None:
+        shape = self.shapes.get(tensor.name)
+        return len(shape) if shape is not None else None
+
+    def _evaluate(self, node: gs.Node) -> Value | None:
         inputs = [self.value(t) if t.name else None for t in node.inputs]
+        if node.op == "ConstantOfShape":
+            fill = node.attrs.get("value")
+            fill = fill.values if isinstance(fill, gs.Constant) else np.zeros(1, np.float32)
+            return Uniform(sympy.Integer(int(fill.item()))) if np.issubdtype(fill.dtype, np.integer) else None
         if not inputs or any(v is None for v in inputs[:1]):
             return None
+        if isinstance(inputs[0], Progression):
+            return self._rearranged_progression(node, inputs[0])
+        if node.op == "CumSum" and _one_value(inputs[0]) is not None and not node.attrs.get("reverse", 0):
+            return self._cumsum(node, _one_value(inputs[0]).value)
         if node.op in _REARRANGING:
             return _one_value(inputs[0])
         if node.op == "ReduceSum" and _one_value(inputs[0]) is not None:
@@ -110,36 +171,146 @@ class _Evaluator:
             if before is None or after is None:
                 return None
             # Each output element sums (input elements / output elements) equal values.
-            return _Uniform(_one_value(inputs[0]).value * sympy.Mul(*before) / sympy.Mul(*after))
+            return Uniform(_one_value(inputs[0]).value * sympy.Mul(*before) / sympy.Mul(*after))
         if node.op in _ARITHMETIC and len(inputs) == 2 and all(_one_value(v) is not None for v in inputs):
-            return _Uniform(_ARITHMETIC[node.op](_one_value(inputs[0]).value, _one_value(inputs[1]).value))
+            return Uniform(_ARITHMETIC[node.op](_one_value(inputs[0]).value, _one_value(inputs[1]).value))
         if node.op == "Concat" and all(v is not None for v in inputs):
             parts = [self._explicit(v, t) for v, t in zip(inputs, node.inputs)]
-            if any(p is None for p in parts):
-                return None
-            try:
-                return np.concatenate(parts, axis=node.attrs.get("axis", 0))
-            except (ValueError, np.exceptions.AxisError):  # parts that do not join: an invalid graph, not a value
-                return None
+            if all(p is not None for p in parts):
+                try:
+                    return np.concatenate(parts, axis=node.attrs.get("axis", 0))
+                except (ValueError, np.exceptions.AxisError):  # parts that do not join: an invalid graph, not a value
+                    return None
+            return self._joined_progression(node, inputs)
         return None
 
-    def _explicit(self, value: np.ndarray | _Uniform, tensor: gs.Tensor) -> np.ndarray | None:
-        """The value as an array: a _Uniform needs a small static shape."""
+    def _cumsum(self, node: gs.Node, value: sympy.Expr) -> Value | None:
+        """A running sum of equal values: value x (index + 1), or x index when exclusive."""
+        axis, rank = constant_value(node.inputs[1]), self.rank(node.inputs[0])
+        if axis is None or axis.size != 1 or rank is None or not -rank <= int(axis.item()) < rank:
+            return None
+        return _progression(0 if node.attrs.get("exclusive", 0) else value, value, int(axis.item()) % rank)
+
+    def _joined_progression(self, node: gs.Node, inputs: list[Value]) -> Value | None:
+        """A Concat of progressions along the axis they step along, each starting where the one before
+        it would continue (a one-long Uniform part fits any step: `new_zeros` before a cumsum)."""
+        rank = self.rank(node.outputs[0])
+        if rank is None or not -rank <= node.attrs.get("axis", 0) < rank:
+            return None
+        axis = node.attrs.get("axis", 0) % rank
+        parts = []
+        for value, tensor in zip(inputs, node.inputs):
+            shape = self.shapes.get(tensor.name)
+            if shape is None:
+                return None
+            if isinstance(value, Progression) and value.axis == axis:
+                parts.append((value.start, value.step, shape[axis]))
+            elif _one_value(value) is not None:
+                parts.append((_one_value(value).value, None if shape[axis] == 1 else sympy.Integer(0), shape[axis]))
+            else:
+                return None
+        steps = {sympy.expand(step) for _, step, _ in parts if step is not None}
+        if len(steps) != 1:
+            return None
+        step = steps.pop()
+        following = parts[0][0]
+        for start, _, length in parts:
+            if sympy.expand(start - following) != 0:
+                return None
+            following = start + step * length
+        return _progression(parts[0][0], step, axis)
+
+    def _rearranged_progression(self, node: gs.Node, value: Progression) -> Value | None:
+        """A progression through ops that keep it: Identity and Cast; Slice (of its axis, from a
+        nonnegative start by a positive step: a new start and step); Squeeze and Unsqueeze (its axis
+        moves, or a squeezed one-long axis leaves its start)."""
+        if node.op in ("Identity", "Cast"):
+            return value
+        rank = self.rank(node.inputs[0])
+        if rank is None or node.op not in ("Slice", "Squeeze", "Unsqueeze") or len(node.inputs) < 2:
+            return None
+        operands = [constant_value(t) if t.name else None for t in node.inputs[1:]]
+        if operands[0] is None or any(t.name and o is None for t, o in zip(node.inputs[1:], operands)):
+            return None
+        if node.op == "Slice":
+            starts = operands[0].reshape(-1).tolist()
+            axes = operands[2].reshape(-1).tolist() if len(operands) > 2 and operands[2] is not None else list(range(len(starts)))
+            steps = operands[3].reshape(-1).tolist() if len(operands) > 3 and operands[3] is not None else [1] * len(axes)
+            start, step = value.start, value.step
+            for first, axis, stride in zip(starts, axes, steps):
+                if axis % rank == value.axis:
+                    if first < 0 or stride <= 0:
+                        return None  # counted from the end: the length is not read here
+                    start, step = start + step * first, step * stride
+            return _progression(start, step, value.axis)
+        axes = operands[0].reshape(-1).tolist()
+        if node.op == "Squeeze":
+            axes = [a % rank for a in axes]
+            if value.axis in axes:
+                return Uniform(value.start)
+            return Progression(value.start, value.step, value.axis - sum(a < value.axis for a in axes))
+        inserted = {a % (rank + len(axes)) for a in axes}
+        kept = [position for position in range(rank + len(axes)) if position not in inserted]
+        return Progression(value.start, value.step, kept[value.axis])
+
+    def _explicit(self, value: Value, tensor: gs.Tensor) -> np.ndarray | None:
+        """The value as an array: a Uniform or Progression needs a small static shape."""
         if isinstance(value, np.ndarray):
             return value
         shape = self.shapes.get(tensor.name)
         if shape is None or not all(d.is_Integer for d in shape) or math.prod(int(d) for d in shape) > _MAX_ELEMENTS:
             return None
-        return np.full([int(d) for d in shape], value.value, dtype=object)
+        shape = [int(d) for d in shape]
+        if isinstance(value, Progression):
+            index = np.indices(shape)[value.axis].astype(object)
+            return np.vectorize(sympy.expand, otypes=[object])(value.start + value.step * index) if index.size else index
+        return np.full(shape, value.value, dtype=object)
 
     def entries(self, tensor: gs.Tensor, count: int) -> list[sympy.Expr] | None:
         """A vector of `count` sizes, if known."""
         value = self.value(tensor)
-        if isinstance(value, _Uniform):
+        if isinstance(value, Uniform):
             return [value.value] * count
+        if isinstance(value, Progression):
+            return [sympy.expand(value.start + value.step * i) for i in range(count)] if value.axis == 0 and self.rank(tensor) == 1 else None
         if value is None or value.ndim != 1 or len(value) != count:
             return None
         return [sympy.expand(e) for e in value]
+
+
+def _exact_splits(proto: onnx.ModelProto, splits: list[gs.Node], proven: dict[str, list[sympy.Expr]]) -> onnx.ModelProto:
+    """A copy of `proto` for the shape inference, which takes a Split by sizes it cannot evaluate to be
+    even: a Split of `proven` sizes gets them (constants, or none: an even split), every other one of
+    `splits` becomes a Slice per output with bounds that are graph inputs (values the inference cannot
+    know), so each output's length along the axis is a dim of its own."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    graph = copy.graph
+    names = {n.name for n in splits}
+    nodes = []
+    for node in graph.node:
+        if node.name not in names:
+            nodes.append(node)
+            continue
+        sizes = proven.get(node.name)
+        if sizes is not None and all(s.is_Integer for s in sizes):
+            constant = f"{node.name}__sizes"
+            graph.initializer.append(numpy_helper.from_array(np.array([int(s) for s in sizes], np.int64), constant))
+            node.input[1] = constant
+            nodes.append(node)
+        elif sizes is not None:
+            del node.input[1:]
+            nodes.append(node)
+        else:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            bound, axes = f"{node.name}__bound", f"{node.name}__axes"
+            graph.input.append(helper.make_tensor_value_info(bound, onnx.TensorProto.INT64, [1]))
+            graph.initializer.append(numpy_helper.from_array(np.array([axis], np.int64), axes))
+            nodes.extend(helper.make_node("Slice", [node.input[0], bound, bound, axes], [output], name=f"{output}__slice")
+                         for output in node.output)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return copy
 
 
 def _is_int(tensor: gs.Tensor, number: int) -> bool:
@@ -156,13 +327,17 @@ def _as_int64(graph: gs.Graph, node: gs.Node, tensor: gs.Tensor) -> gs.Tensor:
     return cast
 
 
-def _one_value(value: np.ndarray | _Uniform) -> _Uniform | None:
-    """`value` as a _Uniform, if all its elements are one expression."""
-    if isinstance(value, _Uniform):
+def _one_value(value: Value | None) -> Uniform | None:
+    """`value` as a Uniform, if all its elements are one expression."""
+    if value is None:
+        return None
+    if isinstance(value, Uniform):
         return value
+    if isinstance(value, Progression):
+        return None
     flat = list(value.flat)
     if flat and all(sympy.expand(e - flat[0]) == 0 for e in flat):
-        return _Uniform(flat[0])
+        return Uniform(flat[0])
     return None
 
 
@@ -198,7 +373,7 @@ class LegalizeBatchArithmetic(Pass):
         splits = [n for n in graph.nodes if n.op == "Split" and len(n.inputs) > 1 and n.inputs[1].name
                   and constant_value(n.inputs[1]) is None]
         if splits:
-            evaluator = _Evaluator(model)
+            evaluator = Evaluator(model)
             evaluator.run(graph)
             for node in splits:
                 changed |= self._split(model, node, evaluator.entries(node.inputs[1], len(node.outputs)))

@@ -1,20 +1,30 @@
 """legalize-embedding-bags: the ONNX Loop that torch's dynamo exporter writes for an EmbeddingBag
-(torchrec's EmbeddingBagCollection: one per table) becomes a gather plus a segment reduction.
+(torchrec's EmbeddingBagCollection: one per table) becomes a gather plus a reduction over each bag.
 
 The exported loop runs once per bag: it slices the gathered rows between offsets[i] and offsets[i+1],
 reduces them (ReduceSum, ReduceMean, ReduceMax; an empty bag gives zeros) and appends the row to a
 sequence that ConcatFromSequence stacks. TVM imports no Loop. The replacement reads the same gathered
-rows [P, D] and offsets [N+1]: a bag-membership matrix M[i, p] = offsets[i] <= p < offsets[i+1], then
-sum = M @ rows, mean = sum / max(length, 1), max = the masked maximum (0 for an empty bag). Bags may
-have any lengths, empty ones included. M costs N×P (bags × ids), which a fused segment-reduction
-kernel would avoid.
+rows [P, D] and offsets [N+1], in one of two forms:
+
+- Bags of one length L (offsets = 0, L, 2L, ..., with P = N×L ids), as torchrec's dynamo exports of a
+  KeyedJaggedTensor of `full()` lengths give them: the rows Reshaped to [N, L, D] and reduced over axis
+  1. That costs what the lookup costs, and reccc's lookup fusion makes the gather and the pooling one
+  kernel per table. legalize-batch-arithmetic's evaluator proves the offsets' form and P (its shapes
+  do not take a Split by run-time sizes to be even, as onnxruntime's do).
+- Any other bags, of any lengths, empty ones included: a bag-membership matrix
+  M[i, p] = offsets[i] <= p < offsets[i+1], then sum = M @ rows, mean = sum / max(length, 1),
+  max = the masked maximum (0 for an empty bag). M costs N×P (bags × ids, which grows with the batch
+  squared), which a fused segment-reduction kernel would avoid.
 """
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
+import sympy
+
 from reccc.ir import Model
 from reccc.pass_manager import Pass, register_pass
+from reccc.passes.batch_arithmetic import Evaluator, Progression
 from reccc.passes.patterns import attr, consumers, fresh_name, new_constant, new_node, remove_node
 
 _REDUCTIONS = {"ReduceSum": "sum", "ReduceMean": "mean", "ReduceMax": "max"}
@@ -102,6 +112,69 @@ def segment_reduce(graph: gs.Graph, base: str, offsets: gs.Tensor, rows: gs.Tens
     e.op("Div", [total, divisor], out=out)
 
 
+def fixed_length(evaluator: Evaluator, offsets: gs.Tensor, rows: gs.Tensor) -> tuple[int, int] | None:
+    """(L, D) where `offsets` are 0, L, 2L, ..., N×L for a static L >= 1 and `rows` is [N×L, D] with a
+    static D, as `evaluator` (run on the graph) proves them; else None."""
+    value = evaluator.value(offsets)
+    offsets_shape, rows_shape = evaluator.shapes.get(offsets.name), evaluator.shapes.get(rows.name)
+    if not (isinstance(value, Progression) and value.axis == 0 and value.start == 0 and value.step.is_Integer
+            and value.step >= 1 and offsets_shape is not None and len(offsets_shape) == 1
+            and rows_shape is not None and len(rows_shape) == 2 and rows_shape[1].is_Integer):
+        return None
+    # All ids in bags: a row beyond the last bag would change the exported mean of the last bag, which
+    # divides by P - offsets[N-1]; fewer rows than N×L would leave bags short.
+    if sympy.expand(rows_shape[0] - value.step * (offsets_shape[0] - 1)) != 0:
+        return None
+    return int(value.step), int(rows_shape[1])
+
+
+def pool_fixed_bags(graph: gs.Graph, base: str, evaluator: Evaluator, rows: gs.Tensor, length: int, dim: int, mode: str,
+                    opset: int, out: gs.Tensor) -> None:
+    """Write into `out` the `mode` reduction of each `length` consecutive rows of `rows` (width `dim`).
+
+    In the form reccc's lookup fusion makes one kernel of, with the gather: a Gather of ids shaped
+    [N, L] and a reduction (sum; mean as sum / L; max) over axis 1. TVM gives a Reshape of the gathered
+    rows, with a symbolic batch, an opaque pattern that ends the fused lookup, and a mean the pattern
+    of a reduction with an epilogue, which the lookup fusion does not take."""
+    e = _Emitter(graph, base)
+    bags = _as_bags(e, evaluator, rows, length, dim)
+    if mode == "mean":
+        total = e.op("ReduceSum", [bags, e.const(np.array([1], np.int64))], rows.dtype, keepdims=0)
+        e.op("Div", [total, e.const(np.array(length, rows.dtype or np.float32))], out=out)
+    elif mode == "sum":
+        e.op("ReduceSum", [bags, e.const(np.array([1], np.int64))], out=out, keepdims=0)
+    elif opset >= 18:  # ReduceMax's axes became an input in opset 18
+        e.op("ReduceMax", [bags, e.const(np.array([1], np.int64))], out=out, keepdims=0)
+    else:
+        e.op("ReduceMax", [bags], out=out, axes=[1], keepdims=0)
+
+
+def _as_bags(e: "_Emitter", evaluator: Evaluator, rows: gs.Tensor, length: int, width: int) -> gs.Tensor:
+    """`rows` [P, width] as [P / length, length, width]: a Gather along axis 0 of 1-D ids gathers the
+    ids reshaped instead, and an elementwise op (per-sample weights) is computed on its operands
+    reshaped (those of P rows; others broadcast as they did); anything else is Reshaped."""
+    producer = rows.inputs[0] if rows.inputs else None
+    shape = evaluator.shapes.get(rows.name)
+    if producer is not None and producer.op == "Gather" and producer.attrs.get("axis", 0) == 0 and evaluator.rank(producer.inputs[1]) == 1:
+        ids = e.op("Reshape", [producer.inputs[1], e.const(np.array([-1, length], np.int64))], producer.inputs[1].dtype)
+        return e.op("Gather", [producer.inputs[0], ids], rows.dtype, axis=0)
+    if producer is not None and producer.op in ("Mul", "Add", "Sub", "Div") and shape is not None:
+        operands = []
+        for operand in producer.inputs:
+            operand_shape = evaluator.shapes.get(operand.name)
+            if operand_shape is None:
+                break
+            if len(operand_shape) == 2 and sympy.expand(operand_shape[0] - shape[0]) == 0 and operand_shape[1].is_Integer:
+                operands.append(_as_bags(e, evaluator, operand, length, int(operand_shape[1])))
+            elif len(operand_shape) < 2 or operand_shape[0] == 1:
+                operands.append(operand)  # broadcast along the rows, as [N, L, width] broadcasts it
+            else:
+                break
+        else:
+            return e.op(producer.op, operands, rows.dtype)
+    return e.op("Reshape", [rows, e.const(np.array([-1, length, width], np.int64))], rows.dtype)
+
+
 def _onnx_type(dtype) -> int:
     from onnx import helper
 
@@ -111,11 +184,12 @@ def _onnx_type(dtype) -> int:
 @register_pass
 class LegalizeEmbeddingBags(Pass):
     name = "legalize-embedding-bags"
-    summary = "an exported EmbeddingBag Loop (per-bag slice + reduce) becomes a gather plus a segment reduction"
+    summary = ("an exported EmbeddingBag Loop (per-bag slice + reduce) becomes a gather plus a reduction over each "
+               "bag: a Reshape and a Reduce for bags of one length, a bag-membership matrix otherwise")
 
     def call(self, model: Model) -> bool:
         graph = model.graph
-        changed = False
+        bags = []
         for loop in [n for n in graph.nodes if n.op == "Loop"]:
             matched = _match(graph, loop)
             if matched is None:
@@ -124,10 +198,24 @@ class LegalizeEmbeddingBags(Pass):
             out = stack.outputs[0]
             remove_node(graph, stack)
             remove_node(graph, loop)
+            # Every bag in the form for any lengths first: onnxruntime's shape inference, which the
+            # evaluator reads, stops at the first Loop.
             segment_reduce(graph, loop.name, offsets, rows, mode, out)
-            self.note(f"{loop.name}: {mode} over bags")
-            changed = True
-        if changed:
-            graph.cleanup(remove_unused_graph_inputs=False)
-            model.graph = gs.import_onnx(model.to_onnx())
-        return changed
+            bags.append((loop.name, offsets, rows, mode, out))
+        if not bags:
+            return False
+        graph.cleanup(remove_unused_graph_inputs=False)
+        evaluator = Evaluator(model)
+        evaluator.run(graph)
+        for name, offsets, rows, mode, out in bags:
+            fixed = fixed_length(evaluator, offsets, rows)
+            if fixed is None:
+                self.note(f"{name}: {mode} over bags of any length")
+                continue
+            # The membership form's last node gives up `out` and, unread, goes with the rest of it.
+            out.inputs[0].outputs = [gs.Variable(fresh_name(graph, f"{name}_unused"), out.dtype)]
+            pool_fixed_bags(graph, name, evaluator, rows, *fixed, mode, model.opset, out)
+            self.note(f"{name}: {mode} over bags of {fixed[0]} ids")
+        graph.cleanup(remove_unused_graph_inputs=False)
+        model.graph = gs.import_onnx(model.to_onnx())
+        return True
