@@ -197,3 +197,26 @@ def test_other_loops_are_left_alone():
         [numpy_helper.from_array(np.array(3, np.int64), "n")])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     assert create_pass("legalize-embedding-bags")(Model.from_onnx(proto)) is False
+
+
+def test_each_table_of_the_exported_dlrm_pools_in_its_lookup_kernel(tmp_path):
+    """The corpus DLRM (bags of 3 ids; tables t0 and t2 sum, t1 means) at -O2: one fused lookup kernel
+    per table, whose output is the pooled [batch, 8], and no kernel of its own for the pooling."""
+    import tvm
+    from tvm import relax
+
+    import reccc
+    from reccc.targets import lookup_fusion, relax_lowering
+    from reccc.targets.x86 import host_cpu
+
+    optimized = tmp_path / "dlrm.opt.onnx"
+    reccc.compile(str(EXPORT), str(optimized), emit="onnx", opt_level=2)
+    with host_cpu().tvm_target():
+        module = lookup_fusion.fuse_operators()(relax_lowering.to_relax(onnx.load(optimized)))
+    kernels = [(binding.value.args[0].name_hint, binding.var.ty) for block in module["main"].body.blocks
+               for binding in block.bindings
+               if isinstance(binding.value, relax.Call) and binding.value.op.same_as(tvm.ir.Op.get("relax.call_tir"))]
+    lookups = [ty for name, ty in kernels if name.startswith(lookup_fusion.GROUP_PREFIX)]
+    assert len(lookups) == 3, kernels
+    assert all(len(ty.shape) == 2 and str(ty.shape[0]) == "batch" and int(ty.shape[1]) == DIM for ty in lookups), lookups
+    assert not [name for name, _ in kernels if name.startswith(("sum", "mean", "max")) or "greater_equal" in name], kernels

@@ -246,6 +246,8 @@ def test_legalized_forms_compile_at_O0_with_a_symbolic_batch(tmp_path, reccc_cli
         feeds = {"x": np.random.default_rng(batch).standard_normal((batch, 4)).astype(np.float32)}
         for name, (error, bound) in agreement(run_reference(onnx.load(path), feeds), model.run(feeds)).items():
             assert error <= bound, f"batch {batch}: '{name}' error {error:.3g} > {bound:.3g}"
+    splits = [list(n.input) for n in transformed.graph.node if n.op_type == "Split"]
+    assert ["flat", "sizes_again"] in splits, f"the second Split's sizes were taken as equal: {splits}"
 
 
 @pytest.mark.parametrize("name", IMPORT_LEGALIZATION)
@@ -272,3 +274,43 @@ def test_a_split_into_sizes_of_the_traced_batch_names_the_real_batch(tmp_path, r
     assert "dim 'batch' is declared symbolic but is really 4" in result.stderr and "--input-shape x=4,3" in result.stderr
     fixed = reccc_cli(path, "-O0", "--input-shape", "x=4,3", "-o", tmp_path / "baked.so")
     assert fixed.code == 0, fixed.stderr
+
+
+def test_sizes_read_from_a_split_of_unproven_sizes_are_not_taken_as_equal():
+    """x [batch, 3] flattened is split into [batch, 2 * batch] by sizes computed from Expand and
+    ReduceSum (which onnxruntime's symbolic inference does not follow, so it takes the parts to be
+    3 * batch / 2 each), and split again by the parts' Shapes. legalize-batch-arithmetic must not
+    prove those equal from the guess: that second Split would become an even one, with wrong values."""
+    vector = lambda name, values: numpy_helper.from_array(np.array(values, np.int64), name)  # noqa: E731
+    nodes = [
+        helper.make_node("Shape", ["x"], ["batch"], start=0, end=1),
+        helper.make_node("Mul", ["batch", "two"], ["twice"]),
+        helper.make_node("Expand", ["one", "batch"], ["ones_a"]),
+        helper.make_node("Expand", ["one", "twice"], ["ones_b"]),
+        helper.make_node("ReduceSum", ["ones_a"], ["size_a"], keepdims=1),
+        helper.make_node("ReduceSum", ["ones_b"], ["size_b"], keepdims=1),
+        helper.make_node("Concat", ["size_a", "size_b"], ["sizes"], axis=0),
+        helper.make_node("Reshape", ["x", "flat_shape"], ["flat"]),
+        helper.make_node("Split", ["flat", "sizes"], ["a", "b"], name="unproven", axis=0),
+        helper.make_node("Shape", ["a"], ["length_a"]),
+        helper.make_node("Shape", ["b"], ["length_b"]),
+        helper.make_node("Concat", ["length_a", "length_b"], ["sizes_again"], axis=0),
+        helper.make_node("Split", ["flat", "sizes_again"], ["c", "d"], name="again", axis=0),
+        helper.make_node("Mul", ["c", "scale"], ["scaled"]),
+        helper.make_node("Concat", ["scaled", "d"], ["joined"], axis=0),
+        helper.make_node("Reshape", ["joined", "rows"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "splits", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+                              [vector("two", 2), vector("one", 1), vector("flat_shape", [-1]), vector("rows", [-1, 3]),
+                               numpy_helper.from_array(np.array(2.0, np.float32), "scale")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=8)
+    model = Model.from_onnx(proto)
+    create_pass("legalize-batch-arithmetic")(model)
+    transformed = model.to_onnx()
+    for batch in (2, 4):
+        feeds = {"x": np.random.default_rng(batch).standard_normal((batch, 3)).astype(np.float32)}
+        for name, (error, bound) in agreement(run_reference(proto, feeds), run_reference(transformed, feeds)).items():
+            assert error <= bound, f"batch {batch}: '{name}' error {error:.3g} > {bound:.3g}"
+    splits = [list(n.input) for n in transformed.graph.node if n.op_type == "Split"]
+    assert ["flat", "sizes_again"] in splits, f"the second Split's sizes were taken as equal: {splits}"
