@@ -246,8 +246,6 @@ def test_legalized_forms_compile_at_O0_with_a_symbolic_batch(tmp_path, reccc_cli
         feeds = {"x": np.random.default_rng(batch).standard_normal((batch, 4)).astype(np.float32)}
         for name, (error, bound) in agreement(run_reference(onnx.load(path), feeds), model.run(feeds)).items():
             assert error <= bound, f"batch {batch}: '{name}' error {error:.3g} > {bound:.3g}"
-    splits = [list(n.input) for n in transformed.graph.node if n.op_type == "Split"]
-    assert ["flat", "sizes_again"] in splits, f"the second Split's sizes were taken as equal: {splits}"
 
 
 @pytest.mark.parametrize("name", IMPORT_LEGALIZATION)
