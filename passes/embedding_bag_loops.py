@@ -12,9 +12,10 @@ rows [P, D] and offsets [N+1], in one of two forms:
   kernel per table. legalize-batch-arithmetic's evaluator proves the offsets' form and P (its shapes
   do not take a Split by run-time sizes to be even, as onnxruntime's do).
 - Any other bags, of any lengths, empty ones included: a bag-membership matrix
-  M[i, p] = offsets[i] <= p < offsets[i+1], then sum = M @ rows, mean = sum / max(length, 1),
-  max = the masked maximum (0 for an empty bag). M costs N×P (bags × ids, which grows with the batch
-  squared), which a fused segment-reduction kernel would avoid.
+  M[i, p] = offsets[i] <= p < offsets[i+1], then sum = M @ rows, mean = sum / max(length, 1) (the
+  last bag's length counted to P, as the loop counts it), max = the masked maximum (0 for an empty
+  bag). M costs N×P (bags × ids, which grows with the batch squared), which a fused segment-reduction
+  kernel would avoid. Offsets past P (more bag than ids, which torch rejects) are not matched.
 """
 
 import numpy as np
@@ -108,7 +109,11 @@ def segment_reduce(graph: gs.Graph, base: str, offsets: gs.Tensor, rows: gs.Tens
         e.op("MatMul", [weights, rows], out=out)
         return
     total = e.op("MatMul", [weights, rows], dtype)
-    divisor = e.op("Cast", [e.op("Max", [lengths, e.const(np.array(1, i64))], i64)], dtype, to=_onnx_type(dtype))
+    # The exported loop divides the last bag's sum by P - its start: ids past offsets[N] count there.
+    counted_ends = e.op("Concat", [e.op("Slice", [offsets, e.const(np.array([1], i64)), e.const(np.array([-1], i64))], i64),
+                                   e.op("Shape", [rows], i64, start=0, end=1)], i64, axis=0)
+    counts = e.op("Unsqueeze", [e.op("Sub", [counted_ends, starts], i64), e.const(column)], i64)
+    divisor = e.op("Cast", [e.op("Max", [counts, e.const(np.array(1, i64))], i64)], dtype, to=_onnx_type(dtype))
     e.op("Div", [total, divisor], out=out)
 
 

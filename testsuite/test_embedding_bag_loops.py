@@ -171,8 +171,9 @@ def test_bags_of_one_length_over_rows_of_unproven_count_keep_the_membership_form
 
 @settings(max_examples=20, deadline=None)
 @given(mode=st.sampled_from(["sum", "mean", "max"]), lengths=st.lists(st.integers(0, 4), min_size=1, max_size=9),
-       seed=st.integers(0, 2**32 - 1))
-def test_embedding_bag_loop_becomes_a_segment_reduction_with_the_same_rows(mode, lengths, seed):
+       trailing=st.integers(0, 2), seed=st.integers(0, 2**32 - 1))
+def test_embedding_bag_loop_becomes_a_segment_reduction_with_the_same_rows(mode, lengths, trailing, seed):
+    """`trailing` rows past the last offset: in no bag, but the exported mean counts them in the last."""
     proto = loop_graph(mode)
     rewritten = _legalized(proto)
     ops = {n.op_type for n in rewritten.graph.node}
@@ -181,8 +182,8 @@ def test_embedding_bag_loop_becomes_a_segment_reduction_with_the_same_rows(mode,
     rng = np.random.default_rng(seed)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     names = [i.name for i in proto.graph.input]
-    feeds = {names[0]: rng.standard_normal((int(offsets[-1]), DIM)).astype(np.float32), names[1]: offsets}
-    _assert_same_rows(proto, rewritten, feeds, f"{mode} over bags {lengths}")
+    feeds = {names[0]: rng.standard_normal((int(offsets[-1]) + trailing, DIM)).astype(np.float32), names[1]: offsets}
+    _assert_same_rows(proto, rewritten, feeds, f"{mode} over bags {lengths} and {trailing} more rows")
 
 
 def test_other_loops_are_left_alone():
