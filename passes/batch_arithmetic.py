@@ -78,13 +78,10 @@ def _progression(start: sympy.Expr, step: sympy.Expr, axis: int) -> Uniform | Pr
 
 class Evaluator:
     """Values of the integer tensors computed from constants and input dims: explicit arrays of sympy
-    expressions (constants and onnxruntime's symbolic values), Uniform or Progression.
+    expressions (constants and onnxruntime's symbolic values), Uniform or Progression."""
 
-    `proto` is what onnxruntime's symbolic inference reads (default: the model); `run` evaluates the
-    nodes of a graph with the same tensor names (the model's, or a copy's)."""
-
-    def __init__(self, model: Model, proto: onnx.ModelProto | None = None):
-        self.proto = proto if proto is not None else model.to_onnx()
+    def __init__(self, model: Model):
+        self.proto = model.to_onnx()
         dims = {d for t in model.graph.inputs for d in (t.shape or ()) if isinstance(d, str)}
         self.symbols = {name: sympy.Symbol(name, integer=True, nonnegative=True) for name in dims}
         self.values: dict[str, list] = {}
@@ -132,7 +129,7 @@ class Evaluator:
         splits = [n for n in graph.nodes if n.op == "Split" and len(n.inputs) > 1 and n.inputs[1].name
                   and constant_value(n.inputs[1]) is None]
         proven: dict[str, list[sympy.Expr]] = {}
-        for _ in range(len(splits) + 1):  # each round proves at least one more Split, or stops
+        for _ in range(len(splits) + 1):  # a round per Split at most (each changes what is proven), and a last one
             self._infer(_exact_splits(self.proto, splits, proven) if splits else self.proto)
             self.known = {}
             for node in graph.nodes:
@@ -286,6 +283,7 @@ def _exact_splits(proto: onnx.ModelProto, splits: list[gs.Node], proven: dict[st
     copy = onnx.ModelProto()
     copy.CopyFrom(proto)
     graph = copy.graph
+    opset = next((o.version for o in copy.opset_import if o.domain in ("", "ai.onnx")), 0)
     names = {n.name for n in splits}
     nodes = []
     for node in graph.node:
@@ -300,6 +298,8 @@ def _exact_splits(proto: onnx.ModelProto, splits: list[gs.Node], proven: dict[st
             nodes.append(node)
         elif sizes is not None:
             del node.input[1:]
+            if opset >= 18 and not any(a.name == "num_outputs" for a in node.attribute):  # required there without sizes
+                node.attribute.append(helper.make_attribute("num_outputs", len(node.output)))
             nodes.append(node)
         else:
             axis = next((a.i for a in node.attribute if a.name == "axis"), 0)

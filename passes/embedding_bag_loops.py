@@ -7,10 +7,11 @@ sequence that ConcatFromSequence stacks. TVM imports no Loop. The replacement re
 rows [P, D] and offsets [N+1], in one of two forms:
 
 - Bags of one length L (offsets = 0, L, 2L, ..., with P = N×L ids), as torchrec's dynamo exports of a
-  KeyedJaggedTensor of `full()` lengths give them: the rows Reshaped to [N, L, D] and reduced over axis
-  1. That costs what the lookup costs, and reccc's lookup fusion makes the gather and the pooling one
-  kernel per table. legalize-batch-arithmetic's evaluator proves the offsets' form and P (its shapes
-  do not take a Split by run-time sizes to be even, as onnxruntime's do).
+  KeyedJaggedTensor of `full()` lengths give them: the rows as [N, L, D] (the table gathered for the
+  ids shaped [N, L], times the per-sample weights shaped alike) reduced over axis 1. That costs what
+  the lookup costs, and reccc's lookup fusion makes the gather and the pooling one kernel per table.
+  legalize-batch-arithmetic's evaluator proves the offsets' form and P (its shapes do not take a
+  Split by run-time sizes to be even, as onnxruntime's do).
 - Any other bags, of any lengths, empty ones included: a bag-membership matrix
   M[i, p] = offsets[i] <= p < offsets[i+1], then sum = M @ rows, mean = sum / max(length, 1) (the
   last bag's length counted to P, as the loop counts it), max = the masked maximum (0 for an empty
@@ -20,7 +21,6 @@ rows [P, D] and offsets [N+1], in one of two forms:
 
 import numpy as np
 import onnx_graphsurgeon as gs
-
 import sympy
 
 from reccc.ir import Model
@@ -190,7 +190,7 @@ def _onnx_type(dtype) -> int:
 class LegalizeEmbeddingBags(Pass):
     name = "legalize-embedding-bags"
     summary = ("an exported EmbeddingBag Loop (per-bag slice + reduce) becomes a gather plus a reduction over each "
-               "bag: a Reshape and a Reduce for bags of one length, a bag-membership matrix otherwise")
+               "bag: a Gather of [bags, length] ids and a Reduce for bags of one length, a bag-membership matrix otherwise")
 
     def call(self, model: Model) -> bool:
         graph = model.graph
