@@ -157,7 +157,8 @@ def pool_fixed_bags(graph: gs.Graph, base: str, evaluator: Evaluator, rows: gs.T
 def _as_bags(e: "_Emitter", evaluator: Evaluator, rows: gs.Tensor, length: int, width: int) -> gs.Tensor:
     """`rows` [P, width] as [P / length, length, width]: a Gather along axis 0 of 1-D ids gathers the
     ids reshaped instead, and an elementwise op (per-sample weights) is computed on its operands
-    reshaped (those of P rows; others broadcast as they did); anything else is Reshaped."""
+    reshaped (those of P rows; others broadcast as they did, and one constant Expanded as itself);
+    anything else is Reshaped."""
     producer = rows.inputs[0] if rows.inputs else None
     shape = evaluator.shapes.get(rows.name)
     if producer is not None and producer.op == "Gather" and producer.attrs.get("axis", 0) == 0 and evaluator.rank(producer.inputs[1]) == 1:
@@ -169,7 +170,9 @@ def _as_bags(e: "_Emitter", evaluator: Evaluator, rows: gs.Tensor, length: int, 
             operand_shape = evaluator.shapes.get(operand.name)
             if operand_shape is None:
                 break
-            if len(operand_shape) == 2 and sympy.expand(operand_shape[0] - shape[0]) == 0 and operand_shape[1].is_Integer:
+            if _one_constant(operand) is not None:
+                operands.append(_one_constant(operand))
+            elif len(operand_shape) == 2 and sympy.expand(operand_shape[0] - shape[0]) == 0 and operand_shape[1].is_Integer:
                 operands.append(_as_bags(e, evaluator, operand, length, int(operand_shape[1])))
             elif len(operand_shape) < 2 or operand_shape[0] == 1:
                 operands.append(operand)  # broadcast along the rows, as [N, L, width] broadcasts it
@@ -178,6 +181,15 @@ def _as_bags(e: "_Emitter", evaluator: Evaluator, rows: gs.Tensor, length: int, 
         else:
             return e.op(producer.op, operands, rows.dtype)
     return e.op("Reshape", [rows, e.const(np.array([-1, length, width], np.int64))], rows.dtype)
+
+
+def _one_constant(tensor: gs.Tensor) -> gs.Constant | None:
+    """The one-element constant that `tensor` Expands (through Unsqueezes), as torch's exporter writes
+    per-sample weights of 1: that constant broadcasts against the bags to the same values, inside the
+    lookup kernel, where the Expand reshaped to [N, L, 1] would add two kernels per table."""
+    while tensor.inputs and tensor.inputs[0].op in ("Expand", "Unsqueeze"):
+        tensor = tensor.inputs[0].inputs[0]
+    return tensor if isinstance(tensor, gs.Constant) and tensor.values.size == 1 else None
 
 
 def _onnx_type(dtype) -> int:
