@@ -10,9 +10,11 @@ MetaSchedule cannot tune symbolic shapes, so a kernel is tuned specialized to TU
 its best schedule is replayed on the symbolic kernel: a tile decision on a symbolic loop becomes a
 split with an open outer factor (predicated for the last rows). The target may offer alternatives of
 its own rules besides (other register tiles of its matmul rule, which pad the batch instead). Each
-candidate runs against the kernel's -O2 schedule at COMPARE_BATCHES rows, on the same runner; of
-those at least as fast as -O2 at each of them, the one with the smallest sum of time ratios replaces
-the -O2 schedule, so -O3 is never slower than -O2 where measured. Kernels that are not hot keep their
+candidate runs against the kernel's -O2 schedule at COMPARE_BATCHES rows, on the same runner. Below
+DISPATCH_ROWS and from it on, separately: of the candidates at least as fast as -O2 at each measured
+batch in the range, the one with the smallest sum of time ratios is used there. Where the two ranges
+choose differently, the Relax program picks the kernel by the batch at run time
+(targets/batch_dispatch.py). So -O3 is never slower than -O2 where measured. Kernels that are not hot keep their
 -O2 schedules. Measuring candidates needs a budget: with --tune-trials 0 only the verdicts already in
 the database are used.
 
@@ -43,10 +45,14 @@ from tvm import s_tir, tirx
 
 from reccc.errors import one_line
 from reccc.target import TuningOptions
+from reccc.targets.batch_dispatch import dispatch_by_rows
 from reccc.targets.tuning_db import SharedTuningDatabase
 
 TUNING_BATCH = 64
 COMPARE_BATCHES = (1, TUNING_BATCH, 1024)
+# Batches from this many rows on may run another schedule than smaller ones: between the compare
+# batches 64 and 1024, near where a taller register tile's padding stops mattering.
+DISPATCH_ROWS = 256
 HOT_SHARE = 0.9
 SLICE_TRIALS = 16
 RPC_SESSION_TIMEOUT_S = 60
@@ -73,6 +79,7 @@ class Kernel:
     cost: float = 0.0
     trials: int = 0  # its share of --tune-trials
     chosen: tirx.PrimFunc | None = None  # the schedule that replaces -O2's, if one does
+    chosen_large: tirx.PrimFunc | None = None  # the schedule from DISPATCH_ROWS rows on, if another
     verdict: dict = field(default_factory=dict)
 
     @property
@@ -104,9 +111,11 @@ def tuned_schedules(options: TuningOptions, default: Schedule, alternatives: Alt
         with tempfile.TemporaryDirectory(prefix="reccc-tune-") as work_dir:
             _TuningSession(options, _with_cores(target), Path(work_dir), alternatives).run(kernels, scheduled)
         for kernel in kernels:
-            if kernel.chosen is not None:
-                for name in kernel.functions:
+            for name in kernel.functions:
+                if kernel.chosen is not None:
                     scheduled[name] = kernel.chosen
+                if kernel.chosen_large is not None:
+                    scheduled = dispatch_by_rows(scheduled, name, kernel.chosen_large, DISPATCH_ROWS)
         return scheduled
 
     return schedule
@@ -136,6 +145,8 @@ class _TuningSession:
         used: dict[str, int] = {}
         for kernel in hot:
             use = kernel.verdict.get("use", DEFAULT)
+            if "use_from_rows" in kernel.verdict:
+                use = f"{use} below {DISPATCH_ROWS} rows and {kernel.verdict['use_from_rows']} from there"
             used[use] = used.get(use, 0) + 1
         listed = ", ".join(f"{label} for {count}" for label, count in sorted(used.items()) if label != DEFAULT) or "none"
         self.progress.note(
@@ -197,7 +208,10 @@ class _TuningSession:
             self.compared += 1
             self.shared.record_verdict(key, verdict)
         kernel.verdict = verdict
-        kernel.chosen = dict(candidates).get(verdict["use"])
+        schedules = dict(candidates)
+        kernel.chosen = schedules.get(verdict["use"])
+        if "use_from_rows" in verdict:
+            kernel.chosen_large = {**schedules, DEFAULT: default}[verdict["use_from_rows"]]
 
     def _compare(self, kernel: Kernel, candidates: list[tuple[str, tirx.PrimFunc]], default: tirx.PrimFunc) -> dict:
         from tvm.s_tir import meta_schedule as ms
@@ -217,15 +231,19 @@ class _TuningSession:
             if not result.error_msg:
                 shutil.rmtree(Path(result.artifact_path).parent, ignore_errors=True)
         default_us, measured = times_us[0], dict(zip((label for label, _ in candidates), times_us[1:]))
-        verdict = {"use": DEFAULT, "batches": list(kernel.compare_batches), "default_us": default_us, "candidates_us": measured}
+        batches = kernel.compare_batches
+        verdict = {"use": DEFAULT, "batches": list(batches), "default_us": default_us, "candidates_us": measured}
         if default_us is None:
             return verdict
-        never_slower = {
-            label: sum(t / d for t, d in zip(us, default_us))
-            for label, us in measured.items() if us is not None and all(t <= d for t, d in zip(us, default_us))
-        }
-        if never_slower:
-            verdict["use"] = min(never_slower, key=never_slower.get)
+        small = [i for i, rows in enumerate(batches) if rows < DISPATCH_ROWS]
+        large = [i for i, rows in enumerate(batches) if rows >= DISPATCH_ROWS]
+        if not small or not large:  # a static kernel, or one range measured: one schedule for all
+            verdict["use"] = _fastest_never_slower(measured, default_us, range(len(batches)))
+            return verdict
+        verdict["use"] = _fastest_never_slower(measured, default_us, small)
+        use_large = _fastest_never_slower(measured, default_us, large)
+        if use_large != verdict["use"]:
+            verdict["use_from_rows"] = use_large
         return verdict
 
     def _measuring_tools(self):
@@ -243,6 +261,16 @@ class _TuningSession:
             builder = _in_process_builder()
             self._tools = (builder, runner, ms.cost_model.CostModel.create("xgb", num_tuning_cores=cores))
         return self._tools
+
+
+def _fastest_never_slower(measured: dict[str, list[float] | None], default_us: list[float], batches) -> str:
+    """The candidate at least as fast as the default at each of `batches` (indices) with the smallest
+    sum of time ratios there, or DEFAULT."""
+    ratios = {
+        label: sum(us[i] / default_us[i] for i in batches)
+        for label, us in measured.items() if us is not None and all(us[i] <= default_us[i] for i in batches)
+    }
+    return min(ratios, key=ratios.get) if ratios else DEFAULT
 
 
 def _standalone(function: tirx.PrimFunc) -> tvm.IRModule:
