@@ -13,20 +13,22 @@ from tvm import relax, tirx
 CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 
 
-def dispatch_by_rows(module: tvm.IRModule, kernel: str, large: tirx.PrimFunc, rows: int) -> tvm.IRModule:
-    """`module` with `large` added and every call of the PrimFunc `kernel` whose result has one
-    symbolic dim (the batch) calling `large` instead when that dim is at least `rows`. The Relax
-    functions lose their dataflow blocks (a branch cannot sit in one); the build pipeline removes them
-    anyway."""
+def dispatch_by_rows(module: tvm.IRModule, large_kernels: dict[str, tirx.PrimFunc], rows: int) -> tvm.IRModule:
+    """`module` with each of `large_kernels` added (as "<kernel>_large") and every call of a PrimFunc
+    named in it whose result has one symbolic dim (the batch) calling its large kernel instead when
+    that dim is at least `rows`. The Relax functions lose their dataflow blocks (a branch cannot sit
+    in one); the build pipeline removes them anyway."""
+    if not large_kernels:
+        return module
     builder = relax.BlockBuilder(module)
-    large_var = builder.add_func(large, f"{kernel}_large")
+    large_vars = {kernel: builder.add_func(large, f"{kernel}_large") for kernel, large in large_kernels.items()}
     module = relax.transform.ToNonDataflow()(builder.get())
 
     @relax.expr_functor.mutator
     class Dispatch(relax.PyExprMutator):
         def visit_var_binding_(self, binding):
             call = binding.value
-            if not (isinstance(call, relax.Call) and call.op.same_as(CALL_TIR) and call.args[0].name_hint == kernel):
+            if not (isinstance(call, relax.Call) and call.op.same_as(CALL_TIR) and call.args[0].name_hint in large_vars):
                 super().visit_var_binding_(binding)
                 return
             symbolic = [dim for dim in binding.var.ty.shape if not isinstance(dim, tirx.IntImm)]
@@ -34,7 +36,7 @@ def dispatch_by_rows(module: tvm.IRModule, kernel: str, large: tirx.PrimFunc, ro
                 super().visit_var_binding_(binding)
                 return
             call = self.visit_expr(call)
-            large_call = relax.Call(call.op, [large_var, *call.args[1:]], call.attrs, call.ty_args)
+            large_call = relax.Call(call.op, [large_vars[call.args[0].name_hint], *call.args[1:]], call.attrs, call.ty_args)
             branch = relax.If(relax.expr.prim_value(symbolic[0] >= rows), relax.SeqExpr([], large_call), relax.SeqExpr([], call))
             self.set_var_remap(binding.var, self.builder_.emit(branch, name_hint=binding.var.name))
 

@@ -14,8 +14,8 @@ candidate runs against the kernel's -O2 schedule at COMPARE_BATCHES rows, on the
 DISPATCH_ROWS and from it on, separately: of the candidates at least as fast as -O2 at each measured
 batch in the range, the one with the smallest sum of time ratios is used there. Where the two ranges
 choose differently, the Relax program picks the kernel by the batch at run time
-(targets/batch_dispatch.py). So -O3 is never slower than -O2 where measured. Kernels that are not hot keep their
--O2 schedules. Measuring candidates needs a budget: with --tune-trials 0 only the verdicts already in
+(targets/batch_dispatch.py). So -O3 is never slower than -O2 where measured. Kernels that are not
+hot keep their -O2 schedules. Measuring candidates needs a budget: with --tune-trials 0 only the verdicts already in
 the database are used.
 
 Kernels that read integer ids (gathers, and whatever fusion put with them) are not tuned and keep
@@ -110,13 +110,14 @@ def tuned_schedules(options: TuningOptions, default: Schedule, alternatives: Alt
         scheduled = default(tvm.IRModule(dict(module.functions), attrs=module.attrs), target)
         with tempfile.TemporaryDirectory(prefix="reccc-tune-") as work_dir:
             _TuningSession(options, _with_cores(target), Path(work_dir), alternatives).run(kernels, scheduled)
+        large_kernels = {}
         for kernel in kernels:
             for name in kernel.functions:
                 if kernel.chosen is not None:
                     scheduled[name] = kernel.chosen
                 if kernel.chosen_large is not None:
-                    scheduled = dispatch_by_rows(scheduled, name, kernel.chosen_large, DISPATCH_ROWS)
-        return scheduled
+                    large_kernels[name] = kernel.chosen_large
+        return dispatch_by_rows(scheduled, large_kernels, DISPATCH_ROWS)
 
     return schedule
 

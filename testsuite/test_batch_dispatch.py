@@ -19,13 +19,13 @@ ROWS = 8
 
 def _with_large_tiles(module: tvm.IRModule, target) -> tvm.IRModule:
     """-O2's schedules, with every matmul kernel's 6x4-tile schedule used from ROWS rows on."""
-    unscheduled = dict(module.functions)
-    module = _default_schedules(module, target)
-    for symbol, function in unscheduled.items():
+    large_kernels = {}
+    for symbol, function in module.functions.items():
         if isinstance(function, tirx.PrimFunc):
             alternatives = dict(cpu_schedules.matmul_tile_alternatives(function, target))
             if "tile 6x4" in alternatives:
-                module = dispatch_by_rows(module, symbol.name_hint, alternatives["tile 6x4"], ROWS)
+                large_kernels[symbol.name_hint] = alternatives["tile 6x4"]
+    module = dispatch_by_rows(_default_schedules(module, target), large_kernels, ROWS)
     _with_large_tiles.dispatched = [symbol.name_hint for symbol in module.functions if symbol.name_hint.endswith("_large")]
     return module
 
