@@ -73,7 +73,7 @@ def _skeleton(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _with_weights_of(proto: onnx.ModelProto, inferred_skeleton: onnx.ModelProto) -> onnx.ModelProto:
-    """The inferred skeleton with the initializers of `proto` (the ones whose data it lacks) put back."""
+    """The inferred skeleton with the initializers of `proto` put back (the ones it kept are the same)."""
     weights = {tensor.name: tensor for tensor in proto.graph.initializer}
     for tensor in inferred_skeleton.graph.initializer:
         tensor.CopyFrom(weights[tensor.name])

@@ -65,23 +65,23 @@ def profile_kernels(artifact: Path, feeds: dict[str, np.ndarray], runs: int = PR
 
     vm.set_instrument(instrument)
     per_run: dict[str, list[float]] = defaultdict(list)
-    work: dict[str, dict] = {}
-    counts: dict[str, int] = {}
     for index in range(WARMUP_RUNS + runs):
         calls.clear()
         vm["main"](*arguments)
         if index < WARMUP_RUNS:
             continue
         totals: dict[str, float] = defaultdict(float)
-        amounts: dict[str, dict] = defaultdict(lambda: defaultdict(int))
-        for symbol, seconds, shapes in calls:
+        for symbol, seconds, _ in calls:
             totals[symbol] += seconds
-            for key, value in _work(symbol, shapes).items():
-                amounts[symbol][key] += value
         for symbol, seconds in totals.items():
             per_run[symbol].append(seconds)
-            work[symbol] = dict(amounts[symbol])
-        counts = {symbol: sum(1 for s, _, _ in calls if s == symbol) for symbol in totals}
+    # Calls and work are the same in every run: take them from the last.
+    counts: dict[str, int] = defaultdict(int)
+    work: dict[str, dict] = defaultdict(lambda: defaultdict(int))
+    for symbol, _, shapes in calls:
+        counts[symbol] += 1
+        for key, value in _work(symbol, shapes).items():
+            work[symbol][key] += value
     return sorted(
         (
             {"kernel": symbol, "calls": counts[symbol], "median_ms": 1e3 * statistics.median(seconds), **work[symbol]}
