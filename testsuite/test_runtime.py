@@ -1,6 +1,9 @@
 """Compiled artifacts through the public API: `reccc.load(path).run(inputs)` against onnxruntime,
 input checking, and the embedding index guard."""
 
+import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -308,3 +311,21 @@ def test_concurrent_calls_from_threads_get_their_own_results(compiled):
     for thread in threads:
         thread.join()
     assert not wrong
+
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="with one core, TVM's default thread pool is every core")
+def test_a_thread_pool_started_before_load_uses_every_core(compiled):
+    """TVM sizes a thread's pool when the thread first runs a parallel kernel (by default a thread per
+    two cores on x86) and never grows it: a pool started before reccc.load, by any TVM code run after
+    `import reccc` (tuning, another framework's model), must already have every core."""
+    code = (
+        "import reccc, tvm\n"
+        "pool_threads = tvm.get_global_func('runtime.NumThreads')\n"
+        "pool_threads()  # starts this thread's pool\n"
+        f"reccc.load({str(compiled('dlrm'))!r})\n"
+        "print(pool_threads())\n"
+    )
+    env = {name: value for name, value in os.environ.items() if name not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, check=True)
+    assert int(result.stdout) == len(os.sched_getaffinity(0))
