@@ -4,7 +4,6 @@ Inputs are checked against the artifact's manifest before they reach compiled co
 dtype, rank or batch size raises a ModelInputError naming the input instead of crashing the process.
 """
 
-import os
 import platform
 import threading
 from collections.abc import Mapping
@@ -22,10 +21,8 @@ TVM_ALIGNMENT = 64
 
 
 def load(path: str | Path) -> "CompiledModel":
-    """Load an artifact written by `reccc MODEL -o path` for a target this machine can run."""
-    # On x86 TVM assumes two hyper-threads per core and starts a thread per two cores; serve with every
-    # core, as onnxruntime does. Process-wide, read when TVM's thread pool starts; TVM_NUM_THREADS wins.
-    os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+    """Load an artifact written by `reccc MODEL -o path` for a target this machine can run. Its kernels
+    run on TVM_NUM_THREADS threads, which reccc sets to every core unless it is set (reccc/__init__.py)."""
     return CompiledModel(Path(path))
 
 
