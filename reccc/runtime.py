@@ -44,6 +44,11 @@ class CompiledModel:
         # (Tensor.numpy() costs ~7 us an output, the view and copy well under 1); a GPU copies both ways.
         self._to_tensor = tvm.runtime.from_dlpack if on_cpu else lambda array: tvm.runtime.tensor(array, self._device)
         self._empty_tensor = tvm.runtime.empty
+        # A GPU's inputs are copied into buffers kept from the last call of the same shape: allocating
+        # them anew costs a cudaMalloc and a cudaFree per input and call (a DLRM with 9 inputs on an
+        # H200: 1.18 ms a call at batch 1 before, 0.47 after).
+        self._input_tensor = (lambda name, array: self._as_tensor(array)) if on_cpu else self._copied_to_device
+        self._device_inputs: dict[str, object] = {}
         self._to_numpy = _copy_of_host_tensor if on_cpu else lambda tensor: tensor.numpy()
         self._result_names = self.output_names + (
             [self.manifest.index_flags_output] if self.manifest.index_flags_output is not None else []
@@ -65,7 +70,7 @@ class CompiledModel:
         take turns (load the artifact once per thread to run them in parallel)."""
         arrays = _checked_inputs(self.manifest.inputs, inputs)
         with self._vm_lock:
-            results = self._main(*(self._as_tensor(arrays[spec.name]) for spec in self.manifest.inputs), *self._weights)
+            results = self._main(*(self._input_tensor(spec.name, arrays[spec.name]) for spec in self.manifest.inputs), *self._weights)
             if len(self._result_names) == 1:
                 results = [results]
             outputs = {name: self._to_numpy(value) for name, value in zip(self._result_names, results)}
@@ -76,6 +81,15 @@ class CompiledModel:
                 raise EmbeddingIndexError(_index_error_message(guard, arrays))
         return outputs
 
+
+    def _copied_to_device(self, name: str, array: np.ndarray):
+        """Input `name` copied into its device buffer, reallocated only when its shape changed."""
+        tensor = self._device_inputs.get(name)
+        if tensor is None or tuple(tensor.shape) != array.shape:
+            tensor = self._device_inputs[name] = self._empty_tensor(array.shape, str(array.dtype), self._device)
+        if array.size:
+            tensor.copyfrom(array)
+        return tensor
 
     def _as_tensor(self, array: np.ndarray):
         """The input as a TVM tensor viewing numpy memory: the array itself when TVM accepts its
@@ -105,12 +119,31 @@ def _device_for(manifest: Manifest, path: Path):
     if manifest.target.get("kind") != "cuda":
         return tvm.cpu()
     device = tvm.cuda(0)
+    if device.exist:
+        return device
+    why_not = load_tvm_cuda_runtime()
+    device = tvm.cuda(0)
     if not device.exist:
         raise UsageError(
             f"{path}: built for CUDA ({manifest.target.get('arch')}) and needs a CUDA GPU with its driver; "
-            "this process sees none"
+            f"this process sees none{f' ({why_not})' if why_not else ''}"
         )
     return device
+
+
+def load_tvm_cuda_runtime() -> str | None:
+    """Load TVM's CUDA runtime library (libtvm_runtime_cuda.so); returns why it did not load, if not.
+    A full TVM loads it at import and swallows its failure; a runtime-only TVM (TVM_USE_RUNTIME_LIB=1,
+    or a deployment without libtvm_compiler.so, 100 MB lighter) does not load it at all."""
+    import tvm
+    from tvm_ffi.libinfo import load_lib_ctypes
+
+    runtime_folder = Path(tvm.base._LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+    try:
+        load_lib_ctypes(package="tvm", target_name="tvm_runtime_cuda", extra_lib_paths=[runtime_folder], mode="RTLD_LOCAL")
+    except (OSError, RuntimeError) as error:  # FileNotFoundError is an OSError
+        return f"TVM's CUDA runtime library did not load: {error}"
+    return None
 
 
 def _copy_of_host_tensor(tensor) -> np.ndarray:

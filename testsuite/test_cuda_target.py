@@ -213,6 +213,18 @@ def test_loading_needs_a_gpu(cuda_artifacts):
 
 
 @pytest.mark.skipif(tvm.cuda(0).exist, reason="this machine has a CUDA GPU")
+def test_runtime_only_tvm_loads_its_cuda_library_and_says_why_it_cannot(cuda_artifacts):
+    # A runtime-only TVM (the deployment without the 259 MB compiler library) does not load
+    # libtvm_runtime_cuda.so at import; reccc.load does, and names the reason when that fails.
+    artifact = cuda_artifacts("cuda:sm_90", "wide_and_deep")
+    script = f"import reccc\ntry:\n    reccc.load({str(artifact)!r})\nexcept reccc.errors.UsageError as error:\n    print(error)\n"
+    environment = {**os.environ, "TVM_USE_RUNTIME_LIB": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment, check=True)
+    assert result.stdout.startswith(f"{artifact}: built for CUDA (sm_90) and needs a CUDA GPU with its driver; this process sees none (")
+    assert "TVM's CUDA runtime library did not load: " in result.stdout
+
+
+@pytest.mark.skipif(tvm.cuda(0).exist, reason="this machine has a CUDA GPU")
 def test_check_cuda_tool_says_it_needs_a_gpu():
     tool = Path(__file__).resolve().parent.parent / "tools" / "check_cuda.py"
     result = subprocess.run([sys.executable, str(tool)], capture_output=True, text=True)
