@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import model_path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -24,7 +25,8 @@ def test_bench_writes_a_report_with_limits_rated_kernels_and_a_chart(tmp_path):
     [model] = report["models"]
     assert model["model"]["name"] == "dlrm" and [b["batch"] for b in model["batches"]] == [1, 64]
     for batch in model["batches"]:
-        assert batch["agrees"]
+        assert batch["agrees"] and batch["lossy_builds"] == []
+        assert set(batch["allowed_error"]) == {"reccc_O2"}  # per engine; the VM call returns no outputs
         assert set(batch["ratio_to_onnxruntime"]) == {"reccc_O2", "reccc_O2_vm_call"}
         hot = batch["hot_kernels"]["reccc_O2"]
         assert hot and sum(kernel["share"] for kernel in hot) <= 1.0
@@ -41,3 +43,17 @@ def test_kernel_work_comes_from_the_argument_shapes():
     assert _work("fused_matmul3_add_relu", [(2048, 576), (576, 512), (512,), (2048, 512)]) == {"flops": 2 * 2048 * 512 * 576}
     assert _work("take1", [(100, 64), (2048,), (2048, 64)]) == {"gathered_elements": 2048 * 64}
     assert _work("fused_concatenate", [(8, 4), (8, 4), (8, 8)]) == {}
+
+
+def test_a_lossy_build_is_allowed_its_accuracy_budget_and_a_lossless_one_fp32s_tolerance():
+    sys.path.insert(0, str(REPO / "tools"))
+    import numpy as np
+    from bench import Engine, errors_against_onnxruntime
+
+    engines = [Engine("onnxruntime", None), Engine("reccc_O2", None), Engine("reccc_O3", None), Engine("reccc_O3_vm_call", None, returns_outputs=False)]
+    results = {"onnxruntime": {"ctr": np.array([0.5], np.float32)}, "reccc_O2": {"ctr": np.array([0.5], np.float32)},
+               "reccc_O3": {"ctr": np.array([0.505], np.float32)}}
+    errors, allowed = errors_against_onnxruntime(engines, results, budgets={"reccc_O3": 0.01})
+    assert set(errors) == set(allowed) == {"reccc_O2", "reccc_O3"}
+    assert allowed["reccc_O3"] == {"ctr": 0.01} and errors["reccc_O3"]["ctr"] == pytest.approx(0.005, abs=1e-6)
+    assert 0 < allowed["reccc_O2"]["ctr"] < 1e-4 and errors["reccc_O2"]["ctr"] == 0
