@@ -246,6 +246,7 @@ def compile_model(
         index_guards=guards,
         index_flags_output=FLAGS_OUTPUT if guards else None,
         accuracy=None if accuracy is None else accuracy.as_manifest_entry(),
+        cpu_flags=target.cpu_flags(),
     )
     # With --weights=external both files are written, or neither: the library's temporary file is renamed
     # last, and a library always names the weights it was built with (a stale pair is refused at load).

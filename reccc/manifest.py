@@ -48,6 +48,9 @@ class Manifest:
     # --weights=external: the weights file beside the library (reccc.weights_file.write_weights's entry:
     # file name, size, sha256, and each tensor's name, dtype, shape and offset, in main's parameter order)
     weights: dict | None = None
+    # CPU flags (Linux /proc/cpuinfo names) the kernels need beyond the target's arch, e.g. AMX's:
+    # reccc.load refuses the artifact on a machine without them instead of dying of SIGILL.
+    cpu_flags: list[str] = field(default_factory=list)
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from reccc import host_cpu
 from reccc.errors import EmbeddingIndexError, ModelInputError, UsageError
 from reccc.manifest import IndexGuard, Manifest, TensorSpec, read_manifest
 from reccc.weights_file import map_weights
@@ -34,6 +35,7 @@ class CompiledModel:
         self.path = path
         self.manifest: Manifest = read_manifest(path)
         _check_host_arch(self.manifest, path)
+        host_cpu.prepare_to_run(self.manifest.cpu_flags, path)  # before the library: AMX needs the process's request
         self._device = _device_for(self.manifest, path)
         self._vm = VirtualMachine(tvm.runtime.load_module(str(path)), self._device)
         self._main = self._vm["main"]

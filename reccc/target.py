@@ -47,6 +47,12 @@ class Target(abc.ABC):
     def export(self, executable: Any, path: Path, addons: list[Path]) -> None:
         """Write `executable` as a shared library at `path`, linking the extra sources `addons` into it."""
 
+    def cpu_flags(self) -> list[str]:
+        """CPU flags (Linux /proc/cpuinfo names) that the code of the last compile() needs beyond its
+        target's arch, for the manifest: reccc.load checks them (and requests AMX's state, see
+        reccc.host_cpu). None by default."""
+        return []
+
     def description(self) -> dict:
         """The TVM target as JSON-able data, for the artifact's manifest."""
         return json.loads(json.dumps(dict(self.tvm_target().export()), default=str))

@@ -169,7 +169,7 @@ def select_vnni_matmuls(module: tvm.IRModule, target: tvm.target.Target) -> tvm.
     return relax.transform.DeadCodeElimination(["main"])(module)
 
 
-def _inline_into_output(schedule: s_tir.Schedule, keep: tuple[str, ...]) -> None:
+def inline_into_output(schedule: s_tir.Schedule, keep: tuple[str, ...]) -> None:
     """Every data-parallel block but those named in `keep` inlined into its reader (the epilogue
     becomes one expression per output element; per-row values are loop-invariant there)."""
     for block in reversed(schedule.get_child_blocks(schedule.get_sblock("root"))):
@@ -182,7 +182,7 @@ def _inline_into_output(schedule: s_tir.Schedule, keep: tuple[str, ...]) -> None
             continue
 
 
-def _vectorize_columns(schedule: s_tir.Schedule, loop, lanes: int) -> None:
+def vectorize_columns(schedule: s_tir.Schedule, loop, lanes: int) -> None:
     extent = schedule.get(loop).extent
     if isinstance(extent, tirx.IntImm):
         width = next((w for w in (lanes, lanes // 2, lanes // 4) if w > 1 and int(extent) % w == 0), None)
@@ -199,7 +199,7 @@ def _vnni_rule(schedule: s_tir.Schedule, lanes: int) -> bool:
         block = schedule.get_sblock(VNNI_BLOCK)
     except s_tir.ScheduleError:
         return False
-    _inline_into_output(schedule, keep=(VNNI_BLOCK, PAD_BLOCK))
+    inline_into_output(schedule, keep=(VNNI_BLOCK, PAD_BLOCK))
     outputs = [b for b in schedule.get_child_blocks(schedule.get_sblock("root")) if schedule.get(b).name_hint not in (VNNI_BLOCK, PAD_BLOCK)]
     rows, columns, reduction = schedule.get_loops(block)
     vectors = int(schedule.get(columns).extent) // VNNI_UNITS
@@ -215,7 +215,7 @@ def _vnni_rule(schedule: s_tir.Schedule, lanes: int) -> bool:
     schedule.compute_inline(accumulators)  # the epilogue reads the local tile
     for output in outputs:
         schedule.reverse_compute_at(output, tile)
-        _vectorize_columns(schedule, schedule.get_loops(output)[-1], lanes)
+        vectorize_columns(schedule, schedule.get_loops(output)[-1], lanes)
     schedule.compute_at(schedule.get_sblock(PAD_BLOCK), tile)
     schedule.parallel(tile)  # before tensorize: the tensorized update is no longer a reduction block
     init = schedule.decompose_reduction(block, steps)
@@ -263,10 +263,10 @@ def _codes_rule(schedule: s_tir.Schedule, lanes: int) -> bool:
         return False
     if any(var.iter_type != DATA_PARALLEL for block in schedule.get_child_blocks(schedule.get_sblock("root")) for var in schedule.get(block).iter_vars):
         return False
-    _inline_into_output(schedule, keep=())
+    inline_into_output(schedule, keep=())
     (block,) = schedule.get_child_blocks(schedule.get_sblock("root"))
     _, columns = schedule.get_loops(block)
-    _vectorize_columns(schedule, columns, lanes)
+    vectorize_columns(schedule, columns, lanes)
     return True
 
 

@@ -21,6 +21,8 @@ the database are used.
 Kernels that read integer ids (gathers, and whatever fusion put with them) are not tuned and keep
 their -O2 schedules: MetaSchedule's runner fills every argument with random bits, out-of-range ids
 crash its worker, and these kernels are bound by memory, where tuning gains little.
+Nor are the kernels the target says to keep (`keep`: x86's AMX kernels, whose tile instructions
+need a permission MetaSchedule's runner processes lack).
 
 Records and verdicts persist in the tuning database (targets/tuning_db.py): a kernel with as many
 records as its share of trials is not tuned again, and a verdict is not measured again, so a rebuild
@@ -101,12 +103,18 @@ def _no_alternatives(function: tirx.PrimFunc, target: tvm.target.Target) -> list
     return []
 
 
-def tuned_schedules(options: TuningOptions, default: Schedule, alternatives: Alternatives = _no_alternatives) -> Schedule:
+def _keep_none(function: tirx.PrimFunc) -> bool:
+    return False
+
+
+def tuned_schedules(options: TuningOptions, default: Schedule, alternatives: Alternatives = _no_alternatives,
+                    keep: Callable[[tirx.PrimFunc], bool] = _keep_none) -> Schedule:
     """The -O3 schedule pass: `default` (the -O2 rules), with each hot kernel's MetaSchedule tuning or
-    one of the target's `alternatives` where that is faster."""
+    one of the target's `alternatives` where that is faster; kernels for which `keep` is true keep
+    `default`'s schedule."""
 
     def schedule(module: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-        kernels = _kernels(module)
+        kernels = _kernels(module, keep)
         scheduled = default(tvm.IRModule(dict(module.functions), attrs=module.attrs), target)
         with tempfile.TemporaryDirectory(prefix="reccc-tune-") as work_dir:
             _TuningSession(options, _with_cores(target), Path(work_dir), alternatives).run(kernels, scheduled)
@@ -279,8 +287,9 @@ def _standalone(function: tirx.PrimFunc) -> tvm.IRModule:
     return tvm.IRModule({"main": function.with_attr("global_symbol", "main")})
 
 
-def _kernels(module: tvm.IRModule) -> list[Kernel]:
-    """The module's PrimFuncs as workloads (structurally equal ones merged), with their estimated cost."""
+def _kernels(module: tvm.IRModule, keep: Callable[[tirx.PrimFunc], bool] = _keep_none) -> list[Kernel]:
+    """The module's PrimFuncs but those kept or reading ids as workloads (structurally equal ones
+    merged), with their estimated cost."""
     calls = _call_counts(module)
     kernels: list[Kernel] = []
     for symbol in sorted(module.functions, key=lambda symbol: symbol.name_hint):
@@ -288,7 +297,7 @@ def _kernels(module: tvm.IRModule) -> list[Kernel]:
         if not isinstance(function, tirx.PrimFunc):
             continue
         symbols = _symbolic_dims(function)
-        if symbols is None or _reads_ids(function):
+        if symbols is None or _reads_ids(function) or keep(function):
             continue
         same = next((kernel for kernel in kernels if tvm_ffi.structural_equal(kernel.symbolic, function)), None)
         if same is not None:

@@ -9,26 +9,37 @@ from pathlib import Path
 import onnx
 import tvm
 
+from reccc import host_cpu as host_cpu_flags
 from reccc.errors import UsageError, one_line
 from reccc.target import Target, TuningOptions, register_target, register_tvm_kind
-from reccc.targets import cpu_int8_schedules, cpu_schedules, relax_lowering, tuning as auto_tuning
+from reccc.targets import cpu_amx_schedules, cpu_int8_schedules, cpu_schedules, relax_lowering, tuning as auto_tuning
 
 # The triple TVM's LLVM defaults to is x86_64-conda-linux-gnu, which builds for a generic CPU;
 # reccc always names the host's.
 HOST_TRIPLE = "x86_64-linux-gnu"
+# The features reccc's kernels are chosen by, as Linux's /proc/cpuinfo and LLVM name them. LLVM names
+# the host's CPU by its model number, which a virtual machine may report for an older CPU than the
+# one it runs on (this project's machine: "rocketlake", a CPU without AMX or AVX-512 BF16, for one
+# with both), so a target for this host adds those of them the host has and the CPU name lacks.
+HOST_FEATURES = {"avx512_vnni": "avx512vnni", "avx512_bf16": "avx512bf16", "amx_tile": "amx-tile",
+                 "amx_bf16": "amx-bf16", "amx_int8": "amx-int8"}
 
 
 class CpuTarget(Target):
     def __init__(self, config: dict):
         config = dict(config)
         config.setdefault("mtriple", HOST_TRIPLE)
-        if config.get("mcpu") == "native":
+        native = config.get("mcpu") == "native"
+        if native:
             config["mcpu"] = tvm.target.codegen.llvm_get_system_cpu()
         self.check_arch(_arch(config["mtriple"]))
         try:
             self._target = tvm.target.Target(config)
+            if native and _arch(config["mtriple"]) == "x86_64":
+                self._target = _with_host_features(config, self._target)
         except Exception as error:
             raise UsageError(f"--target: TVM rejects {config}: {one_line(error)}") from error
+        self._cpu_flags: list[str] = []
 
     def check_arch(self, arch: str) -> None:
         """UsageError unless this target can build for `arch` (the triple's first part)."""
@@ -41,28 +52,46 @@ class CpuTarget(Target):
     def compile(self, model: onnx.ModelProto, opt_level: int, tuning: TuningOptions | None = None) -> tvm.runtime.Executable:
         schedule = _default_schedules
         if tuning is not None:
-            schedule = auto_tuning.tuned_schedules(tuning, default=schedule, alternatives=cpu_schedules.matmul_tile_alternatives)
-        return relax_lowering.build(model, self._target, opt_level, schedule, select_kernels=cpu_int8_schedules.select_vnni_matmuls)
+            schedule = auto_tuning.tuned_schedules(
+                tuning, default=schedule, alternatives=cpu_schedules.matmul_tile_alternatives, keep=cpu_amx_schedules.is_amx_kernel
+            )
+        self._cpu_flags = []
+        return relax_lowering.build(model, self._target, opt_level, schedule, select_kernels=self._select_kernels)
+
+    def _select_kernels(self, module: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+        """AMX kernels for the bf16 and int8 layers where the target has AMX, VNNI kernels for the
+        int8 layers left where it has VNNI."""
+        module, self._cpu_flags = cpu_amx_schedules.select_amx_matmuls(module, target)
+        return cpu_int8_schedules.select_vnni_matmuls(module, target)
+
+    def cpu_flags(self) -> list[str]:
+        return list(self._cpu_flags)
 
     def export(self, executable: tvm.runtime.Executable, path: Path, addons: list[Path]) -> None:
         executable.export_library(str(path), addons=[str(a) for a in addons])
 
 
 def _default_schedules(module: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """-O2's rules: int8 FC kernels first (VNNI targets), then the CPU rules for the rest."""
-    return cpu_schedules.apply_default_schedules(cpu_int8_schedules.apply_int8_schedules(module, target), target)
+    """-O2's rules: AMX kernels first (AMX targets), then int8 FC kernels (VNNI targets), then the CPU
+    rules for the rest."""
+    module = cpu_int8_schedules.apply_int8_schedules(cpu_amx_schedules.apply_amx_schedules(module, target), target)
+    return cpu_schedules.apply_default_schedules(module, target)
+
+
+def _with_host_features(config: dict, target: tvm.target.Target) -> tvm.target.Target:
+    """`target` (this host's CPU by name) with the HOST_FEATURES the host has and the name lacks."""
+    flags = host_cpu_flags.cpu_flags()
+    missing = [f"+{feature}" for flag, feature in HOST_FEATURES.items()
+               if flag in flags and not tvm.target.codegen.target_has_features(feature, target)]
+    if not missing:
+        return target
+    return tvm.target.Target({**config, "mattr": [*config.get("mattr", []), *missing]})
 
 
 def host_cpu() -> CpuTarget:
     if platform.machine() != "x86_64":
         raise UsageError(f"--target=x86 builds for this host's CPU, but this host is {platform.machine()}")
-    return CpuTarget(
-        {
-            "kind": "llvm",
-            "mtriple": HOST_TRIPLE,
-            "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
-        }
-    )
+    return CpuTarget({"kind": "llvm", "mtriple": HOST_TRIPLE, "mcpu": "native"})
 
 
 def _arch(triple) -> str:

@@ -235,12 +235,33 @@ def test_shared_input_is_quantized_once(reccc_cli, tmp_path):
         assert error <= bound, (name, error, bound)
 
 
-def test_bf16_artifact_rounds_weights_not_activations(reccc_cli, tmp_path):
-    """TVM's BF16 legalization drops a float32 -> bfloat16 -> float32 round trip inside a kernel, so
-    the artifact computes the bf16 layers with bf16 weights and fp32 activations (README): it equals
-    onnxruntime's run of the quantized graph without the activations' Casts, and stays within 1e-2 of
-    the fp32 model."""
-    artifact, quantized = _compile_both(reccc_cli, tmp_path, model_path("dlrm"), "--fc-precision=bf16")
+# A target with AVX-512 VNNI and without AMX: the VNNI kernels' path (an AMX target's int8 layers run on
+# AMX, test_fc_amx.py); its code runs on any CPU with VNNI.
+VNNI_TARGET = '--target={"kind": "llvm", "mcpu": "icelake-server"}'
+
+
+def _host_has_vnni() -> bool:
+    from reccc.targets import cpu_int8_schedules, x86
+
+    return cpu_int8_schedules.has_vnni(x86.host_cpu().tvm_target())
+
+
+def _target_without_amx() -> list[str]:
+    """The --target flag of a target without AMX that this CPU runs: the host's where it has no AMX,
+    else Ice Lake-SP's."""
+    from reccc.targets import cpu_amx_schedules, x86
+
+    host = x86.host_cpu().tvm_target()
+    return [VNNI_TARGET] if any(cpu_amx_schedules.has_amx(host, p) for p in (cpu_amx_schedules.BF16, cpu_amx_schedules.INT8)) else []
+
+
+def test_bf16_artifact_without_amx_rounds_weights_not_activations(reccc_cli, tmp_path):
+    """On a target without AMX (this CPU, or Ice Lake-SP where this one has AMX) TVM's BF16
+    legalization drops a float32 -> bfloat16 -> float32 round trip inside a kernel, so the artifact
+    computes the bf16 layers with bf16 weights and fp32 activations (README): it equals onnxruntime's
+    run of the quantized graph without the activations' Casts, and stays within 1e-2 of the fp32 model.
+    (With AMX the activations are rounded: test_fc_amx.py.)"""
+    artifact, quantized = _compile_both(reccc_cli, tmp_path, model_path("dlrm"), "--fc-precision=bf16", *_target_without_amx())
     graph = quantized.graph
     widened = {node.output[0]: node for node in graph.node if node.name.endswith("__widen_input")}
     rounded = {node.output[0]: node for node in graph.node if node.name.endswith("__round_input")}
@@ -270,12 +291,6 @@ def test_named_layer_alone(reccc_cli, tmp_path):
     assert _ops(quantized).count("Gemm") == 4
 
 
-def _host_has_vnni() -> bool:
-    from reccc.targets import cpu_int8_schedules, x86
-
-    return cpu_int8_schedules.has_vnni(x86.host_cpu().tvm_target())
-
-
 def _disassembly(library) -> str:
     return subprocess.run(["objdump", "-d", str(library)], capture_output=True, text=True, check=True).stdout
 
@@ -287,10 +302,10 @@ def _vnni_kernels(library) -> list[str]:
 
 @pytest.mark.skipif(not _host_has_vnni(), reason="this CPU has no AVX-512 VNNI")
 def test_int8_layers_run_on_vnni(reccc_cli, tmp_path):
-    """On an AVX-512 VNNI CPU each int8 layer is one kernel whose product is vpdpbusd on zmm registers,
-    and the artifact still agrees with onnxruntime's run of the quantized graph, at batches that are
-    and are not multiples of the kernels' row tile."""
-    artifact, graph = _compile_both(reccc_cli, tmp_path, model_path("dlrm"), "--fc-precision=int8")
+    """For an AVX-512 VNNI CPU without AMX each int8 layer is one kernel whose product is vpdpbusd on zmm
+    registers, and the artifact still agrees with onnxruntime's run of the quantized graph, at batches
+    that are and are not multiples of the kernels' row tile."""
+    artifact, graph = _compile_both(reccc_cli, tmp_path, model_path("dlrm"), "--fc-precision=int8", VNNI_TARGET)
     assert len(_vnni_kernels(tmp_path / "m.so")) == _ops(graph).count("MatMulInteger") == 4
     assert re.search(r"\bvpdpbusd\s+%zmm", _disassembly(tmp_path / "m.so"))
     for batch in (1, 6, 64, 257):
@@ -306,7 +321,7 @@ def test_vnni_layer_of_any_shape_equals_onnxruntime(reccc_cli, tmp_path, fan_in,
     the outputs equal onnxruntime's run of the quantized graph exactly (no bias, so no float rounding
     differs), at batches inside, at and past one row tile."""
     source = _one_layer_model(tmp_path / "fc.onnx", fan_in, units)
-    artifact, graph = _compile_both(reccc_cli, tmp_path, source, "--fc-precision=int8")
+    artifact, graph = _compile_both(reccc_cli, tmp_path, source, "--fc-precision=int8", VNNI_TARGET)
     assert len(_vnni_kernels(tmp_path / "m.so")) == 1
     rng = np.random.default_rng(fan_in)
     for batch in (1, 3, 4, 5, 33):
@@ -331,6 +346,6 @@ def test_vnni_kernels_at_o3(reccc_cli, tmp_path):
     tuning database, so nothing is tuned)."""
     library = tmp_path / "m.so"
     result = reccc_cli(model_path("dlrm"), "-O3", "--fc-precision=int8", "--embedding-quant=none", "--tune-trials", "0",
-                       "--tune-db", tmp_path / "db", "-o", library)
+                       "--tune-db", tmp_path / "db", VNNI_TARGET, "-o", library)
     assert result.code == 0, result.stderr
     assert len(_vnni_kernels(library)) == 4 and "vpdpbusd" in _disassembly(library)

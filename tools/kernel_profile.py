@@ -46,9 +46,11 @@ def profile_kernels(artifact: Path, feeds: dict[str, np.ndarray], runs: int = PR
     import tvm
     from tvm import relax
 
+    from reccc import host_cpu
     from reccc.manifest import read_manifest
 
     manifest = read_manifest(artifact)
+    host_cpu.prepare_to_run(manifest.cpu_flags, artifact)  # AMX kernels need the process's request
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(artifact)), tvm.cpu())
     arguments = [tvm.runtime.tensor(feeds[spec.name]) for spec in manifest.inputs]
     started: dict[str, float] = {}

@@ -1,0 +1,368 @@
+"""bf16 and int8 FC layers on x86 with AMX (Intel Sapphire Rapids and later): the products of
+passes/fc_quantization.py run on the tile unit, tdpbf16ps (bf16 pairs into fp32) and tdpbusd
+(uint8 x int8 quads into int32), 16 x 16 sums x 32 bf16 or 64 int8 inputs an instruction.
+
+Two steps, as for the VNNI kernels (cpu_int8_schedules.py), on targets with amx-bf16 / amx-int8:
+- `select_amx_matmuls` (on the imported Relax module, before legalization) replaces each
+  - bf16 layer, matmul(astype(astype(x, bfloat16), float32), W) with W a constant whose values are
+    bf16 numbers, by a kernel reading the rounded activation as bf16 and W packed as
+    [N/16, K/2, 16, 2] bf16;
+  - int8 layer, matmul(astype(x: uint8, int32), astype(W: constant int8, int32)), by a kernel reading
+    the uint8 codes and W packed as [N/16, K/4, 16, 4] int8;
+  that layout is AMX's for the second operand (a tile row holds 16 units x one 32-bit group of
+  inputs), zero-padded to whole 64-byte rows of inputs and 16 units. TVM's fusion fuses the layer's
+  epilogue into the kernel, and the activation's rounding to bf16 into the kernel that produces it
+  (the previous layer's epilogue writes bf16).
+- `apply_amx_schedules` (on the fused module) tiles each such kernel in blocks of 32 rows x 32 units
+  (2 x 2 accumulator tiles, 2 activation and 2 weight tiles: AMX's 8 tile registers), tensorized
+  with one intrinsic that runs the block's whole reduction in tile registers; parallel over 32-row
+  tiles, whose activation rows are zero-padded to the tile once and reused by every block of units;
+  each block's epilogue runs on its sums while they are in L1.
+
+The products are exact and accumulate in fp32 (bf16; the instruction flushes denormals) or int32
+(int8, exactly, as vpdpbusd), so the artifact agrees with onnxruntime's run of the rewritten graph to
+the fp32 bound (bf16: accumulation order) or as the VNNI kernels do (int8).
+
+Linux gives a process AMX's tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM), else the
+first tile instruction raises SIGILL: `CPU_FLAGS` go into the artifact's manifest, and reccc.load
+checks them and makes the request before it loads the library. These kernels are not auto-tuned.
+"""
+
+import functools
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+import tvm
+from tvm import relax, s_tir, te, tirx
+from tvm.s_tir import TensorIntrin
+from tvm.script import tirx as T
+from tvm.target import codegen
+
+from reccc.targets.cpu_int8_schedules import inline_into_output, vectorize_columns
+
+TILE_ROWS, TILE_BYTES = 16, 64  # the largest tile: 16 rows of 64 bytes
+TILE_UNITS = TILE_BYTES // 4  # 16 fp32 / int32 sums in a row of an accumulator tile
+ROW_TILES = 2  # accumulator tiles stacked along the rows of a block
+MAX_COLUMN_TILES = 2  # and side by side along its units: 2 x 2 + 2 activation + 2 weight tiles = 8
+BLOCK_ROWS = ROW_TILES * TILE_ROWS
+AMX_BLOCK = "matmul_amx_{}"  # by product: matmul_amx_bf16, matmul_amx_int8
+PAD_BLOCK = "matmul_amx_rows"
+# The CPU flags (Linux /proc/cpuinfo names) an artifact with these kernels needs; amx_tile is the one
+# whose state the process must request.
+CPU_FLAGS = {"bf16": ("amx_tile", "amx_bf16"), "int8": ("amx_tile", "amx_int8")}
+
+
+@dataclass(frozen=True)
+class AmxProduct:
+    """One of AMX's dot products: operand and accumulator types, inputs per 32-bit group, instruction."""
+
+    name: str
+    activation: str
+    activation_bits: str  # the kernel's copy of the activations: TVM would widen a bfloat16 one to fp32
+    weight: str
+    accumulator: str
+    group: int  # inputs per 32-bit group of a tile row
+    instruction: str
+    feature: str  # LLVM's target feature
+
+    @property
+    def step(self) -> int:
+        """Inputs one tile row of activations holds: the reduction per instruction."""
+        return TILE_BYTES // (4 // self.group)
+
+
+BF16 = AmxProduct("bf16", "bfloat16", "uint16", "bfloat16", "float32", 2, "llvm.x86.tdpbf16ps", "amx-bf16")
+INT8 = AmxProduct("int8", "uint8", "uint8", "int8", "int32", 4, "llvm.x86.tdpbusd", "amx-int8")
+
+
+def has_amx(target: tvm.target.Target, product: AmxProduct) -> bool:
+    return target.kind.name == "llvm" and bool(codegen.target_has_features(["amx-tile", product.feature], target))
+
+
+def _round_up(value, multiple):
+    return (value + multiple - 1) // multiple * multiple
+
+
+def pack_weight(weight: np.ndarray, product: AmxProduct) -> np.ndarray:
+    """[K, N] as [N'/16, K'/g, 16, g] (g inputs a group; K', N' rounded up to a tile row of inputs and
+    to 16 units, zeros in the padding): packed[p, q, u, i] = weight[g*q + i, 16*p + u]."""
+    inputs, units = weight.shape
+    padded = np.zeros((_round_up(inputs, product.step), _round_up(units, TILE_UNITS)), weight.dtype)
+    padded[:inputs, :units] = weight
+    groups = padded.shape[0] // product.group
+    return np.ascontiguousarray(padded.reshape(groups, product.group, -1, TILE_UNITS).transpose(2, 0, 3, 1))
+
+
+def _column_tiles(packed_units: int) -> int:
+    return MAX_COLUMN_TILES if packed_units % (MAX_COLUMN_TILES * TILE_UNITS) == 0 else 1
+
+
+def _intrinsic(product: AmxProduct, inputs: int, column_tiles: int) -> str:
+    """The name of the tensor intrinsic for one block (ROW_TILES x column_tiles accumulator tiles) over
+    `inputs` padded inputs, registered on first use: its description is the block's reduction, its
+    implementation the tile program (sums loaded from the block's accumulators, inputs / step
+    instructions per tile, sums stored back)."""
+    name = f"reccc_amx_{product.name}_{ROW_TILES}x{column_tiles}_k{inputs}"
+    try:
+        TensorIntrin.get(name)
+        return name
+    except ValueError:
+        pass
+    rows, units, group = BLOCK_ROWS, column_tiles * TILE_UNITS, product.group
+    bits, weight, accumulator = product.activation_bits, product.weight, product.accumulator
+    steps, tiles = inputs // product.step, ROW_TILES * column_tiles
+    sum_bytes, row_bytes = 4, TILE_BYTES
+    element = TILE_BYTES // product.step  # bytes of one activation input
+
+    @T.prim_func(s_tir=True)
+    def description(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (rows, inputs), bits, offset_factor=1)
+        B = T.match_buffer(b, (column_tiles, inputs // group, TILE_UNITS, group), weight, offset_factor=1)
+        C = T.match_buffer(c, (rows, units), accumulator, offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:rows, 0:units], A[0:rows, 0:inputs], B[0:column_tiles, 0:inputs // group, 0:TILE_UNITS, 0:group])
+            T.writes(C[0:rows, 0:units])
+            for i, j, k in T.grid(rows, units, inputs):
+                with T.sblock("update"):
+                    vi, vj, vk = T.axis.remap("SSR", [i, j, k])
+                    C[vi, vj] = C[vi, vj] + _widened(A[vi, vk], product) * T.cast(
+                        B[vj // TILE_UNITS, vk // group, vj % TILE_UNITS, vk % group], accumulator
+                    )
+
+    # Tiles: accumulators 0 .. tiles-1 (row tile r, column tile c: r * column_tiles + c), activations
+    # from 4, weights from 6; every tile configured as 16 rows of 64 bytes.
+    @T.prim_func(s_tir=True)
+    def implementation(a: T.handle, b: T.handle, c: T.handle) -> None:
+        a_stride = T.int32()
+        c_stride = T.int32()
+        A = T.match_buffer(a, (rows, inputs), bits, offset_factor=1, strides=[a_stride, 1])
+        B = T.match_buffer(b, (column_tiles, inputs // group, TILE_UNITS, group), weight, offset_factor=1)
+        C = T.match_buffer(c, (rows, units), accumulator, offset_factor=1, scope="local", strides=[c_stride, 1])
+        with T.sblock("root"):
+            T.reads(C[0:rows, 0:units], A[0:rows, 0:inputs], B[0:column_tiles, 0:inputs // group, 0:TILE_UNITS, 0:group])
+            T.writes(C[0:rows, 0:units])
+            config = T.alloc_buffer((64,), "uint8", scope="local")
+            for byte in T.vectorized(64):
+                config[byte] = T.uint8(0)
+            config[0] = T.uint8(1)  # palette 1
+            for tile in T.unroll(8):
+                config[16 + 2 * tile] = T.uint8(row_bytes)  # bytes per row (little-endian u16)
+                config[48 + tile] = T.uint8(TILE_ROWS)
+            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.ldtilecfg", T.address_of(config[0])))
+            for t in T.unroll(tiles):
+                T.evaluate(T.call_llvm_intrin(
+                    "void", "llvm.x86.tileloadd64", T.Cast("uint8", t),
+                    T.address_of(C[t // column_tiles * TILE_ROWS, t % column_tiles * TILE_UNITS]), T.Cast("int64", c_stride * sum_bytes),
+                ))
+            for step in range(steps):
+                for r in T.unroll(ROW_TILES):
+                    T.evaluate(T.call_llvm_intrin(
+                        "void", "llvm.x86.tileloadd64", T.Cast("uint8", 4 + r),
+                        T.address_of(A[r * TILE_ROWS, step * product.step]), T.Cast("int64", a_stride * element),
+                    ))
+                for u in T.unroll(column_tiles):
+                    T.evaluate(T.call_llvm_intrin(
+                        "void", "llvm.x86.tileloadd64", T.Cast("uint8", 6 + u),
+                        T.address_of(B[u, step * TILE_ROWS, 0, 0]), T.int64(row_bytes),
+                    ))
+                for t in T.unroll(tiles):
+                    T.evaluate(T.call_llvm_intrin(
+                        "void", product.instruction, T.Cast("uint8", t), T.Cast("uint8", 4 + t // column_tiles),
+                        T.Cast("uint8", 6 + t % column_tiles),
+                    ))
+            for t in T.unroll(tiles):
+                T.evaluate(T.call_llvm_intrin(
+                    "void", "llvm.x86.tilestored64", T.Cast("uint8", t),
+                    T.address_of(C[t // column_tiles * TILE_ROWS, t % column_tiles * TILE_UNITS]), T.Cast("int64", c_stride * sum_bytes),
+                ))
+            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilerelease"))
+
+    TensorIntrin.register(name, description, implementation)
+    return name
+
+
+def _bits(value, product: AmxProduct):
+    return value if product.activation == product.activation_bits else tirx.reinterpret(product.activation_bits, value)
+
+
+def _widened(bits, product: AmxProduct):
+    """An activation's value, from its bits, in the accumulator's type."""
+    value = bits if product.activation == product.activation_bits else tirx.reinterpret(product.activation, bits)
+    return value.astype(product.accumulator)
+
+
+def _amx_matmul(x: te.Tensor, packed: te.Tensor, units: int, product: AmxProduct) -> te.Tensor:
+    """[rows, units] sums of x ([rows, K] activations) times the weight `packed` holds, over rows padded
+    to BLOCK_ROWS and inputs padded to the packed weight's (zeros, which its zero padding multiplies)."""
+    rows, inputs = x.shape
+    padded_rows, padded_inputs = _round_up(rows, BLOCK_ROWS), int(packed.shape[1]) * product.group
+    padded = te.compute(
+        (padded_rows, padded_inputs),
+        lambda i, k: tirx.if_then_else(tirx.all(i < rows, k < inputs), _bits(x[i, k], product), tirx.const(0, product.activation_bits)),
+        name=PAD_BLOCK,
+    )
+    k = te.reduce_axis((0, padded_inputs), name="k")
+    group = product.group
+    sums = te.compute(
+        (padded_rows, int(packed.shape[0]) * TILE_UNITS),
+        lambda i, j: te.sum(
+            _widened(padded[i, k], product)
+            * packed[j // TILE_UNITS, k // group, j % TILE_UNITS, k % group].astype(product.accumulator),
+            axis=k,
+        ),
+        name=AMX_BLOCK.format(product.name),
+    )
+    return te.compute((rows, units), lambda i, j: sums[i, j], name="matmul_amx_result")
+
+
+@relax.expr_functor.mutator
+class _SelectAmxMatmuls(relax.PyExprMutator):
+    def __init__(self, module: tvm.IRModule, products: tuple[AmxProduct, ...]):
+        super().__init__(module)
+        self.products = products
+        self.used: set[str] = set()
+
+    def _bound(self, expr, op: str):
+        """The call of `op` that `expr` is bound to, else None."""
+        if not isinstance(expr, relax.Var):
+            return None
+        value = self.lookup_binding(expr)
+        return value if isinstance(value, relax.Call) and value.op.same_as(tvm.ir.Op.get(op)) else None
+
+    def _narrowed(self, expr, wide: str, narrow: str):
+        """The `narrow` 2-D tensor that `expr` (`wide`) is an astype of, else None."""
+        call = self._bound(expr, "relax.astype")
+        if call is None or call.ty.dtype != wide:
+            return None
+        info = call.args[0].ty
+        return call.args[0] if isinstance(info, relax.TensorType) and info.dtype == narrow and info.ndim == 2 else None
+
+    def _constant_matrix(self, expr) -> np.ndarray | None:
+        """The values of a constant [K, N] operand: a constant, or one transposed or cast."""
+        if isinstance(expr, tvm.ir.GenericConst):
+            value = expr.value.numpy()
+            return value if value.ndim == 2 else None
+        transpose = self._bound(expr, "relax.permute_dims")
+        if transpose is not None and [int(a) for a in transpose.attrs.axes] == [1, 0]:
+            value = self._constant_matrix(transpose.args[0])
+            return None if value is None else value.T
+        cast = self._bound(expr, "relax.astype")
+        if cast is not None:
+            value = self._constant_matrix(cast.args[0])
+            return None if value is None else value.astype(cast.ty.dtype)
+        return None
+
+    def _bf16_operands(self, call):
+        rounded = self._narrowed(call.args[0], "float32", "bfloat16")
+        if rounded is None or self._bound(rounded, "relax.astype") is None:
+            return None
+        weight = self._constant_matrix(call.args[1])
+        if weight is None or weight.dtype != np.float32:
+            return None
+        stored = weight.astype(ml_dtypes.bfloat16)
+        # Only a weight of bf16 numbers: rounding another would change the layer.
+        return (rounded, stored) if np.array_equal(stored.astype(np.float32), weight, equal_nan=True) else None
+
+    def _int8_operands(self, call):
+        codes = self._narrowed(call.args[0], "int32", "uint8")
+        weight = self._narrowed(call.args[1], "int32", "int8")
+        if codes is None or not isinstance(weight, tvm.ir.GenericConst):
+            return None
+        return codes, weight.value.numpy()
+
+    def visit_call_(self, call):
+        if not call.op.same_as(tvm.ir.Op.get("relax.matmul")):
+            return super().visit_call_(call)
+        for product in self.products:
+            if call.ty.dtype != product.accumulator:
+                continue
+            operands = (self._bf16_operands if product is BF16 else self._int8_operands)(call)
+            if operands is None:
+                continue
+            x, weight = operands
+            self.used.add(product.name)
+            packed = relax.const(pack_weight(weight, product), product.weight)
+            kernel = functools.partial(_amx_matmul, units=weight.shape[1], product=product)
+            return self.builder_.call_te(kernel, x, packed, primfunc_name_hint=f"matmul_amx_{product.name}")
+        return super().visit_call_(call)
+
+
+def select_amx_matmuls(module: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.IRModule, list[str]]:
+    """The imported module with its bf16 and int8 layers as AMX kernels where the target has the
+    product (see above), and the CPU flags those kernels need (none if none was selected)."""
+    products = tuple(product for product in (BF16, INT8) if has_amx(target, product))
+    if not products:
+        return module, []
+    mutator = _SelectAmxMatmuls(module, products)
+    main = mutator.visit_expr(module["main"])
+    if not mutator.used:
+        return module, []
+    module = mutator.builder_.get()
+    module["main"] = main
+    flags = sorted({flag for name in mutator.used for flag in CPU_FLAGS[name]})
+    # The widened copies of the operands are read by nothing now.
+    return relax.transform.DeadCodeElimination(["main"])(module), flags
+
+
+def _amx_product(schedule: s_tir.Schedule) -> AmxProduct | None:
+    """The product of the schedule's AMX kernel, None if it is no such kernel."""
+    for product in (BF16, INT8):
+        try:
+            schedule.get_sblock(AMX_BLOCK.format(product.name))
+            return product
+        except s_tir.ScheduleError:
+            continue
+    return None
+
+
+def is_amx_kernel(function: tirx.PrimFunc) -> bool:
+    return _amx_product(s_tir.Schedule(function)) is not None
+
+
+def _amx_rule(schedule: s_tir.Schedule, product: AmxProduct, lanes: int) -> None:
+    """A fused AMX kernel: blocks of BLOCK_ROWS x (column tiles x 16) sums, each tensorized as one tile
+    program over the whole reduction (its sums in a local tile of the block); the padded activation
+    rows computed once per row tile, the epilogue once per block."""
+    name = AMX_BLOCK.format(product.name)
+    block = schedule.get_sblock(name)
+    inline_into_output(schedule, keep=(name, PAD_BLOCK))
+    root = schedule.get_sblock("root")
+    outputs = [b for b in schedule.get_child_blocks(root) if schedule.get(b).name_hint not in (name, PAD_BLOCK)]
+    rows, columns, reduction = schedule.get_loops(block)
+    column_tiles = _column_tiles(int(schedule.get(columns).extent))
+    inputs = int(schedule.get(reduction).extent)
+    row_tiles, row = schedule.split(rows, factors=[None, BLOCK_ROWS])
+    panels, unit = schedule.split(columns, factors=[None, column_tiles * TILE_UNITS])
+    schedule.reorder(row_tiles, panels, row, unit, reduction)
+    accumulators = schedule.cache_write(block, 0, "local")
+    schedule.compute_inline(accumulators)  # the epilogue reads the block's local sums
+    for output in outputs:
+        schedule.reverse_compute_at(output, panels)
+        vectorize_columns(schedule, schedule.get_loops(output)[-1], lanes)
+    pad = schedule.get_sblock(PAD_BLOCK)
+    schedule.compute_at(pad, row_tiles)
+    vectorize_columns(schedule, schedule.get_loops(pad)[-1], lanes)
+    schedule.parallel(row_tiles)
+    init = schedule.decompose_reduction(block, row)
+    vectorize_columns(schedule, schedule.get_loops(init)[-1], lanes)
+    schedule.tensorize(row, _intrinsic(product, inputs, column_tiles))
+
+
+def apply_amx_schedules(module: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """The AMX kernels scheduled (see above); the other kernels are left to the other rules."""
+    if not any(has_amx(target, product) for product in (BF16, INT8)):
+        return module
+    lanes = 16
+    updates = {}
+    for symbol, function in module.functions.items():
+        if not isinstance(function, tirx.PrimFunc):
+            continue
+        schedule = s_tir.Schedule(function)
+        product = _amx_product(schedule)
+        if product is not None:
+            _amx_rule(schedule, product, lanes)
+            updates[symbol] = schedule.mod["main"]
+    for symbol, function in updates.items():
+        module[symbol] = function
+    return module

@@ -1,0 +1,208 @@
+"""bf16 and int8 FC layers on AMX (targets/cpu_amx_schedules.py): the tile instructions in the artifact,
+agreement with onnxruntime's run of the rewritten graph (any shape, batches inside and past the
+kernels' 32-row blocks), the manifest's CPU flags and reccc.load's refusal where they are missing,
+targets without AMX keeping their paths, and -O3 leaving the AMX kernels untuned.
+
+Artifacts built for Sapphire Rapids are checked on any x86 host; running AMX code needs an AMX host,
+and those tests skip elsewhere."""
+
+import subprocess
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import reccc
+from reccc import host_cpu
+from reccc.errors import UsageError
+from reccc.ir import Model
+from reccc.manifest import read_manifest
+from reccc.reference import agreement, run_reference
+from reccc.sample_inputs import random_inputs
+from reccc.targets import cpu_amx_schedules, x86
+from testsuite.conftest import model_path
+
+AMX_TARGET = '--target={"kind": "llvm", "mcpu": "sapphirerapids"}'
+NO_AMX_TARGET = '--target={"kind": "llvm", "mcpu": "icelake-server"}'  # AVX-512 VNNI, no AMX, no AVX-512 BF16
+INSTRUCTION = {"bf16": "tdpbf16ps", "int8": "tdpbusd"}
+FLAGS = {"bf16": ["amx_bf16", "amx_tile"], "int8": ["amx_int8", "amx_tile"]}
+
+
+def _host_has_amx(precision: str) -> bool:
+    product = cpu_amx_schedules.BF16 if precision == "bf16" else cpu_amx_schedules.INT8
+    return cpu_amx_schedules.has_amx(x86.host_cpu().tvm_target(), product)
+
+
+def _compile_both(reccc_cli, tmp_path, source, *flags):
+    library, graph = tmp_path / "m.so", tmp_path / "m.onnx"
+    for output, emit in ((library, "library"), (graph, "onnx")):
+        result = reccc_cli(source, f"--emit={emit}", *flags, "-o", output)
+        assert result.code == 0, result.stderr
+    return library, onnx.load(graph)
+
+
+def _disassembly(library) -> str:
+    return subprocess.run(["objdump", "-d", str(library)], capture_output=True, text=True, check=True).stdout
+
+
+def _kernels(library, name: str) -> list[str]:
+    symbols = subprocess.run(["nm", "-D", "--defined-only", str(library)], capture_output=True, text=True, check=True).stdout
+    return [line.split()[-1] for line in symbols.splitlines() if name in line]
+
+
+def _layer_count(graph: onnx.ModelProto, precision: str) -> int:
+    if precision == "int8":
+        return sum(node.op_type == "MatMulInteger" for node in graph.graph.node)
+    return sum(node.name.endswith("__round_input") for node in graph.graph.node)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_amx_target_builds_tile_kernels(reccc_cli, tmp_path, precision):
+    """Built for Sapphire Rapids, each bf16 / int8 layer of the DLRM is one AMX kernel: the tile
+    instruction in the disassembly (and no VNNI product), the manifest naming the CPU flags."""
+    library, graph = _compile_both(reccc_cli, tmp_path, model_path("dlrm"), f"--fc-precision={precision}", AMX_TARGET)
+    assert len(_kernels(library, f"matmul_amx_{precision}")) == _layer_count(graph, precision) == 4
+    code = _disassembly(library)
+    assert INSTRUCTION[precision] in code and "ldtilecfg" in code and "vpdpbusd" not in code
+    assert read_manifest(library).cpu_flags == FLAGS[precision]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_target_without_amx_keeps_its_paths(reccc_cli, tmp_path, precision):
+    """Ice Lake-SP has no AMX: bf16 layers stay fp32 matmuls of widened weights, int8 layers VNNI
+    kernels; no tile instruction, and the manifest asks for no CPU flag."""
+    library, _ = _compile_both(reccc_cli, tmp_path, model_path("dlrm"), f"--fc-precision={precision}", NO_AMX_TARGET)
+    code = _disassembly(library)
+    assert not _kernels(library, "matmul_amx") and "ldtilecfg" not in code and INSTRUCTION[precision] not in code
+    assert ("vpdpbusd" in code) == (precision == "int8")
+    assert read_manifest(library).cpu_flags == []
+
+
+def test_fp32_build_for_amx_needs_no_flags(reccc_cli, tmp_path):
+    library, _ = _compile_both(reccc_cli, tmp_path, model_path("dlrm"), AMX_TARGET)
+    assert not _kernels(library, "matmul_amx") and read_manifest(library).cpu_flags == []
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+@pytest.mark.parametrize("name", ["dlrm", "deepfm", "two_tower"])
+def test_amx_artifact_matches_onnxruntime_of_rewritten_graph(reccc_cli, tmp_path, precision, name):
+    """On this host's target (AMX where it has AMX): the artifact agrees with onnxruntime's run of the
+    graph --fc-precision wrote, bf16 activations rounded as its Casts round them, at batches inside,
+    at and past one 32-row block."""
+    if not _host_has_amx(precision):
+        pytest.skip(f"this CPU (or its kernel) has no AMX-{precision.upper()} to run the kernels on")
+    library, graph = _compile_both(reccc_cli, tmp_path, model_path(name), f"--fc-precision={precision}")
+    assert INSTRUCTION[precision] in _disassembly(library)
+    artifact = reccc.load(library)
+    for batch in (1, 7, 32, 257):
+        feeds = random_inputs(Model.from_onnx(graph), batch, seed=batch)
+        for output, (error, bound) in agreement(run_reference(graph, feeds), artifact.run(feeds)).items():
+            assert error <= bound, (batch, output, error, bound)
+
+
+def _one_layer_model(path, fan_in: int, units: int, bias: bool):
+    rng = np.random.default_rng(fan_in * 1000 + units)
+    initializers = [numpy_helper.from_array(rng.standard_normal((fan_in, units)).astype(np.float32), "W")]
+    inputs = ["x", "W"]
+    if bias:
+        initializers.append(numpy_helper.from_array(rng.standard_normal(units).astype(np.float32), "B"))
+        inputs.append("B")
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", inputs, ["h"], name="fc"), helper.make_node("Relu", ["h"], ["y"])], "one_layer",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", fan_in])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", units])], initializers,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+@pytest.mark.parametrize("fan_in, units", [(13, 20), (64, 16), (30, 72), (100, 40), (416, 32)])
+def test_amx_layer_of_any_shape(reccc_cli, tmp_path, precision, fan_in, units):
+    """Inputs not a multiple of a tile row (32 bf16, 64 int8) and units not a multiple of 16 or 32 are
+    zero-padded in the kernel, rows to its 32-row block. Without a bias the int8 layer equals
+    onnxruntime's run exactly (integer sums, the same float operations after); bf16 sums in another
+    order, within the fp32 bound. With a bias and Relu fused, both within the fp32 bound."""
+    if not _host_has_amx(precision):
+        pytest.skip(f"this CPU (or its kernel) has no AMX-{precision.upper()} to run the kernels on")
+    for bias in (False, True):
+        folder = tmp_path / f"bias_{bias}"
+        folder.mkdir()
+        library, graph = _compile_both(reccc_cli, folder, _one_layer_model(folder / "fc.onnx", fan_in, units, bias), f"--fc-precision={precision}")
+        assert len(_kernels(library, f"matmul_amx_{precision}")) == 1
+        artifact = reccc.load(library)
+        rng = np.random.default_rng(units)
+        for batch in (1, 7, 33, 257):
+            x = (rng.standard_normal((batch, fan_in)) * 4).astype(np.float32)
+            actual, expected = np.asarray(artifact.run({"x": x})["y"]), run_reference(graph, {"x": x})["y"]
+            if precision == "int8" and not bias:
+                np.testing.assert_array_equal(actual, expected)
+            else:
+                for output, (error, bound) in agreement({"y": expected}, {"y": actual}).items():
+                    assert error <= bound, (bias, batch, error, bound)
+
+
+@pytest.fixture
+def amx_artifact(reccc_cli, tmp_path):
+    library, _ = _compile_both(reccc_cli, tmp_path, model_path("dlrm"), "--fc-precision=bf16", AMX_TARGET)
+    return library
+
+
+def test_load_refuses_amx_artifact_without_amx(monkeypatch, amx_artifact):
+    """On a CPU (or kernel) without AMX's flags, reccc.load refuses the artifact in one line naming it
+    and the missing flags, before the library is loaded (no SIGILL)."""
+    monkeypatch.setattr(host_cpu, "cpu_flags", lambda: frozenset({"avx512f", "avx512_vnni", "amx_tile"}))
+    with pytest.raises(UsageError) as refused:
+        reccc.load(amx_artifact)
+    message = str(refused.value)
+    assert message.startswith(f"{amx_artifact}: its kernels need the CPU flags amx_bf16, amx_tile") and message.endswith(
+        "lacks amx_bf16: build it for this machine (--target=x86)"
+    ) and "\n" not in message
+
+
+def test_load_refuses_amx_artifact_when_the_kernel_refuses_the_state(monkeypatch, amx_artifact):
+    monkeypatch.setattr(host_cpu, "cpu_flags", lambda: frozenset({"amx_tile", "amx_bf16"}))
+    monkeypatch.setattr(host_cpu, "request_amx", lambda: "the kernel refused the process AMX's tile state (arch_prctl: errno 22)")
+    with pytest.raises(UsageError, match="its kernels use AMX, and the kernel refused the process AMX's tile state"):
+        reccc.load(amx_artifact)
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ({"avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"}, True),
+    ({"avx512f", "avx512_vnni"}, False),
+])
+def test_host_target_takes_amx_from_the_host_flags(monkeypatch, flags, expected):
+    """LLVM names a CPU by its model number, which a virtual machine may report for an older CPU than
+    it runs on (this project's AMX machine reads as "rocketlake"): the host target adds the AMX and
+    AVX-512 BF16 features Linux reports, and only those."""
+    monkeypatch.setattr(host_cpu, "cpu_flags", lambda: frozenset(flags))
+    target = x86.host_cpu().tvm_target()
+    assert cpu_amx_schedules.has_amx(target, cpu_amx_schedules.BF16) == expected
+    assert cpu_amx_schedules.has_amx(target, cpu_amx_schedules.INT8) == expected
+    if not expected:
+        assert not any("amx" in attr for attr in dict(target.export()).get("mattr", ()))
+
+
+def test_o3_does_not_tune_amx_kernels(reccc_cli, tmp_path):
+    """-O3 builds on -O2's schedules and leaves the AMX kernels out of tuning (MetaSchedule's runners
+    would need AMX's permission): the candidates it would tune hold none."""
+    from tvm import relax
+
+    from reccc.targets import relax_lowering, tuning
+    from reccc.targets.lookup_fusion import fuse_operators
+
+    _, graph = _compile_both(reccc_cli, tmp_path, model_path("dlrm"), "--fc-precision=bf16", AMX_TARGET)
+    target = x86.llvm_target({"kind": "llvm", "mcpu": "sapphirerapids"}).tvm_target()
+    with target:
+        module, _ = cpu_amx_schedules.select_amx_matmuls(relax_lowering.to_relax(graph), target)
+        fused = fuse_operators()(relax.transform.LegalizeOps()(module))
+    every = [name for kernel in tuning._kernels(fused) for name in kernel.functions]
+    kept = [name for kernel in tuning._kernels(fused, keep=cpu_amx_schedules.is_amx_kernel) for name in kernel.functions]
+    amx = [name for name in every if "matmul_amx" in name]
+    assert len(amx) == 4 and sorted(kept) == sorted(set(every) - set(amx))
+    library = tmp_path / "o3.so"
+    result = reccc_cli(model_path("dlrm"), "-O3", "--fc-precision=bf16", "--embedding-quant=none", "--tune-trials", "0",
+                       "--tune-db", tmp_path / "db", AMX_TARGET, "-o", library)
+    assert result.code == 0, result.stderr
+    assert len(_kernels(library, "matmul_amx_bf16")) == 4 and "tdpbf16ps" in _disassembly(library)
