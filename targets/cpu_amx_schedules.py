@@ -182,8 +182,26 @@ def _intrinsic(product: AmxProduct, inputs: int, column_tiles: int) -> str:
     return name
 
 
-def _bits(value, product: AmxProduct):
-    return value if product.activation == product.activation_bits else tirx.reinterpret(product.activation_bits, value)
+def _bf16_bits(activations: list[te.Tensor], i, k):
+    """The bits of x rounded to bfloat16 to nearest even, as onnxruntime's Cast rounds (a NaN stays a
+    NaN). Written out here: TVM's BF16 legalization would keep the fp32 value (README)."""
+    (x,) = activations
+    bits = tirx.reinterpret("uint32", x[i, k])
+    rounded = (bits + (tirx.const(0x7FFF, "uint32") + ((bits >> 16) & tirx.const(1, "uint32")))) >> 16
+    return tirx.Select(x[i, k] != x[i, k], (bits >> 16) | tirx.const(0x40, "uint32"), rounded).astype("uint16")
+
+
+def _uint8_code(activations: list[te.Tensor], i, k):
+    """x's uint8 code in its row's quantization, clip(round(x / scale) + zero point, 0, 255), with
+    the operations of fc_quantization's graph in its order (a NaN's code is 0, as the imported Cast's)."""
+    x, scale, zero_point = activations
+    shifted = tirx.round(x[i, k] / scale[i, 0]) + zero_point[i, 0]
+    low, high = tirx.const(0, "float32"), tirx.const(255, "float32")
+    return tirx.Select(shifted >= low, tirx.Select(shifted <= high, shifted, high), low).astype("uint8")
+
+
+def _as_it_is(activations: list[te.Tensor], i, k):
+    return activations[0][i, k]
 
 
 def _widened(bits, product: AmxProduct):
@@ -192,14 +210,19 @@ def _widened(bits, product: AmxProduct):
     return value.astype(product.accumulator)
 
 
-def _amx_matmul(x: te.Tensor, packed: te.Tensor, units: int, product: AmxProduct) -> te.Tensor:
-    """[rows, units] sums of x ([rows, K] activations) times the weight `packed` holds, over rows padded
-    to BLOCK_ROWS and inputs padded to the packed weight's (zeros, which its zero padding multiplies)."""
-    rows, inputs = x.shape
+def _amx_matmul(*operands: te.Tensor, units: int, product: AmxProduct, element) -> te.Tensor:
+    """[rows, units] sums of the activations times the weight `packed` (the last operand) holds. The
+    first operand is [rows, K]; `element` gives an activation's bits from the others (the tensor, or
+    the fp32 input it is rounded or quantized from). Rows are padded to BLOCK_ROWS and inputs to the
+    packed weight's (zeros, which its zero padding multiplies)."""
+    *activations, packed = operands
+    rows, inputs = activations[0].shape
     padded_rows, padded_inputs = _round_up(rows, BLOCK_ROWS), int(packed.shape[1]) * product.group
     padded = te.compute(
         (padded_rows, padded_inputs),
-        lambda i, k: tirx.if_then_else(tirx.all(i < rows, k < inputs), _bits(x[i, k], product), tirx.const(0, product.activation_bits)),
+        lambda i, k: tirx.if_then_else(
+            tirx.all(i < rows, k < inputs), element(activations, i, k), tirx.const(0, product.activation_bits)
+        ),
         name=PAD_BLOCK,
     )
     k = te.reduce_axis((0, padded_inputs), name="k")
@@ -214,6 +237,15 @@ def _amx_matmul(x: te.Tensor, packed: te.Tensor, units: int, product: AmxProduct
         name=AMX_BLOCK.format(product.name),
     )
     return te.compute((rows, units), lambda i, j: sums[i, j], name="matmul_amx_result")
+
+
+def _dims(expr) -> tuple[int | str, ...]:
+    return tuple(int(dim) if isinstance(dim, tirx.IntImm) else str(dim) for dim in expr.ty.shape)
+
+
+def _float_matrix(expr) -> bool:
+    info = expr.ty
+    return isinstance(info, relax.TensorType) and info.dtype == "float32" and info.ndim == 2
 
 
 @relax.expr_functor.mutator
@@ -254,22 +286,64 @@ class _SelectAmxMatmuls(relax.PyExprMutator):
         return None
 
     def _bf16_operands(self, call):
+        """([fp32 x], its element function, the bf16 weight) of matmul(astype(astype(x, bf16), f32), W)."""
         rounded = self._narrowed(call.args[0], "float32", "bfloat16")
-        if rounded is None or self._bound(rounded, "relax.astype") is None:
+        source = None if rounded is None else self._bound(rounded, "relax.astype")
+        if source is None or source.args[0].ty.dtype != "float32":
             return None
         weight = self._constant_matrix(call.args[1])
         if weight is None or weight.dtype != np.float32:
             return None
         stored = weight.astype(ml_dtypes.bfloat16)
         # Only a weight of bf16 numbers: rounding another would change the layer.
-        return (rounded, stored) if np.array_equal(stored.astype(np.float32), weight, equal_nan=True) else None
+        if not np.array_equal(stored.astype(np.float32), weight, equal_nan=True):
+            return None
+        return [source.args[0]], _bf16_bits, stored
 
     def _int8_operands(self, call):
+        """The activations, their element function and the int8 weight of matmul(astype(codes: uint8,
+        int32), astype(W: constant int8, int32)): the fp32 input, scale and zero point where the codes
+        are fc_quantization's, so that the kernel quantizes the input itself, else the codes."""
         codes = self._narrowed(call.args[0], "int32", "uint8")
         weight = self._narrowed(call.args[1], "int32", "int8")
         if codes is None or not isinstance(weight, tvm.ir.GenericConst):
             return None
-        return codes, weight.value.numpy()
+        quantized = self._quantization_of(codes)
+        return (quantized, _uint8_code, weight.value.numpy()) if quantized else ([codes], _as_it_is, weight.value.numpy())
+
+    # The imported form of clip(v, 0, 255) -> Cast(uint8): by each op, the argument holding v.
+    _CODE_CHAIN = {"relax.astype": 0, "relax.bitwise_and": 0, "relax.where": 2}
+
+    def _quantization_of(self, codes) -> list | None:
+        """[x, scale, zero point] when `codes` are clip(round(x / scale) + zero point, 0, 255) of a
+        float32 x [rows, K] with scale and zero point [rows, 1] (fc_quantization's codes, as the
+        importer writes them: Cast's NaN / wrap-around handling, Clip as call_tir maximum / minimum)."""
+        expr = codes
+        while True:
+            value = self.lookup_binding(expr) if isinstance(expr, relax.Var) else None
+            if not isinstance(value, relax.Call):
+                return None
+            if value.op.same_as(tvm.ir.Op.get("relax.add")):
+                break
+            name = value.op.name if isinstance(value.op, tvm.ir.Op) else None
+            if name in self._CODE_CHAIN:
+                expr = value.args[self._CODE_CHAIN[name]]
+            elif name == "relax.call_tir" and value.args[0].name_hint.startswith(("maximum", "minimum")):
+                expr = value.args[1].fields[0]
+            else:
+                return None
+        rounded, zero_point = value.args
+        rounding = self._bound(rounded, "relax.round")
+        division = None if rounding is None else self._bound(rounding.args[0], "relax.divide")
+        if division is None:
+            return None
+        x, scale = division.args
+        if not all(_float_matrix(e) for e in (x, scale, zero_point)):
+            return None
+        rows, inputs = _dims(x)
+        if _dims(codes) != (rows, inputs) or _dims(scale) != (rows, 1) or _dims(zero_point) != (rows, 1):
+            return None
+        return [x, scale, zero_point]
 
     def visit_call_(self, call):
         if not call.op.same_as(tvm.ir.Op.get("relax.matmul")):
@@ -280,11 +354,11 @@ class _SelectAmxMatmuls(relax.PyExprMutator):
             operands = (self._bf16_operands if product is BF16 else self._int8_operands)(call)
             if operands is None:
                 continue
-            x, weight = operands
+            activations, element, weight = operands
             self.used.add(product.name)
             packed = relax.const(pack_weight(weight, product), product.weight)
-            kernel = functools.partial(_amx_matmul, units=weight.shape[1], product=product)
-            return self.builder_.call_te(kernel, x, packed, primfunc_name_hint=f"matmul_amx_{product.name}")
+            kernel = functools.partial(_amx_matmul, units=weight.shape[1], product=product, element=element)
+            return self.builder_.call_te(kernel, *activations, packed, primfunc_name_hint=f"matmul_amx_{product.name}")
         return super().visit_call_(call)
 
 
