@@ -33,6 +33,9 @@ def test_bench_writes_a_report_with_limits_rated_kernels_and_a_chart(tmp_path):
     # At batch 64 the dlrm's widest layer (64 x 80 -> 64) is among the hot kernels, rated in GFLOP/s.
     matmuls = [k for k in model["batches"][1]["hot_kernels"]["reccc_O2"] if "gflops" in k]
     assert matmuls and all(k["gflops"] > 0 and k["flops"] % (2 * 64) == 0 for k in matmuls)
+    # Lookups are rated at every batch, however small their share: their bandwidth is a target of its own.
+    for batch in model["batches"]:
+        assert any(k.get("gathered_gb_per_s", 0) > 0 for k in batch["hot_kernels"]["reccc_O2"])
     assert report_path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -384,10 +384,10 @@ def run_benchmark(args: argparse.Namespace, model_path: Path, model_description:
 
 def profile_builds(artifacts: dict[int, Path], ir_model, batch: int, limits: dict) -> dict[str, list[dict]]:
     """Each build's hot kernels at this batch, rated against the machine's limits (untimed runs)."""
-    from kernel_profile import profile_kernels, rate_hot_kernels
+    from kernel_profile import PROFILE_RUNS, WARMUP_RUNS, profile_kernels, rate_hot_kernels
     from reccc.sample_inputs import random_inputs
 
-    feeds = random_inputs(ir_model, batch, seed=INPUT_SEED)
+    feeds = [random_inputs(ir_model, batch, seed=INPUT_SEED + run) for run in range(WARMUP_RUNS + PROFILE_RUNS)]
     return {f"reccc_O{level}": rate_hot_kernels(profile_kernels(artifact, feeds), limits) for level, artifact in artifacts.items()}
 
 
