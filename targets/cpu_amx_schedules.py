@@ -5,19 +5,21 @@ passes/fc_quantization.py run on the tile unit, tdpbf16ps (bf16 pairs into fp32)
 Two steps, as for the VNNI kernels (cpu_int8_schedules.py), on targets with amx-bf16 / amx-int8:
 - `select_amx_matmuls` (on the imported Relax module, before legalization) replaces each
   - bf16 layer, matmul(astype(astype(x, bfloat16), float32), W) with W a constant whose values are
-    bf16 numbers, by a kernel reading the rounded activation as bf16 and W packed as
+    bf16 numbers, by a kernel that reads the fp32 x and rounds it to bf16 itself, and W packed as
     [N/16, K/2, 16, 2] bf16;
-  - int8 layer, matmul(astype(x: uint8, int32), astype(W: constant int8, int32)), by a kernel reading
-    the uint8 codes and W packed as [N/16, K/4, 16, 4] int8;
+  - int8 layer, matmul(astype(codes: uint8, int32), astype(W: constant int8, int32)), by a kernel that
+    reads W packed as [N/16, K/4, 16, 4] int8 and, where the codes are fc_quantization's
+    clip(round(x / scale) + zero point), the fp32 x with its rows' scale and zero point, computing the
+    codes itself (else it reads the codes);
   that layout is AMX's for the second operand (a tile row holds 16 units x one 32-bit group of
-  inputs), zero-padded to whole 64-byte rows of inputs and 16 units. TVM's fusion fuses the layer's
-  epilogue into the kernel, and the activation's rounding to bf16 into the kernel that produces it
-  (the previous layer's epilogue writes bf16).
+  inputs), zero-padded to whole 64-byte rows of inputs and 16 units. Rounding or quantizing inside the
+  kernel saves a kernel per layer and a pass over its input. TVM's fusion fuses the layer's epilogue
+  into the kernel.
 - `apply_amx_schedules` (on the fused module) tiles each such kernel in blocks of 32 rows x 32 units
   (2 x 2 accumulator tiles, 2 activation and 2 weight tiles: AMX's 8 tile registers), tensorized
   with one intrinsic that runs the block's whole reduction in tile registers; parallel over 32-row
-  tiles, whose activation rows are zero-padded to the tile once and reused by every block of units;
-  each block's epilogue runs on its sums while they are in L1.
+  tiles, whose activation rows are rounded or quantized into a zero-padded tile once and reused by
+  every block of units; each block's epilogue runs on its sums while they are in L1.
 
 The products are exact and accumulate in fp32 (bf16; the instruction flushes denormals) or int32
 (int8, exactly, as vpdpbusd), so the artifact agrees with onnxruntime's run of the rewritten graph to

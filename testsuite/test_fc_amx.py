@@ -66,6 +66,18 @@ def test_amx_target_builds_tile_kernels(reccc_cli, tmp_path, precision):
     code = _disassembly(library)
     assert INSTRUCTION[precision] in code and "ldtilecfg" in code and "vpdpbusd" not in code
     assert read_manifest(library).cpu_flags == FLAGS[precision]
+    # The kernels round (bf16) or quantize (int8) their fp32 input themselves: no bf16 or uint8 tensor,
+    # hence no kernel writing one, is left between kernels.
+    from tvm import relax
+
+    from reccc.targets import relax_lowering
+
+    target = x86.llvm_target({"kind": "llvm", "mcpu": "sapphirerapids"}).tvm_target()
+    with target:
+        module, _ = cpu_amx_schedules.select_amx_matmuls(relax_lowering.to_relax(graph), target)
+    dtypes = set()
+    relax.analysis.post_order_visit(module["main"], lambda node: dtypes.add(str(node.ty.dtype)) if isinstance(node, relax.Var) and isinstance(node.ty, relax.TensorType) else None)
+    assert "float32" in dtypes and not dtypes & {"bfloat16", "uint8"}
 
 
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
@@ -141,6 +153,54 @@ def test_amx_layer_of_any_shape(reccc_cli, tmp_path, precision, fan_in, units):
             else:
                 for output, (error, bound) in agreement({"y": expected}, {"y": actual}).items():
                     assert error <= bound, (bias, batch, error, bound)
+
+
+def test_int8_kernel_reads_codes_given_as_they_are(reccc_cli, tmp_path):
+    """A MatMulInteger of uint8 codes that are no quantization of fc_quantization's (here a model input)
+    runs on AMX reading the codes themselves; the int32 sums equal onnxruntime's."""
+    if not _host_has_amx("int8"):
+        pytest.skip("this CPU (or its kernel) has no AMX-INT8 to run the kernels on")
+    rng = np.random.default_rng(4)
+    weight = rng.integers(-128, 128, (70, 24)).astype(np.int8)
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["x", "W"], ["y"], name="fc")], "codes",
+        [helper.make_tensor_value_info("x", TensorProto.UINT8, ["batch", 70])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, ["batch", 24])],
+        [numpy_helper.from_array(weight, "W")],
+    )
+    source = tmp_path / "codes.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), source)
+    library, _ = _compile_both(reccc_cli, tmp_path, source)
+    assert len(_kernels(library, "matmul_amx_int8")) == 1
+    artifact = reccc.load(library)
+    for batch in (1, 40):
+        x = rng.integers(0, 256, (batch, 70)).astype(np.uint8)
+        np.testing.assert_array_equal(np.asarray(artifact.run({"x": x})["y"]), run_reference(onnx.load(source), {"x": x})["y"])
+
+
+def test_bf16_rounding_ties_agree(reccc_cli, tmp_path):
+    """The bf16 kernel rounds its input to nearest even, as onnxruntime's Cast does: inputs exactly
+    halfway between two bf16 numbers, times weights of 1 (every sum exact, in any order), give
+    onnxruntime's outputs bit for bit, which truncation or rounding half away from zero would not."""
+    if not _host_has_amx("bf16"):
+        pytest.skip("this CPU (or its kernel) has no AMX-BF16 to run the kernels on")
+    fan_in, units = 16, 8
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"], name="fc")], "ties",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", fan_in])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", units])],
+        [numpy_helper.from_array(np.ones((fan_in, units), np.float32), "W")],
+    )
+    source = tmp_path / "ties.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), source)
+    library, rewritten = _compile_both(reccc_cli, tmp_path, source, "--fc-precision=bf16")
+    # 1 + (2m + 1) / 256 lies halfway between two bf16 numbers (7 fraction bits); so do their negatives.
+    ties = np.array([1 + (2 * m + 1) / 256 for m in range(fan_in // 2)], np.float32)
+    x = np.stack([np.concatenate([ties, -ties]), np.concatenate([ties[::-1], ties])])
+    expected = run_reference(rewritten, {"x": x})["y"]
+    np.testing.assert_array_equal(np.asarray(reccc.load(library).run({"x": x})["y"]), expected)
+    truncated = (x.view(np.uint32) & 0xFFFF0000).view(np.float32) @ np.ones((fan_in, units), np.float32)
+    assert not np.array_equal(truncated, expected)
 
 
 @pytest.fixture
