@@ -6,9 +6,12 @@ import subprocess
 import sys
 import threading
 
+import ml_dtypes
 import numpy as np
 import onnx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import reccc
@@ -277,6 +280,21 @@ def test_bfloat16_outputs_come_back_as_bfloat16(tmp_path):
     np.testing.assert_array_equal(y.astype(np.float32), [[1.0, 0.5, -3.25, 1 + 2**-7]])
 
 
+def test_bfloat16_inputs_are_taken(tmp_path):
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["y"], name="to_fp32", to=TensorProto.FLOAT)],
+        "bf16_input",
+        [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+    )
+    reccc.compile(_save(graph, tmp_path / "m.onnx"), tmp_path / "m.so")
+    model = reccc.load(tmp_path / "m.so")
+    for rows in ([[1.0, 0.5, -3.25, 1 + 2**-7]], [[2.0, 0.0, -1.0, 3.0]] * 3):
+        x = np.array(rows, np.float32)
+        y = model.run({"x": x.astype(ml_dtypes.bfloat16)})["y"]
+        np.testing.assert_array_equal(y, x)
+
+
 @pytest.mark.parametrize("table", range(4))
 def test_each_guarded_table_is_named_by_its_own_input(compiled, table):
     """The guards of same-shaped ids share one check: a bad id must still name the input it came from."""
@@ -285,6 +303,53 @@ def test_each_guarded_table_is_named_by_its_own_input(compiled, table):
     feeds[f"cat_{table}"][1] = 1000
     with pytest.raises(EmbeddingIndexError, match=rf"input 'cat_{table}': id 1000 at \[1\]"):
         model.run(feeds)
+
+
+LAYOUTS = ("as allocated", "unaligned", "strided")
+
+
+def _laid_out(array: np.ndarray, layout: str) -> np.ndarray:
+    """`array`'s values in memory a caller may hand over: as numpy allocated them, one element past the
+    start of a buffer (not at TVM's alignment), or every other row of a larger array (not contiguous)."""
+    if layout == "unaligned":
+        buffer = np.empty(array.size + 1, array.dtype)
+        moved = buffer[1:].reshape(array.shape)
+    elif layout == "strided":
+        moved = np.zeros((2 * array.shape[0], *array.shape[1:]), array.dtype)[::2]
+    else:
+        return array
+    moved[...] = array
+    return moved
+
+
+@settings(max_examples=25, deadline=None)
+@given(calls=st.lists(st.tuples(st.integers(1, 70), st.sampled_from(LAYOUTS)), min_size=1, max_size=4))
+def test_calls_of_changing_batch_and_memory_layout_match_onnxruntime(compiled, calls):
+    """One loaded model called with a batch that changes from call to call (its kept input buffers
+    are reallocated) and inputs that are not aligned or not contiguous."""
+    model = reccc.load(compiled("dlrm"))
+    proto = onnx.load(model_path("dlrm"))
+    for batch, layout in calls:
+        feeds = random_inputs(Model.from_onnx(proto), batch, seed=batch)
+        actual = model.run({name: _laid_out(array, layout) for name, array in feeds.items()})
+        for name, (error, bound) in agreement(run_reference(proto, feeds), actual).items():
+            assert error <= bound, f"output '{name}', batch {batch}, {layout} inputs: error {error} > {bound}"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_inputs_of_a_mebibyte_and_more_run_as_given(tmp_path, layout):
+    """Inputs this large take their own path: the caller's array itself where aligned and contiguous."""
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"], name="relu")],
+        "wide",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1024])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1024])],
+    )
+    reccc.compile(_save(graph, tmp_path / "m.onnx"), tmp_path / "m.so")
+    model = reccc.load(tmp_path / "m.so")
+    for batch in (300, 301):  # 1.2 MB each
+        x = np.random.default_rng(batch).standard_normal((batch, 1024)).astype(np.float32)
+        np.testing.assert_array_equal(model.run({"x": _laid_out(x, layout)})["y"], np.maximum(x, 0))
 
 
 def test_an_empty_batch_runs(compiled):
