@@ -19,6 +19,9 @@ from reccc.weights_file import map_weights
 
 # TVM takes a numpy array without a copy only at this alignment of its data.
 TVM_ALIGNMENT = 64
+# CPU inputs from this size on are viewed by the kernels instead of copied into kept buffers (a copy
+# of 1 MiB costs about what a whole call at batch 64 does).
+HOST_VIEW_BYTES = 2**20
 
 
 def load(path: str | Path) -> "CompiledModel":
@@ -42,15 +45,22 @@ class CompiledModel:
         # A Relax VM runs one call at a time: concurrent calls corrupt its registers and crash the process.
         self._vm_lock = threading.Lock()
         on_cpu = self._device.dlpack_device_type() == tvm.cpu().dlpack_device_type()
-        # On the CPU an input tensor views numpy memory and an output is copied out of its DLPack view
-        # (Tensor.numpy() costs ~7 us an output, the view and copy well under 1); a GPU copies both ways.
+        # On the CPU a large input (and a weights file's array) is viewed through DLPack and an output is
+        # copied out of its DLPack view (Tensor.numpy() costs ~7 us an output, the view and copy well
+        # under 1); a GPU copies both ways.
         self._to_tensor = tvm.runtime.from_dlpack if on_cpu else lambda array: tvm.runtime.tensor(array, self._device)
         self._empty_tensor = tvm.runtime.empty
-        # A GPU's inputs are copied into buffers kept from the last call of the same shape: allocating
+        # Inputs are copied into buffers kept from the last call of the same shape. On a GPU, allocating
         # them anew costs a cudaMalloc and a cudaFree per input and call (a DLRM with 9 inputs on an
-        # H200: 1.18 ms a call at batch 1 before, 0.47 after).
-        self._input_tensor = (lambda name, array: self._as_tensor(array)) if on_cpu else self._copied_to_device
+        # H200: 1.18 ms a call at batch 1 before, 0.47 after). On the CPU a copy into a kept buffer
+        # costs 0.3 us for a small input, where viewing numpy's memory costs 2-4 us (TVM's DLPack import,
+        # its alignment check, and an aligned copy where numpy's alignment is not TVM's): the standard
+        # DLRM's 9 inputs took 20 us of a 0.15 ms call at batch 1. Inputs of HOST_VIEW_BYTES or more
+        # are viewed, not copied (where aligned).
+        self._input_tensor = self._staged_on_host if on_cpu else self._copied_to_device
         self._device_inputs: dict[str, object] = {}
+        self._host_inputs: dict[str, tuple[tuple[int, ...], np.ndarray | None, object]] = {}  # input -> (shape, view, tensor)
+        self._input_dtypes = [np.dtype(spec.dtype) for spec in self.manifest.inputs]
         self._to_numpy = _copy_of_host_tensor if on_cpu else lambda tensor: tensor.numpy()
         self._result_names = self.output_names + (
             [self.manifest.index_flags_output] if self.manifest.index_flags_output is not None else []
@@ -83,6 +93,21 @@ class CompiledModel:
                 raise EmbeddingIndexError(_index_error_message(guard, arrays))
         return outputs
 
+
+    def _staged_on_host(self, name: str, array: np.ndarray):
+        """Input `name` as a CPU tensor: a copy into its kept aligned buffer, or a view of a large input."""
+        if array.nbytes >= HOST_VIEW_BYTES:
+            return self._as_tensor(np.ascontiguousarray(array))
+        staged = self._host_inputs.get(name)
+        if staged is None or staged[0] != array.shape:
+            tensor = self._empty_tensor(array.shape, str(array.dtype), self._device)
+            staged = self._host_inputs[name] = (array.shape, _host_view(tensor), tensor)
+        _, view, tensor = staged
+        if view is None:  # a dtype numpy's DLPack import lacks (bfloat16): TVM's own copy knows it
+            tensor.copyfrom(array)
+        else:
+            np.copyto(view, array)
+        return tensor
 
     def _copied_to_device(self, name: str, array: np.ndarray):
         """Input `name` copied into its device buffer, reallocated only when its shape changed."""
@@ -148,6 +173,14 @@ def load_tvm_cuda_runtime() -> str | None:
     return None
 
 
+def _host_view(tensor) -> np.ndarray | None:
+    """A numpy view of a CPU tensor, or None for a dtype numpy's DLPack import lacks (bfloat16)."""
+    try:
+        return np.from_dlpack(tensor)
+    except RuntimeError:
+        return None
+
+
 def _copy_of_host_tensor(tensor) -> np.ndarray:
     """A numpy copy of a CPU tensor. Not the view itself: an output may be one of the model's constants,
     which the caller must not be able to change."""
@@ -165,19 +198,20 @@ def _aligned_copy(array: np.ndarray) -> np.ndarray:
     return copy
 
 
-def _checked_inputs(specs: list[TensorSpec], inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _checked_inputs(specs: list[TensorSpec], dtypes: list[np.dtype], inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The inputs as numpy arrays, by name, once each matches its spec (`dtypes`: the specs' numpy dtypes)."""
     expected = [spec.name for spec in specs]
-    unknown = sorted(set(inputs) - set(expected))
-    if unknown:
-        raise ModelInputError(f"unknown input '{unknown[0]}' (the model's inputs are: {', '.join(expected)})")
-    missing = [name for name in expected if name not in inputs]
-    if missing:
+    if len(inputs) != len(expected) or any(name not in inputs for name in expected):
+        unknown = sorted(set(inputs) - set(expected))
+        if unknown:
+            raise ModelInputError(f"unknown input '{unknown[0]}' (the model's inputs are: {', '.join(expected)})")
+        missing = [name for name in expected if name not in inputs]
         raise ModelInputError(f"missing input '{missing[0]}' (the model's inputs are: {', '.join(expected)})")
     bound: dict[str, tuple[int, str]] = {}  # symbolic dim -> (size, input that fixed it)
     arrays = {}
-    for spec in specs:
+    for spec, dtype in zip(specs, dtypes):
         array = np.asarray(inputs[spec.name])
-        if array.dtype != np.dtype(spec.dtype):
+        if array.dtype != dtype:
             raise ModelInputError(f"input '{spec.name}' has dtype {array.dtype}, expected {spec.dtype}")
         if array.ndim != len(spec.shape):
             raise ModelInputError(
@@ -197,7 +231,7 @@ def _checked_inputs(specs: list[TensorSpec], inputs: Mapping[str, np.ndarray]) -
                 )
             else:
                 bound.setdefault(dim, (size, spec.name))
-        arrays[spec.name] = np.ascontiguousarray(array)
+        arrays[spec.name] = array
     return arrays
 
 
