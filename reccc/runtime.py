@@ -80,7 +80,7 @@ class CompiledModel:
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run once; returns the graph's outputs by name. Safe to call from several threads: the calls
         take turns (load the artifact once per thread to run them in parallel)."""
-        arrays = _checked_inputs(self.manifest.inputs, inputs)
+        arrays = _checked_inputs(self.manifest.inputs, self._input_dtypes, inputs)
         with self._vm_lock:
             results = self._main(*(self._input_tensor(spec.name, arrays[spec.name]) for spec in self.manifest.inputs), *self._weights)
             if len(self._result_names) == 1:
