@@ -15,11 +15,12 @@ Two steps, as for the VNNI kernels (cpu_int8_schedules.py), on targets with amx-
   inputs), zero-padded to whole 64-byte rows of inputs and 16 units. Rounding or quantizing inside the
   kernel saves a kernel per layer and a pass over its input. TVM's fusion fuses the layer's epilogue
   into the kernel.
-- `apply_amx_schedules` (on the fused module) tiles each such kernel in blocks of 32 rows x 32 units
-  (2 x 2 accumulator tiles, 2 activation and 2 weight tiles: AMX's 8 tile registers), tensorized
-  with one intrinsic that runs the block's whole reduction in tile registers; parallel over 32-row
-  tiles, whose activation rows are rounded or quantized into a zero-padded tile once and reused by
-  every block of units; each block's epilogue runs on its sums while they are in L1.
+- `apply_amx_schedules` (on the fused module) runs each such kernel parallel over 32-row tiles. A row
+  tile's activation rows are rounded or quantized into a zero-padded copy, then one tensor intrinsic
+  configures the tiles (once: ldtilecfg is costly) and, block by block of 32 units (2 x 2
+  accumulator tiles, 2 activation and 2 weight tiles: AMX's 8 tile registers), runs the block's
+  whole reduction in tile registers and stores its sums; the epilogue runs on the row tile's sums
+  while they are in L1.
 
 The products are exact and accumulate in fp32 (bf16; the instruction flushes denormals) or int32
 (int8, exactly, as vpdpbusd), so the artifact agrees with onnxruntime's run of the rewritten graph to
@@ -100,18 +101,20 @@ def _column_tiles(packed_units: int) -> int:
     return MAX_COLUMN_TILES if packed_units % (MAX_COLUMN_TILES * TILE_UNITS) == 0 else 1
 
 
-def _intrinsic(product: AmxProduct, inputs: int, column_tiles: int) -> str:
-    """The name of the tensor intrinsic for one block (ROW_TILES x column_tiles accumulator tiles) over
-    `inputs` padded inputs, registered on first use: its description is the block's reduction, its
-    implementation the tile program (sums loaded from the block's accumulators, inputs / step
+def _intrinsic(product: AmxProduct, inputs: int, panels: int, column_tiles: int) -> str:
+    """The name of the tensor intrinsic for one row tile (BLOCK_ROWS rows, `panels` blocks of
+    ROW_TILES x column_tiles accumulator tiles) over `inputs` padded inputs, registered on first use:
+    its description is the row tile's reduction, its implementation the tile program (the tiles
+    configured once; per block, sums loaded from the row tile's accumulators, inputs / step
     instructions per tile, sums stored back)."""
-    name = f"reccc_amx_{product.name}_{ROW_TILES}x{column_tiles}_k{inputs}"
+    name = f"reccc_amx_{product.name}_{panels}x{ROW_TILES}x{column_tiles}_k{inputs}"
     try:
         TensorIntrin.get(name)
         return name
     except ValueError:
         pass
-    rows, units, group = BLOCK_ROWS, column_tiles * TILE_UNITS, product.group
+    rows, units, group = BLOCK_ROWS, panels * column_tiles * TILE_UNITS, product.group
+    packed_panels, panel_units = panels * column_tiles, column_tiles * TILE_UNITS
     bits, weight, accumulator = product.activation_bits, product.weight, product.accumulator
     steps, tiles = inputs // product.step, ROW_TILES * column_tiles
     sum_bytes, row_bytes = 4, TILE_BYTES
@@ -120,10 +123,10 @@ def _intrinsic(product: AmxProduct, inputs: int, column_tiles: int) -> str:
     @T.prim_func(s_tir=True)
     def description(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (rows, inputs), bits, offset_factor=1)
-        B = T.match_buffer(b, (column_tiles, inputs // group, TILE_UNITS, group), weight, offset_factor=1)
+        B = T.match_buffer(b, (packed_panels, inputs // group, TILE_UNITS, group), weight, offset_factor=1)
         C = T.match_buffer(c, (rows, units), accumulator, offset_factor=1, scope="local")
         with T.sblock("root"):
-            T.reads(C[0:rows, 0:units], A[0:rows, 0:inputs], B[0:column_tiles, 0:inputs // group, 0:TILE_UNITS, 0:group])
+            T.reads(C[0:rows, 0:units], A[0:rows, 0:inputs], B[0:packed_panels, 0:inputs // group, 0:TILE_UNITS, 0:group])
             T.writes(C[0:rows, 0:units])
             for i, j, k in T.grid(rows, units, inputs):
                 with T.sblock("update"):
@@ -139,10 +142,10 @@ def _intrinsic(product: AmxProduct, inputs: int, column_tiles: int) -> str:
         a_stride = T.int32()
         c_stride = T.int32()
         A = T.match_buffer(a, (rows, inputs), bits, offset_factor=1, strides=[a_stride, 1])
-        B = T.match_buffer(b, (column_tiles, inputs // group, TILE_UNITS, group), weight, offset_factor=1)
+        B = T.match_buffer(b, (packed_panels, inputs // group, TILE_UNITS, group), weight, offset_factor=1)
         C = T.match_buffer(c, (rows, units), accumulator, offset_factor=1, scope="local", strides=[c_stride, 1])
         with T.sblock("root"):
-            T.reads(C[0:rows, 0:units], A[0:rows, 0:inputs], B[0:column_tiles, 0:inputs // group, 0:TILE_UNITS, 0:group])
+            T.reads(C[0:rows, 0:units], A[0:rows, 0:inputs], B[0:packed_panels, 0:inputs // group, 0:TILE_UNITS, 0:group])
             T.writes(C[0:rows, 0:units])
             config = T.alloc_buffer((64,), "uint8", scope="local")
             for byte in T.vectorized(64):
@@ -152,32 +155,35 @@ def _intrinsic(product: AmxProduct, inputs: int, column_tiles: int) -> str:
                 config[16 + 2 * tile] = T.uint8(row_bytes)  # bytes per row (little-endian u16)
                 config[48 + tile] = T.uint8(TILE_ROWS)
             T.evaluate(T.call_llvm_intrin("void", "llvm.x86.ldtilecfg", T.address_of(config[0])))
-            for t in T.unroll(tiles):
-                T.evaluate(T.call_llvm_intrin(
-                    "void", "llvm.x86.tileloadd64", T.Cast("uint8", t),
-                    T.address_of(C[t // column_tiles * TILE_ROWS, t % column_tiles * TILE_UNITS]), T.Cast("int64", c_stride * sum_bytes),
-                ))
-            for step in range(steps):
-                for r in T.unroll(ROW_TILES):
-                    T.evaluate(T.call_llvm_intrin(
-                        "void", "llvm.x86.tileloadd64", T.Cast("uint8", 4 + r),
-                        T.address_of(A[r * TILE_ROWS, step * product.step]), T.Cast("int64", a_stride * element),
-                    ))
-                for u in T.unroll(column_tiles):
-                    T.evaluate(T.call_llvm_intrin(
-                        "void", "llvm.x86.tileloadd64", T.Cast("uint8", 6 + u),
-                        T.address_of(B[u, step * TILE_ROWS, 0, 0]), T.int64(row_bytes),
-                    ))
+            for p in range(panels):
                 for t in T.unroll(tiles):
                     T.evaluate(T.call_llvm_intrin(
-                        "void", product.instruction, T.Cast("uint8", t), T.Cast("uint8", 4 + t // column_tiles),
-                        T.Cast("uint8", 6 + t % column_tiles),
+                        "void", "llvm.x86.tileloadd64", T.Cast("uint8", t),
+                        T.address_of(C[t // column_tiles * TILE_ROWS, p * panel_units + t % column_tiles * TILE_UNITS]),
+                        T.Cast("int64", c_stride * sum_bytes),
                     ))
-            for t in T.unroll(tiles):
-                T.evaluate(T.call_llvm_intrin(
-                    "void", "llvm.x86.tilestored64", T.Cast("uint8", t),
-                    T.address_of(C[t // column_tiles * TILE_ROWS, t % column_tiles * TILE_UNITS]), T.Cast("int64", c_stride * sum_bytes),
-                ))
+                for step in range(steps):
+                    for r in T.unroll(ROW_TILES):
+                        T.evaluate(T.call_llvm_intrin(
+                            "void", "llvm.x86.tileloadd64", T.Cast("uint8", 4 + r),
+                            T.address_of(A[r * TILE_ROWS, step * product.step]), T.Cast("int64", a_stride * element),
+                        ))
+                    for u in T.unroll(column_tiles):
+                        T.evaluate(T.call_llvm_intrin(
+                            "void", "llvm.x86.tileloadd64", T.Cast("uint8", 6 + u),
+                            T.address_of(B[p * column_tiles + u, step * TILE_ROWS, 0, 0]), T.int64(row_bytes),
+                        ))
+                    for t in T.unroll(tiles):
+                        T.evaluate(T.call_llvm_intrin(
+                            "void", product.instruction, T.Cast("uint8", t), T.Cast("uint8", 4 + t // column_tiles),
+                            T.Cast("uint8", 6 + t % column_tiles),
+                        ))
+                for t in T.unroll(tiles):
+                    T.evaluate(T.call_llvm_intrin(
+                        "void", "llvm.x86.tilestored64", T.Cast("uint8", t),
+                        T.address_of(C[t // column_tiles * TILE_ROWS, p * panel_units + t % column_tiles * TILE_UNITS]),
+                        T.Cast("int64", c_stride * sum_bytes),
+                    ))
             T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilerelease"))
 
     TensorIntrin.register(name, description, implementation)
@@ -459,9 +465,8 @@ def is_amx_kernel(function: tirx.PrimFunc) -> bool:
 
 
 def _amx_rule(schedule: s_tir.Schedule, product: AmxProduct, lanes: int) -> None:
-    """A fused AMX kernel: blocks of BLOCK_ROWS x (column tiles x 16) sums, each tensorized as one tile
-    program over the whole reduction (its sums in a local tile of the block); the padded activation
-    rows computed once per row tile, the epilogue once per block."""
+    """A fused AMX kernel, per row tile of BLOCK_ROWS rows: the padded activation rows, one tile program
+    (tensorized) for all its sums (in a local buffer of the row tile), then its epilogue."""
     name = AMX_BLOCK.format(product.name)
     block = schedule.get_sblock(name)
     inline_into_output(schedule, keep=(name, PAD_BLOCK))
@@ -470,13 +475,12 @@ def _amx_rule(schedule: s_tir.Schedule, product: AmxProduct, lanes: int) -> None
     rows, columns, reduction = schedule.get_loops(block)
     column_tiles = _column_tiles(int(schedule.get(columns).extent))
     inputs = int(schedule.get(reduction).extent)
+    panels = int(schedule.get(columns).extent) // (column_tiles * TILE_UNITS)
     row_tiles, row = schedule.split(rows, factors=[None, BLOCK_ROWS])
-    panels, unit = schedule.split(columns, factors=[None, column_tiles * TILE_UNITS])
-    schedule.reorder(row_tiles, panels, row, unit, reduction)
     accumulators = schedule.cache_write(block, 0, "local")
-    schedule.compute_inline(accumulators)  # the epilogue reads the block's local sums
+    schedule.compute_inline(accumulators)  # the epilogue reads the row tile's local sums
     for output in outputs:
-        schedule.reverse_compute_at(output, panels)
+        schedule.reverse_compute_at(output, row_tiles)
         vectorize_columns(schedule, schedule.get_loops(output)[-1], lanes)
     pad = schedule.get_sblock(PAD_BLOCK)
     schedule.compute_at(pad, row_tiles)
@@ -484,7 +488,7 @@ def _amx_rule(schedule: s_tir.Schedule, product: AmxProduct, lanes: int) -> None
     schedule.parallel(row_tiles)
     init = schedule.decompose_reduction(block, row)
     vectorize_columns(schedule, schedule.get_loops(init)[-1], lanes)
-    schedule.tensorize(row, _intrinsic(product, inputs, column_tiles))
+    schedule.tensorize(row, _intrinsic(product, inputs, panels, column_tiles))
 
 
 def apply_amx_schedules(module: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
