@@ -4,12 +4,16 @@ single-threaded scalar loops; these rules make the hot ones parallel and vectori
 
 Rules, each tried on every fused PrimFunc and skipped where its pattern does not fit:
 - matmul: the reduction block "matmul" (C[i, j] += A[i, k] * W[k, j], from Gemm / MatMul with
-  the weight transpose already folded) gets a register tile (DEFAULT_MATMUL_TILE: 4 rows x 4 vectors
-  of columns; -O3 measures ALTERNATIVE_MATMUL_TILES against it on the hot kernels), K innermost but one, parallel over column panels so each core keeps its panel of W in
-  cache across all rows. The batch stays a Relax shape variable: the rows are padded to a multiple
-  of the tile inside the kernel (a copy of A), which keeps predicates out of the inner loops.
-- elementwise: the epilogue blocks (bias, activation, and other data-parallel blocks on 2-D
-  tensors) run parallel over rows, vectorized over columns.
+  the weight transpose already folded) and its epilogue (bias, activation: the data-parallel blocks
+  fused after it) become one loop nest, parallel over (column panel, row tile) pairs, panel-major,
+  so each core runs its panels of W over many rows while they stay in cache. Each pair keeps a
+  register tile of accumulators (DEFAULT_MATMUL_TILE: 4 rows x 4 vectors of columns; -O3 measures
+  ALTERNATIVE_MATMUL_TILES against it on the hot kernels) across the whole reduction, copies its
+  rows of A into a tile padded to whole tiles first (so that no predicate enters the inner loop),
+  and runs the epilogue on its accumulators before writing them: one parallel region a kernel, and
+  neither A nor C passes through memory a second time. The batch stays a Relax shape variable;
+  batches of fewer rows than the tile run a branch scheduled with GEMV_TILE instead (one row, twice
+  the columns), which does not multiply padding rows.
 - lookup: a kernel that gathers (an embedding lookup with its dequantization and pooling) is
   inlined into its output block: parallel over rows, vectorized along the row.
 - concatenation: parallel over rows, the columns partitioned at the inputs' boundaries.
@@ -42,6 +46,9 @@ class MatmulTile:
 
 
 DEFAULT_MATMUL_TILE = MatmulTile(4, 4)
+# A batch of 1 in a 4-row tile multiplied 3 rows of padding: one row (a GEMV, bound by reading W)
+# with 8 vectors took 6 us instead of 11 on a 576 x 512 layer here, 1 x 4 took 8.
+GEMV_TILE = MatmulTile(1, 8)
 # Taller tiles load each W vector for more rows (6x4 measured 10% faster than 4x4 on a 2048x576x512
 # layer here, 4x4 fastest at batch 1): no one tile is best for every layer, batch and machine, so -O3
 # measures these on the hot kernels (targets/tuning.py).
@@ -75,60 +82,75 @@ def _matmul_rule(schedule: s_tir.Schedule, lanes: int, tile: MatmulTile) -> bool
     # Pad the (symbolic) rows to a multiple of the tile, and the columns to a multiple of the panel:
     # a split that does not divide guards every element with a predicate, which costs 2-3x here.
     schedule.pad_einsum(block, [tile.rows, panel if columns % panel else 1, 1])
-    padded_output = schedule.get(block).writes[0].source
+    matmul = schedule.get(block)
+    rows_source = next(read.source for read in matmul.reads if not read.source.same_as(matmul.writes[0].source))  # A
+    padded_rows = [b for b in _input_pads(schedule, matmul) if schedule.get(b).writes[0].source.same_as(rows_source)]
+    other_pads = [b for b in _input_pads(schedule, matmul) if not schedule.get(b).writes[0].source.same_as(rows_source)]
+    kept = {schedule.get(b).name_hint for b in [block, *padded_rows, *other_pads]}
+    _inline_epilogue(schedule, kept)
+    outputs = [b for b in _root_blocks(schedule) if schedule.get(b).name_hint not in kept]
     rows, columns, reduction = schedule.get_loops(block)
     row_tiles, row = schedule.split(rows, factors=[None, tile.rows])
     panels, column = schedule.split(columns, factors=[None, panel])
     schedule.reorder(panels, row_tiles, reduction, row, column)
-    schedule.parallel(panels)
+    pair = schedule.fuse(panels, row_tiles)
+    schedule.compute_inline(schedule.cache_write(block, 0, "local"))  # the epilogue reads the accumulators
+    for output in outputs:
+        schedule.reverse_compute_at(output, pair)
+        _vectorize(schedule, schedule.get_loops(output)[-1], lanes)
+    for pad in padded_rows:
+        schedule.compute_at(pad, pair)
+        _vectorize(schedule, schedule.get_loops(pad)[-1], lanes)
+    for pad in other_pads:  # the weight's columns padded to whole panels: once a call, at the root
+        _vectorize(schedule, schedule.get_loops(pad)[-1], lanes)
+    schedule.parallel(pair)
     schedule.vectorize(column)
     schedule.unroll(row)
-    schedule.decompose_reduction(block, reduction)
-    _schedule_padding(schedule, padded_output, lanes)
+    init = schedule.decompose_reduction(block, reduction)  # last: vectorize refuses an update block apart from its init
+    schedule.vectorize(schedule.get_loops(init)[-1])
     return True
 
 
-def _schedule_padding(schedule: s_tir.Schedule, padded_output, lanes: int) -> None:
-    """pad_einsum's copies: the result's copy back is inlined into its reader; the inputs' padding
-    copies are vectorized (they are a small fraction of the work, and parallel loops cost a thread
-    wake-up that dominates at batch 1)."""
-    for block in schedule.get_child_blocks(schedule.get_sblock("root")):
-        if not schedule.get(block).name_hint.endswith("_pad"):
-            continue
-        if any(region.source.same_as(padded_output) for region in schedule.get(block).reads):
-            schedule.compute_inline(block)
-            continue
-        *_, inner = schedule.get_loops(block)
-        extent = schedule.get(inner).extent  # symbolic where the padded dim is (a bag-membership matrix's ids)
-        if isinstance(extent, tvm.tirx.IntImm) and int(extent) % lanes == 0:
-            _, vector = schedule.split(inner, factors=[None, lanes])
-            schedule.vectorize(vector)
+def _root_blocks(schedule: s_tir.Schedule) -> list:
+    return schedule.get_child_blocks(schedule.get_sblock("root"))
 
 
-def _elementwise_rule(schedule: s_tir.Schedule, lanes: int) -> None:
-    """The epilogue (bias, activation, ...) as one loop nest: every 2-D data-parallel block that another
-    block reads is inlined into its reader; what remains runs parallel rows and vector columns."""
-    epilogue = [
-        block
-        for block in schedule.get_child_blocks(schedule.get_sblock("root"))
-        if len(schedule.get_loops(block)) == 2
-        and all(var.iter_type == DATA_PARALLEL for var in schedule.get(block).iter_vars)
-        and not schedule.get(block).name_hint.endswith("_pad")  # the matmul's padded input: never inline it
+def _input_pads(schedule: s_tir.Schedule, matmul) -> list:
+    """pad_einsum's copies of the matmul's inputs into padded buffers (not the copy of its padded
+    result back, which the epilogue inlines)."""
+    padded_result = matmul.writes[0].source
+    return [
+        block for block in _root_blocks(schedule)
+        if schedule.get(block).name_hint.endswith("_pad") and not any(read.source.same_as(padded_result) for read in schedule.get(block).reads)
     ]
-    remaining = []
-    for block in epilogue:
+
+
+def _inline_epilogue(schedule: s_tir.Schedule, kept: set[str]) -> None:
+    """Every data-parallel block but those named in `kept` inlined into its reader (pad_einsum's copy
+    of the padded result back into C included): the epilogue becomes one expression per output element."""
+    for block in reversed(_root_blocks(schedule)):
+        stmt = schedule.get(block)
+        if stmt.name_hint in kept or any(var.iter_type != DATA_PARALLEL for var in stmt.iter_vars):
+            continue
         try:
             schedule.compute_inline(block)
-        except s_tir.ScheduleError:  # it writes the function's output, or has several readers
-            remaining.append(block)
-    for block in remaining:
-        rows, columns = schedule.get_loops(block)
-        try:
-            _, vector = schedule.split(columns, factors=[None, lanes])
-            schedule.vectorize(vector)
-            schedule.parallel(rows)
-        except s_tir.ScheduleError:  # e.g. a column count the vector does not divide
+        except s_tir.ScheduleError:  # it writes the function's output
             continue
+
+
+def _with_gemv_branch(function: tvm.tirx.PrimFunc, scheduled: tvm.tirx.PrimFunc, lanes: int, tile: MatmulTile) -> tvm.tirx.PrimFunc:
+    """`scheduled` (the matmul kernel `function` with `tile`), where batches of fewer rows than the
+    tile run `function` scheduled with GEMV_TILE: one kernel, branching on its (symbolic) rows."""
+    unscheduled = s_tir.Schedule(function)
+    rows = unscheduled.get(unscheduled.get_loops(unscheduled.get_sblock("matmul"))[0]).extent
+    if tile.rows <= GEMV_TILE.rows or (isinstance(rows, tvm.tirx.IntImm) and int(rows) >= tile.rows):
+        return scheduled
+    gemv = s_tir.Schedule(function)
+    _matmul_rule(gemv, lanes, GEMV_TILE)
+    if isinstance(rows, tvm.tirx.IntImm):
+        return gemv.mod["main"]
+    # Both are schedules of `function`: the same parameters and buffers, so either body runs in it.
+    return scheduled.with_body(tvm.tirx.IfThenElse(rows < tile.rows, gemv.mod["main"].body, scheduled.body))
 
 
 def _lookup_rule(schedule: s_tir.Schedule, lanes: int) -> bool:
@@ -190,8 +212,8 @@ def schedule_function(function: tvm.tirx.PrimFunc, symbol: str, lanes: int, tile
     schedule = s_tir.Schedule(function)
     try:
         if _matmul_rule(schedule, lanes, tile):
-            _elementwise_rule(schedule, lanes)
-        elif not (_lookup_rule(schedule, lanes) or _concatenation_rule(schedule, symbol)):
+            return _with_gemv_branch(function, schedule.mod["main"], lanes, tile)
+        if not (_lookup_rule(schedule, lanes) or _concatenation_rule(schedule, symbol)):
             return None
     except s_tir.ScheduleError:
         return None

@@ -2,14 +2,19 @@
 -O2 (parallel, vectorized, register-tiled) and leave other kernels alone; numerics are covered by the runtime tests, which run -O2
 artifacts at batch sizes that do and do not divide the tile (1, 7, 64, 2048)."""
 
+import numpy as np
 import onnx
 import pytest
 import tvm
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
 
+import reccc
 from reccc.targets import cpu_schedules, lookup_fusion, relax_lowering
 from reccc.targets.x86 import host_cpu
 
-from conftest import model_path
+from conftest import assert_matches_onnxruntime, model_path
 
 
 def _fused_module(name: str) -> tvm.IRModule:
@@ -64,3 +69,56 @@ def test_every_kernel_keeps_its_noalias_pointers():
     entries = [line for line in llvm.inspect_source("ll").splitlines() if line.startswith("define") and "@__tvm_ffi_" in line]
     assert any("shape_func" in line for line in entries) and any("fused_lookup" in line for line in entries)
     assert all("noalias" in line for line in entries)
+
+
+def _mlp(path, inputs: int, widths: list[int], seed: int):
+    """An ONNX MLP with a symbolic batch: Gemm + Relu layers of `widths`, the last one's output raw."""
+    rng = np.random.default_rng(seed)
+    nodes, initializers, x = [], [], "x"
+    for layer, width in enumerate(widths):
+        weight = (rng.standard_normal((width, inputs)) / np.sqrt(inputs)).astype(np.float32)
+        initializers += [numpy_helper.from_array(weight, f"w{layer}"), numpy_helper.from_array(rng.standard_normal(width, dtype=np.float32), f"b{layer}")]
+        nodes.append(helper.make_node("Gemm", [x, f"w{layer}", f"b{layer}"], [f"h{layer}"], transB=1))
+        x, inputs = f"h{layer}", width
+        if layer < len(widths) - 1:
+            nodes.append(helper.make_node("Relu", [x], [f"r{layer}"]))
+            x = f"r{layer}"
+    graph = helper.make_graph(
+        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", initializers[0].dims[1]])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["batch", widths[-1]])], initializers,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+TILE_ROWS = cpu_schedules.DEFAULT_MATMUL_TILE.rows
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    inputs=st.sampled_from([1, 13, 64, 100]),
+    widths=st.lists(st.sampled_from([1, 5, 16, 40, 64, 130]), min_size=1, max_size=3),
+    seed=st.integers(0, 2**16),
+)
+def test_fc_layers_of_any_width_match_onnxruntime_at_every_batch(tmp_path_factory, inputs, widths, seed):
+    """Batches below the register tile's rows (the GEMV branch), at it and past it, widths that are
+    not whole vectors or panels."""
+    folder = tmp_path_factory.mktemp("mlp")
+    model_file = _mlp(folder / "mlp.onnx", inputs, widths, seed)
+    reccc.compile(model_file, folder / "mlp.so")
+    model = reccc.load(folder / "mlp.so")
+    for batch in (*range(TILE_ROWS + 2), 67):
+        assert_matches_onnxruntime(model_file, model.run, batch, seed=batch)
+
+
+def test_batches_below_the_tile_run_a_one_row_tile():
+    """Every matmul kernel of a symbolic batch branches on it: below DEFAULT_MATMUL_TILE's rows, the
+    kernel scheduled with GEMV_TILE (which multiplies no padding rows)."""
+    module = cpu_schedules.apply_default_schedules(_fused_module("dlrm"), host_cpu().tvm_target())
+    for symbol, function in module.functions.items():
+        if "matmul" not in symbol.name_hint:
+            continue
+        assert isinstance(function.body, tvm.tirx.IfThenElse), symbol.name_hint
+        assert str(function.body.condition) == f"batch < T.int64({TILE_ROWS})"
+        assert "T.unroll(T.int64(1))" in function.body.then_case.script()  # the tile's rows
+        assert f"T.unroll(T.int64({TILE_ROWS}))" in function.body.else_case.script()
