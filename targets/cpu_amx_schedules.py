@@ -190,19 +190,29 @@ def _intrinsic(product: AmxProduct, inputs: int, panels: int, column_tiles: int)
     return name
 
 
-def _bf16_bits(activations: list[te.Tensor], i, k):
+# The element functions: from the kernel's activation operands, a function (i, k) -> the bits of the
+# activation tile's element, and the per-row stages it reads (named ROW_STAGE...).
+ROW_STAGE = "matmul_amx_row_"
+
+
+def _bf16_bits(activations: list[te.Tensor]):
     """The bits of x rounded to bfloat16 to nearest even, as onnxruntime's Cast rounds (a NaN stays a
     NaN). Written out here: TVM's BF16 legalization would keep the fp32 value (README)."""
     (x,) = activations
-    bits = tirx.reinterpret("uint32", x[i, k])
-    rounded = (bits + (tirx.const(0x7FFF, "uint32") + ((bits >> 16) & tirx.const(1, "uint32")))) >> 16
-    return tirx.Select(x[i, k] != x[i, k], (bits >> 16) | tirx.const(0x40, "uint32"), rounded).astype("uint16")
+
+    def bits_of(i, k):
+        bits = tirx.reinterpret("uint32", x[i, k])
+        rounded = (bits + (tirx.const(0x7FFF, "uint32") + ((bits >> 16) & tirx.const(1, "uint32")))) >> 16
+        return tirx.Select(x[i, k] != x[i, k], (bits >> 16) | tirx.const(0x40, "uint32"), rounded).astype("uint16")
+
+    return bits_of
 
 
-def _uint8_code(activations: list[te.Tensor], i, k):
-    """x's uint8 code in its row's quantization, computed from the row's max and min with the
-    operations of fc_quantization's graph in its order (see _SelectAmxMatmuls._quantization_of); a
-    NaN's code is 0, as the imported Cast's. The per-row values are loop-invariant along the row."""
+def _uint8_codes(activations: list[te.Tensor]):
+    """x's uint8 codes in its rows' quantization, the rows' scale and zero point computed from their
+    max and min, with the operations of fc_quantization's graph in its order (see
+    _SelectAmxMatmuls._quantization_of); a NaN's code is 0, as the imported Cast's. Scale and zero
+    point are stages of their own, one value per row."""
     x, row_max, row_min = activations
     zero, levels = tirx.const(0, "float32"), tirx.const(255, "float32")
 
@@ -212,14 +222,18 @@ def _uint8_code(activations: list[te.Tensor], i, k):
     def clip(value):
         return tirx.Select(value >= zero, tirx.Select(value <= levels, value, levels), zero)
 
-    below = relu(-row_min[i, 0])
-    scale = tirx.max((relu(row_max[i, 0]) + below) / levels, tirx.const(np.finfo(np.float32).tiny, "float32"))
-    zero_point = tirx.round(clip(below / scale))
-    return clip(tirx.round(x[i, k] / scale) + zero_point).astype("uint8")
+    def below(i):
+        return relu(-row_min[i, 0])
+
+    tiny = tirx.const(np.finfo(np.float32).tiny, "float32")
+    rows = x.shape[0]
+    scale = te.compute((rows,), lambda i: tirx.max((relu(row_max[i, 0]) + below(i)) / levels, tiny), name=ROW_STAGE + "scale")
+    zero_point = te.compute((rows,), lambda i: tirx.round(clip(below(i) / scale[i])), name=ROW_STAGE + "zero_point")
+    return lambda i, k: clip(tirx.round(x[i, k] / scale[i]) + zero_point[i]).astype("uint8")
 
 
-def _as_it_is(activations: list[te.Tensor], i, k):
-    return activations[0][i, k]
+def _as_it_is(activations: list[te.Tensor]):
+    return lambda i, k: activations[0][i, k]
 
 
 def _widened(bits, product: AmxProduct):
@@ -230,18 +244,23 @@ def _widened(bits, product: AmxProduct):
 
 def _amx_matmul(*operands: te.Tensor, units: int, product: AmxProduct, element) -> te.Tensor:
     """[rows, units] sums of the activations times the weight `packed` (the last operand) holds. The
-    first operand is [rows, K]; `element` gives an activation's bits from the others (the tensor, or
-    the fp32 input it is rounded or quantized from). Rows are padded to BLOCK_ROWS and inputs to the
-    packed weight's (zeros, which its zero padding multiplies)."""
+    first operand is [rows, K]; `element` (see _bf16_bits) makes the function giving an activation's
+    bits from the operands (the tensor, or the fp32 input it is rounded or quantized from). Rows are
+    padded to BLOCK_ROWS and inputs to the packed weight's (zeros, which its zero padding multiplies)."""
     *activations, packed = operands
     rows, inputs = activations[0].shape
     padded_rows, padded_inputs = _round_up(rows, BLOCK_ROWS), int(packed.shape[1]) * product.group
+    bits_of = element(activations)
+    zero = tirx.const(0, product.activation_bits)
+
+    def row_element(i, k):
+        if int(inputs) == padded_inputs:
+            return bits_of(i, k)
+        # A select of an in-bounds read, not an if_then_else: TVM vectorizes the loop only so.
+        return tirx.Select(k < inputs, bits_of(i, tirx.min(k, inputs - 1)), zero)
+
     padded = te.compute(
-        (padded_rows, padded_inputs),
-        lambda i, k: tirx.if_then_else(
-            tirx.all(i < rows, k < inputs), element(activations, i, k), tirx.const(0, product.activation_bits)
-        ),
-        name=PAD_BLOCK,
+        (padded_rows, padded_inputs), lambda i, k: tirx.if_then_else(i < rows, row_element(i, k), zero), name=PAD_BLOCK
     )
     k = te.reduce_axis((0, padded_inputs), name="k")
     group = product.group
@@ -327,7 +346,7 @@ class _SelectAmxMatmuls(relax.PyExprMutator):
         if codes is None or not isinstance(weight, tvm.ir.GenericConst):
             return None
         quantized = self._quantization_of(codes)
-        return (quantized, _uint8_code, weight.value.numpy()) if quantized else ([codes], _as_it_is, weight.value.numpy())
+        return (quantized, _uint8_codes, weight.value.numpy()) if quantized else ([codes], _as_it_is, weight.value.numpy())
 
     # The imported Cast of clip(v, 0, 255) to uint8 (its NaN / wrap-around handling): by op, the
     # argument holding v.
@@ -469,9 +488,10 @@ def _amx_rule(schedule: s_tir.Schedule, product: AmxProduct, lanes: int) -> None
     (tensorized) for all its sums (in a local buffer of the row tile), then its epilogue."""
     name = AMX_BLOCK.format(product.name)
     block = schedule.get_sblock(name)
-    inline_into_output(schedule, keep=(name, PAD_BLOCK))
     root = schedule.get_sblock("root")
-    outputs = [b for b in schedule.get_child_blocks(root) if schedule.get(b).name_hint not in (name, PAD_BLOCK)]
+    row_stages = [schedule.get(b).name_hint for b in schedule.get_child_blocks(root) if schedule.get(b).name_hint.startswith(ROW_STAGE)]
+    inline_into_output(schedule, keep=(name, PAD_BLOCK, *row_stages))
+    outputs = [b for b in schedule.get_child_blocks(root) if schedule.get(b).name_hint not in (name, PAD_BLOCK, *row_stages)]
     rows, columns, reduction = schedule.get_loops(block)
     column_tiles = _column_tiles(int(schedule.get(columns).extent))
     inputs = int(schedule.get(reduction).extent)
@@ -485,6 +505,8 @@ def _amx_rule(schedule: s_tir.Schedule, product: AmxProduct, lanes: int) -> None
     pad = schedule.get_sblock(PAD_BLOCK)
     schedule.compute_at(pad, row_tiles)
     vectorize_columns(schedule, schedule.get_loops(pad)[-1], lanes)
+    for stage in reversed(row_stages):  # each before its reader: the zero point reads the scale
+        schedule.compute_at(schedule.get_sblock(stage), row_tiles)
     schedule.parallel(row_tiles)
     init = schedule.decompose_reduction(block, row)
     vectorize_columns(schedule, schedule.get_loops(init)[-1], lanes)
