@@ -244,9 +244,20 @@ def test_host_target_takes_amx_from_the_host_flags(monkeypatch, flags, expected)
         assert not any("amx" in attr for attr in dict(target.export()).get("mattr", ()))
 
 
-def test_o3_does_not_tune_amx_kernels(reccc_cli, tmp_path):
+def test_o3_does_not_tune_amx_kernels(reccc_cli, tmp_path, monkeypatch):
     """-O3 builds on -O2's schedules and leaves the AMX kernels out of tuning (MetaSchedule's runners
-    would need AMX's permission): the candidates it would tune hold none."""
+    would need AMX's permission): x86 gives tuning their test, and the candidates it would tune
+    hold none."""
+    from reccc.targets import tuning as auto_tuning
+
+    given = {}
+    real = auto_tuning.tuned_schedules
+
+    def tuned_schedules(*args, **kwargs):
+        given.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(auto_tuning, "tuned_schedules", tuned_schedules)
     from tvm import relax
 
     from reccc.targets import relax_lowering, tuning
@@ -266,3 +277,4 @@ def test_o3_does_not_tune_amx_kernels(reccc_cli, tmp_path):
                        "--tune-db", tmp_path / "db", AMX_TARGET, "-o", library)
     assert result.code == 0, result.stderr
     assert len(_kernels(library, "matmul_amx_bf16")) == 4 and "tdpbf16ps" in _disassembly(library)
+    assert given["keep"] is cpu_amx_schedules.is_amx_kernel
