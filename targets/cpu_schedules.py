@@ -78,7 +78,7 @@ def _matmul_rule(schedule: s_tir.Schedule, lanes: int, tile: MatmulTile) -> bool
     if len(schedule.get_loops(block)) != 3:
         return False
     columns = int(schedule.get(schedule.get_loops(block)[1]).extent)
-    panel = min(tile.vectors * lanes, -(-columns // lanes) * lanes)
+    panel = _panel(columns, lanes, tile)
     # Pad the (symbolic) rows to a multiple of the tile, and the columns to a multiple of the panel:
     # a split that does not divide guards every element with a predicate, which costs 2-3x here.
     schedule.pad_einsum(block, [tile.rows, panel if columns % panel else 1, 1])
@@ -111,6 +111,16 @@ def _matmul_rule(schedule: s_tir.Schedule, lanes: int, tile: MatmulTile) -> bool
     return True
 
 
+def _panel(columns: int, lanes: int, tile: MatmulTile) -> int:
+    """The columns one register tile covers: its vectors, or all columns rounded up to a vector."""
+    return min(tile.vectors * lanes, -(-columns // lanes) * lanes)
+
+
+def _padded_columns(columns: int, lanes: int, tile: MatmulTile) -> int:
+    panel = _panel(columns, lanes, tile)
+    return -(-columns // panel) * panel
+
+
 def _root_blocks(schedule: s_tir.Schedule) -> list:
     return schedule.get_child_blocks(schedule.get_sblock("root"))
 
@@ -140,13 +150,20 @@ def _inline_epilogue(schedule: s_tir.Schedule, kept: set[str]) -> None:
 
 def _with_gemv_branch(function: tvm.tirx.PrimFunc, scheduled: tvm.tirx.PrimFunc, lanes: int, tile: MatmulTile) -> tvm.tirx.PrimFunc:
     """`scheduled` (the matmul kernel `function` with `tile`), where batches of fewer rows than the
-    tile run `function` scheduled with GEMV_TILE: one kernel, branching on its (symbolic) rows."""
+    tile run `function` scheduled with one row (GEMV_TILE): one kernel, branching on its (symbolic) rows."""
     unscheduled = s_tir.Schedule(function)
-    rows = unscheduled.get(unscheduled.get_loops(unscheduled.get_sblock("matmul"))[0]).extent
+    rows, columns, _ = (unscheduled.get(loop).extent for loop in unscheduled.get_loops(unscheduled.get_sblock("matmul")))
     if tile.rows <= GEMV_TILE.rows or (isinstance(rows, tvm.tirx.IntImm) and int(rows) >= tile.rows):
         return scheduled
+    # Fewer vectors where GEMV_TILE's wider panel would pad columns that `tile`'s does not (a padded
+    # weight is copied every call): 192 columns take 6 vectors, not 8.
+    columns = int(columns)
+    gemv_tile = next(
+        MatmulTile(GEMV_TILE.rows, vectors) for vectors in range(GEMV_TILE.vectors, 0, -1)
+        if _padded_columns(columns, lanes, MatmulTile(GEMV_TILE.rows, vectors)) <= _padded_columns(columns, lanes, tile)
+    )
     gemv = s_tir.Schedule(function)
-    _matmul_rule(gemv, lanes, GEMV_TILE)
+    _matmul_rule(gemv, lanes, gemv_tile)
     if isinstance(rows, tvm.tirx.IntImm):
         return gemv.mod["main"]
     # Both are schedules of `function`: the same parameters and buffers, so either body runs in it.

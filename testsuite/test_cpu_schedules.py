@@ -97,7 +97,7 @@ TILE_ROWS = cpu_schedules.DEFAULT_MATMUL_TILE.rows
 @settings(max_examples=12, deadline=None)
 @given(
     inputs=st.sampled_from([1, 13, 64, 100]),
-    widths=st.lists(st.sampled_from([1, 5, 16, 40, 64, 130]), min_size=1, max_size=3),
+    widths=st.lists(st.sampled_from([1, 5, 16, 40, 64, 130, 192]), min_size=1, max_size=3),
     seed=st.integers(0, 2**16),
 )
 def test_fc_layers_of_any_width_match_onnxruntime_at_every_batch(tmp_path_factory, inputs, widths, seed):
@@ -122,3 +122,15 @@ def test_batches_below_the_tile_run_a_one_row_tile():
         assert str(function.body.condition) == f"batch < T.int64({TILE_ROWS})"
         assert "T.unroll(T.int64(1))" in function.body.then_case.script()  # the tile's rows
         assert f"T.unroll(T.int64({TILE_ROWS}))" in function.body.else_case.script()
+
+
+def test_the_gemv_branch_pads_no_weight_columns_the_tile_does_not(tmp_path):
+    """A padded weight is copied every call. 192 columns are whole panels of the 4 x 4 tile (64), so
+    the one-row branch takes panels that divide them too (6 vectors, 96 columns), not GEMV_TILE's
+    128 (which would pad to 256)."""
+    target = host_cpu().tvm_target()
+    with target:
+        module = lookup_fusion.fuse_operators()(relax_lowering.to_relax(onnx.load(_mlp(tmp_path / "m.onnx", 64, [192], seed=0))))
+    (kernel,) = [f for s, f in cpu_schedules.apply_default_schedules(module, target).functions.items() if "matmul" in s.name_hint]
+    assert "T.int64(256)" not in kernel.body.then_case.script()
+    assert "T.vectorized(T.int64(96))" in kernel.body.then_case.script()
