@@ -56,10 +56,10 @@ EMBEDDING_QUANTIZATION = "embedding-quantization"
 # The embedding-table format each level uses when the user does not choose one.
 DEFAULT_EMBEDDING_FORMAT: dict[int, str | None] = {0: None, 1: None, 2: None, 3: "int8"}
 FC_QUANTIZATION = "fc-quantization"
-# The FC layer precision each level uses when the user does not choose one (None: fp32, no pass). Not
-# int8 at -O3: int8 layers are faster only on x86 with VNNI and only where a layer is large enough to pay
-# for quantizing its input, and a level's default is the same for every target (README: Mixed-precision
-# FC layers).
+# The FC layer precision each level uses when the user does not choose one (None: fp32, no pass). None
+# at -O3 either: bf16 / int8 layers are faster only on x86 with AMX (int8 also with VNNI), and a level's
+# default is the same for every target, chosen before the target is known (README: Mixed-precision FC
+# layers).
 DEFAULT_FC_PRECISION: dict[int, str | None] = {0: None, 1: None, 2: None, 3: None}
 
 # Lossy passes run before the first of these (cleanup that can exploit what they zeroed), else last.
