@@ -44,11 +44,11 @@ class CompiledModel:
         self._main = self._vm["main"]
         # A Relax VM runs one call at a time: concurrent calls corrupt its registers and crash the process.
         self._vm_lock = threading.Lock()
-        on_cpu = self._device.dlpack_device_type() == tvm.cpu().dlpack_device_type()
+        self._on_cpu = self._device.dlpack_device_type() == tvm.cpu().dlpack_device_type()
         # On the CPU a large input (and a weights file's array) is viewed through DLPack and an output is
         # copied out of its DLPack view (Tensor.numpy() costs ~7 us an output, the view and copy well
         # under 1); a GPU copies both ways.
-        self._to_tensor = tvm.runtime.from_dlpack if on_cpu else lambda array: tvm.runtime.tensor(array, self._device)
+        self._to_tensor = tvm.runtime.from_dlpack if self._on_cpu else lambda array: tvm.runtime.tensor(array, self._device)
         self._empty_tensor = tvm.runtime.empty
         # Inputs are copied into buffers kept from the last call of the same shape. On a GPU, allocating
         # them anew costs a cudaMalloc and a cudaFree per input and call (a DLRM with 9 inputs on an
@@ -57,11 +57,9 @@ class CompiledModel:
         # its alignment check, and an aligned copy where numpy's alignment is not TVM's): the standard
         # DLRM's 9 inputs took 20 us of a 0.15 ms call at batch 1. Inputs of HOST_VIEW_BYTES or more
         # are viewed, not copied (where aligned).
-        self._input_tensor = self._staged_on_host if on_cpu else self._copied_to_device
-        self._device_inputs: dict[str, object] = {}
-        self._host_inputs: dict[str, tuple[tuple[int, ...], np.ndarray | None, object]] = {}  # input -> (shape, view, tensor)
+        self._kept_inputs: dict[str, tuple[tuple[int, ...], np.ndarray | None, object]] = {}  # input -> (shape, host view, tensor)
         self._input_dtypes = [np.dtype(spec.dtype) for spec in self.manifest.inputs]
-        self._to_numpy = _copy_of_host_tensor if on_cpu else lambda tensor: tensor.numpy()
+        self._to_numpy = _copy_of_host_tensor if self._on_cpu else lambda tensor: tensor.numpy()
         self._result_names = self.output_names + (
             [self.manifest.index_flags_output] if self.manifest.index_flags_output is not None else []
         )
@@ -82,7 +80,7 @@ class CompiledModel:
         take turns (load the artifact once per thread to run them in parallel)."""
         arrays = _checked_inputs(self.manifest.inputs, self._input_dtypes, inputs)
         with self._vm_lock:
-            results = self._main(*(self._input_tensor(spec.name, arrays[spec.name]) for spec in self.manifest.inputs), *self._weights)
+            results = self._main(*(self._kept_input(spec.name, arrays[spec.name]) for spec in self.manifest.inputs), *self._weights)
             if len(self._result_names) == 1:
                 results = [results]
             outputs = {name: self._to_numpy(value) for name, value in zip(self._result_names, results)}
@@ -94,27 +92,19 @@ class CompiledModel:
         return outputs
 
 
-    def _staged_on_host(self, name: str, array: np.ndarray):
-        """Input `name` as a CPU tensor: a copy into its kept aligned buffer, or a view of a large input."""
-        if array.nbytes >= HOST_VIEW_BYTES:
+    def _kept_input(self, name: str, array: np.ndarray):
+        """Input `name` copied into its buffer kept from the last call of the same shape (on the CPU a
+        large input is viewed instead)."""
+        if self._on_cpu and array.nbytes >= HOST_VIEW_BYTES:
             return self._as_tensor(np.ascontiguousarray(array))
-        staged = self._host_inputs.get(name)
-        if staged is None or staged[0] != array.shape:
+        kept = self._kept_inputs.get(name)
+        if kept is None or kept[0] != array.shape:
             tensor = self._empty_tensor(array.shape, str(array.dtype), self._device)
-            staged = self._host_inputs[name] = (array.shape, _host_view(tensor), tensor)
-        _, view, tensor = staged
-        if view is None:  # a dtype numpy's DLPack import lacks (bfloat16): TVM's own copy knows it
-            tensor.copyfrom(array)
-        else:
+            kept = self._kept_inputs[name] = (array.shape, _host_view(tensor) if self._on_cpu else None, tensor)
+        _, view, tensor = kept
+        if view is not None:
             np.copyto(view, array)
-        return tensor
-
-    def _copied_to_device(self, name: str, array: np.ndarray):
-        """Input `name` copied into its device buffer, reallocated only when its shape changed."""
-        tensor = self._device_inputs.get(name)
-        if tensor is None or tuple(tensor.shape) != array.shape:
-            tensor = self._device_inputs[name] = self._empty_tensor(array.shape, str(array.dtype), self._device)
-        if array.size:
+        elif array.size:  # a GPU buffer, or a dtype numpy's DLPack import lacks (bfloat16): TVM's own copy
             tensor.copyfrom(array)
         return tensor
 
