@@ -266,29 +266,27 @@ def test_outputs_are_the_callers_to_change(tmp_path):
     np.testing.assert_array_equal(x, np.ones((3, 2)))
 
 
-def test_bfloat16_outputs_come_back_as_bfloat16(tmp_path):
+def _compiled_cast(tmp_path, source: int, target: int):
+    """A model of one Cast from `source` to `target` (ONNX types), compiled and loaded."""
     graph = helper.make_graph(
-        [helper.make_node("Cast", ["x"], ["y"], name="to_bf16", to=TensorProto.BFLOAT16)],
-        "bf16_output",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, ["batch", 4])],
+        [helper.make_node("Cast", ["x"], ["y"], name="cast", to=target)],
+        "cast",
+        [helper.make_tensor_value_info("x", source, ["batch", 4])],
+        [helper.make_tensor_value_info("y", target, ["batch", 4])],
     )
     reccc.compile(_save(graph, tmp_path / "m.onnx"), tmp_path / "m.so")
+    return reccc.load(tmp_path / "m.so")
+
+
+def test_bfloat16_outputs_come_back_as_bfloat16(tmp_path):
     x = np.array([[1.0, 0.5, -3.25, 1 + 2**-7]], np.float32)
-    y = reccc.load(tmp_path / "m.so").run({"x": x})["y"]
+    y = _compiled_cast(tmp_path, TensorProto.FLOAT, TensorProto.BFLOAT16).run({"x": x})["y"]
     assert str(y.dtype) == "bfloat16"
     np.testing.assert_array_equal(y.astype(np.float32), [[1.0, 0.5, -3.25, 1 + 2**-7]])
 
 
 def test_bfloat16_inputs_are_taken(tmp_path):
-    graph = helper.make_graph(
-        [helper.make_node("Cast", ["x"], ["y"], name="to_fp32", to=TensorProto.FLOAT)],
-        "bf16_input",
-        [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, ["batch", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
-    )
-    reccc.compile(_save(graph, tmp_path / "m.onnx"), tmp_path / "m.so")
-    model = reccc.load(tmp_path / "m.so")
+    model = _compiled_cast(tmp_path, TensorProto.BFLOAT16, TensorProto.FLOAT)
     for rows in ([[1.0, 0.5, -3.25, 1 + 2**-7]], [[2.0, 0.0, -1.0, 3.0]] * 3):
         x = np.array(rows, np.float32)
         y = model.run({"x": x.astype(ml_dtypes.bfloat16)})["y"]
