@@ -97,7 +97,7 @@ TILE_ROWS = cpu_schedules.DEFAULT_MATMUL_TILE.rows
 @settings(max_examples=12, deadline=None)
 @given(
     inputs=st.sampled_from([1, 13, 64, 100]),
-    widths=st.lists(st.sampled_from([1, 5, 16, 40, 64, 130, 192]), min_size=1, max_size=3),
+    widths=st.lists(st.sampled_from([1, 5, 16, 40, 64, 80, 130, 192, 400]), min_size=1, max_size=3),
     seed=st.integers(0, 2**16),
 )
 def test_fc_layers_of_any_width_match_onnxruntime_at_every_batch(tmp_path_factory, inputs, widths, seed):
@@ -134,3 +134,15 @@ def test_the_gemv_branch_pads_no_weight_columns_the_tile_does_not(tmp_path):
     (kernel,) = [f for s, f in cpu_schedules.apply_default_schedules(module, target).functions.items() if "matmul" in s.name_hint]
     assert "T.int64(256)" not in kernel.body.then_case.script()
     assert "T.vectorized(T.int64(96))" in kernel.body.then_case.script()
+
+
+def test_the_gemv_branch_takes_the_panel_that_pads_fewest_weight_columns(tmp_path):
+    """DeepFM's 400 units are 25 vectors: the 4 x 4 tile's panels (64) pad W to 448 columns and so do
+    GEMV_TILE's 7-vector ones; at one row that copy of the weight on every call costs more than the
+    product, so the branch takes 5 vectors (80 columns), which divide them."""
+    target = host_cpu().tvm_target()
+    with target:
+        module = lookup_fusion.fuse_operators()(relax_lowering.to_relax(onnx.load(_mlp(tmp_path / "m.onnx", 416, [400], seed=0))))
+    (kernel,) = [f for s, f in cpu_schedules.apply_default_schedules(module, target).functions.items() if "matmul" in s.name_hint]
+    assert "T.int64(448)" not in kernel.body.then_case.script()
+    assert "T.vectorized(T.int64(80))" in kernel.body.then_case.script()
