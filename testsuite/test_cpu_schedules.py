@@ -124,25 +124,28 @@ def test_batches_below_the_tile_run_a_one_row_tile():
         assert f"T.unroll(T.int64({TILE_ROWS}))" in function.body.else_case.script()
 
 
+def _one_row_branch(tmp_path, inputs: int, units: int) -> str:
+    """The one-row (GEMV) branch of a single FC layer's scheduled matmul kernel, as TVMScript."""
+    target = host_cpu().tvm_target()
+    with target:
+        module = lookup_fusion.fuse_operators()(relax_lowering.to_relax(onnx.load(_mlp(tmp_path / "m.onnx", inputs, [units], seed=0))))
+    (kernel,) = [f for s, f in cpu_schedules.apply_default_schedules(module, target).functions.items() if "matmul" in s.name_hint]
+    return kernel.body.then_case.script()
+
+
 def test_the_gemv_branch_pads_no_weight_columns_the_tile_does_not(tmp_path):
     """A padded weight is copied every call. 192 columns are whole panels of the 4 x 4 tile (64), so
     the one-row branch takes panels that divide them too (6 vectors, 96 columns), not GEMV_TILE's
     128 (which would pad to 256)."""
-    target = host_cpu().tvm_target()
-    with target:
-        module = lookup_fusion.fuse_operators()(relax_lowering.to_relax(onnx.load(_mlp(tmp_path / "m.onnx", 64, [192], seed=0))))
-    (kernel,) = [f for s, f in cpu_schedules.apply_default_schedules(module, target).functions.items() if "matmul" in s.name_hint]
-    assert "T.int64(256)" not in kernel.body.then_case.script()
-    assert "T.vectorized(T.int64(96))" in kernel.body.then_case.script()
+    branch = _one_row_branch(tmp_path, 64, 192)
+    assert "T.int64(256)" not in branch
+    assert "T.vectorized(T.int64(96))" in branch
 
 
 def test_the_gemv_branch_takes_the_panel_that_pads_fewest_weight_columns(tmp_path):
     """DeepFM's 400 units are 25 vectors: the 4 x 4 tile's panels (64) pad W to 448 columns and so do
     GEMV_TILE's 7-vector ones; at one row that copy of the weight on every call costs more than the
     product, so the branch takes 5 vectors (80 columns), which divide them."""
-    target = host_cpu().tvm_target()
-    with target:
-        module = lookup_fusion.fuse_operators()(relax_lowering.to_relax(onnx.load(_mlp(tmp_path / "m.onnx", 416, [400], seed=0))))
-    (kernel,) = [f for s, f in cpu_schedules.apply_default_schedules(module, target).functions.items() if "matmul" in s.name_hint]
-    assert "T.int64(448)" not in kernel.body.then_case.script()
-    assert "T.vectorized(T.int64(80))" in kernel.body.then_case.script()
+    branch = _one_row_branch(tmp_path, 416, 400)
+    assert "T.int64(448)" not in branch
+    assert "T.vectorized(T.int64(80))" in branch
