@@ -91,7 +91,7 @@ def _mlp(path, inputs: int, widths: list[int], seed: int):
     return path
 
 
-TILE_ROWS = cpu_schedules.DEFAULT_MATMUL_TILE.rows
+TILE_ROWS = cpu_schedules.DEFAULT_TILE_ROWS
 
 
 @settings(max_examples=12, deadline=None)
@@ -112,7 +112,7 @@ def test_fc_layers_of_any_width_match_onnxruntime_at_every_batch(tmp_path_factor
 
 
 def test_batches_below_the_tile_run_a_one_row_tile():
-    """Every matmul kernel of a symbolic batch branches on it: below DEFAULT_MATMUL_TILE's rows, the
+    """Every matmul kernel of a symbolic batch branches on it: below DEFAULT_TILE_ROWS, the
     kernel scheduled with GEMV_TILE (which multiplies no padding rows)."""
     module = cpu_schedules.apply_default_schedules(_fused_module("dlrm"), host_cpu().tvm_target())
     for symbol, function in module.functions.items():
@@ -124,28 +124,32 @@ def test_batches_below_the_tile_run_a_one_row_tile():
         assert f"T.unroll(T.int64({TILE_ROWS}))" in function.body.else_case.script()
 
 
-def _one_row_branch(tmp_path, inputs: int, units: int) -> str:
-    """The one-row (GEMV) branch of a single FC layer's scheduled matmul kernel, as TVMScript."""
+def _matmul_branches(tmp_path, inputs: int, units: int) -> tuple[str, str]:
+    """The one-row (GEMV) and the register-tile branch of a single FC layer's scheduled matmul kernel, as TVMScript."""
     target = host_cpu().tvm_target()
     with target:
         module = lookup_fusion.fuse_operators()(relax_lowering.to_relax(onnx.load(_mlp(tmp_path / "m.onnx", inputs, [units], seed=0))))
     (kernel,) = [f for s, f in cpu_schedules.apply_default_schedules(module, target).functions.items() if "matmul" in s.name_hint]
-    return kernel.body.then_case.script()
+    return kernel.body.then_case.script(), kernel.body.else_case.script()
 
 
 def test_the_gemv_branch_pads_no_weight_columns_the_tile_does_not(tmp_path):
     """A padded weight is copied every call. 192 columns are whole panels of the 4 x 4 tile (64), so
-    the one-row branch takes panels that divide them too (6 vectors, 96 columns), not GEMV_TILE's
-    128 (which would pad to 256)."""
-    branch = _one_row_branch(tmp_path, 64, 192)
+    the one-row branch takes panels that divide them too (6 vectors, 96 columns: 2 panels), not
+    GEMV_TILE's 128 (which would pad to 256)."""
+    branch, _ = _matmul_branches(tmp_path, 64, 192)
     assert "T.int64(256)" not in branch
-    assert "T.vectorized(T.int64(96))" in branch
+    assert "T.parallel(batch * T.int64(2))" in branch
+    assert "T.unroll(T.int64(6))" in branch  # one vector instruction per vector of the panel
 
 
-def test_the_gemv_branch_takes_the_panel_that_pads_fewest_weight_columns(tmp_path):
-    """DeepFM's 400 units are 25 vectors: the 4 x 4 tile's panels (64) pad W to 448 columns and so do
-    GEMV_TILE's 7-vector ones; at one row that copy of the weight on every call costs more than the
-    product, so the branch takes 5 vectors (80 columns), which divide them."""
-    branch = _one_row_branch(tmp_path, 416, 400)
-    assert "T.int64(448)" not in branch
-    assert "T.vectorized(T.int64(80))" in branch
+def test_fc_layers_take_the_register_tile_that_pads_fewest_weight_columns(tmp_path):
+    """DeepFM's 400 units are 25 vectors: 4-vector panels (64 columns) and GEMV_TILE's 7-vector ones
+    would pad W to 448 columns, copied on every call and multiplied; 5 vectors (80 columns, 5 panels)
+    divide them, in both branches."""
+    gemv, tiled = _matmul_branches(tmp_path, 416, 400)
+    for branch in (gemv, tiled):
+        assert "T.int64(448)" not in branch
+        assert "T.unroll(T.int64(5))" in branch
+    assert "T.parallel(batch * T.int64(5))" in gemv
+    assert "T.parallel((batch + T.int64(3)) // T.int64(4) * T.int64(5))" in tiled
