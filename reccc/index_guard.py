@@ -28,7 +28,7 @@ def guard_embedding_indices(model: Model, mode: str) -> list[IndexGuard]:
     graph = model.graph
     nodes = {node.name: node for node in graph.nodes}
     guards: list[IndexGuard] = []
-    checked: list[tuple[gs.Tensor, gs.Tensor]] = []  # (ids, ids in range) per guard
+    checked: list[gs.Tensor] = []  # the ids of each guard
     clipped: dict[tuple[str, int], gs.Variable] = {}  # (ids, rows) -> ids in range: lookups sharing them share a guard
     for lookup in gather_lookups(model):
         gather = nodes[lookup.node]
@@ -45,7 +45,7 @@ def guard_embedding_indices(model: Model, mode: str) -> list[IndexGuard]:
         clipped[ids.name, lookup.rows] = safe
         if mode == "clamp":
             continue
-        checked.append((ids, safe))
+        checked.append(ids)
         guards.append(
             IndexGuard(
                 node=lookup.node,
@@ -61,32 +61,47 @@ def guard_embedding_indices(model: Model, mode: str) -> list[IndexGuard]:
     return guards
 
 
-def _add_flags_output(graph: gs.Graph, guards: list[IndexGuard], checked: list[tuple[gs.Tensor, gs.Tensor]]) -> list[IndexGuard]:
-    """Add the output FLAGS_OUTPUT; returns the guards in the order of its entries. Guards whose ids
-    have the same shape (DLRM's one id column per table) are checked by one reduction over their
-    stacked comparisons: a kernel per group, not two per table, which at batch 1 cost more than the
-    lookups. One output for all of them: each output costs the runtime a tensor conversion per call."""
+def _add_flags_output(graph: gs.Graph, guards: list[IndexGuard], checked: list[gs.Tensor]) -> list[IndexGuard]:
+    """Add the output FLAGS_OUTPUT; returns the guards in the order of its entries. The flags count the
+    ids outside each table's range, read from the ids themselves, not compared with their clip: the
+    clip's one reader is then its lookup, which fusion puts it in, and the checks of ids of the same
+    shape and dtype (DLRM's one id column per table) are one stack, comparison and reduction, which
+    fusion makes one kernel: at batch 1 every kernel call costs more than the lookups. One output for all
+    of them: each output costs the runtime a tensor conversion per call."""
     groups: dict[tuple, list[int]] = {}
-    for index, (ids, _) in enumerate(checked):
+    for index, ids in enumerate(checked):
         shape = tuple(ids.shape) if ids.shape is not None else None
-        known = shape is not None and all(isinstance(d, (int, str)) and d != -1 for d in shape)
-        groups.setdefault(shape if known else ("unknown", index), []).append(index)
+        known = shape is not None and ids.dtype is not None and all(isinstance(d, (int, str)) and d != -1 for d in shape)
+        groups.setdefault((shape, np.dtype(ids.dtype).str) if known else ("unknown", index), []).append(index)
     flags, ordered = [], []
     for number, members in enumerate(groups.values()):
-        rows = [_differs_row(graph, *checked[i], f"{guards[i].node}__") for i in members]
+        prefix = f"__reccc_index_group{number}_"
+        dtype = checked[members[0]].dtype or np.int64
+        rows = [_as_row(graph, checked[i], f"{guards[i].node}__") for i in members]
         stacked = rows[0]
         if len(rows) > 1:
-            stacked = gs.Variable(f"__reccc_index_group{number}_differs", dtype=np.int32)
-            graph.nodes.append(gs.Node("Concat", f"__reccc_index_group{number}_stack", attrs={"axis": 0}, inputs=rows, outputs=[stacked]))
+            stacked = gs.Variable(f"{prefix}ids", dtype=dtype)
+            graph.nodes.append(gs.Node("Concat", f"{prefix}stack", attrs={"axis": 0}, inputs=rows, outputs=[stacked]))
+        low = gs.Constant(f"{prefix}low", np.array([[-guards[i].rows] for i in members], dtype=dtype))
+        high = gs.Constant(f"{prefix}high", np.array([[guards[i].rows] for i in members], dtype=dtype))
+        below, above, outside, counted, padded = (
+            gs.Variable(f"{prefix}{name}", dtype=np.bool_ if name in ("below", "above", "outside") else np.int32)
+            for name in ("below", "above", "outside", "counted", "padded")
+        )
         # A zero column, so that the reduction never runs over an empty axis: TVM's reduction kernels
         # leave the output unwritten then (their init sits inside the reduced loop), and an empty
         # batch would read as out-of-range ids. The count fits int32 for any number of ids.
-        padded = gs.Variable(f"__reccc_index_group{number}_padded", dtype=np.int32)
-        zeros = gs.Constant(f"__reccc_index_group{number}_zeros", np.zeros((len(members), 1), np.int32))
-        graph.nodes.append(gs.Node("Concat", f"__reccc_index_group{number}_pad", attrs={"axis": 1}, inputs=[stacked, zeros], outputs=[padded]))
-        group_flags = gs.Variable(f"__reccc_index_group{number}_flags", dtype=np.int32, shape=[len(members)])
-        axes = gs.Constant(f"__reccc_index_group{number}_axes", np.array([1], np.int64))
-        graph.nodes.append(gs.Node("ReduceSum", f"__reccc_index_group{number}_count", attrs={"keepdims": 0}, inputs=[padded, axes], outputs=[group_flags]))
+        zeros = gs.Constant(f"{prefix}zeros", np.zeros((len(members), 1), np.int32))
+        group_flags = gs.Variable(f"{prefix}flags", dtype=np.int32, shape=[len(members)])
+        graph.nodes += [
+            gs.Node("Less", f"{prefix}below", inputs=[stacked, low], outputs=[below]),
+            gs.Node("GreaterOrEqual", f"{prefix}above", inputs=[stacked, high], outputs=[above]),
+            gs.Node("Or", f"{prefix}outside", inputs=[below, above], outputs=[outside]),
+            gs.Node("Cast", f"{prefix}count", attrs={"to": onnx.TensorProto.INT32}, inputs=[outside], outputs=[counted]),
+            gs.Node("Concat", f"{prefix}pad", attrs={"axis": 1}, inputs=[counted, zeros], outputs=[padded]),
+            gs.Node("ReduceSum", f"{prefix}sum", attrs={"keepdims": 0},
+                    inputs=[padded, gs.Constant(f"{prefix}axes", np.array([1], np.int64))], outputs=[group_flags]),
+        ]
         flags.append(group_flags)
         ordered += [guards[i] for i in members]
     vector = gs.Variable(FLAGS_OUTPUT, dtype=np.int32, shape=[len(guards)])
@@ -98,16 +113,9 @@ def _add_flags_output(graph: gs.Graph, guards: list[IndexGuard], checked: list[t
     return ordered
 
 
-def _differs_row(graph: gs.Graph, a: gs.Tensor, b: gs.Tensor, prefix: str) -> gs.Variable:
-    """A [1, size] int32 tensor: 1 where `a` and `b` differ, else 0."""
-    equal = gs.Variable(f"{prefix}ids_equal", dtype=np.bool_)
-    differs = gs.Variable(f"{prefix}ids_differ", dtype=np.bool_)
-    as_int = gs.Variable(f"{prefix}ids_differ_i32", dtype=np.int32)
-    row = gs.Variable(f"{prefix}ids_differ_row", dtype=np.int32)
-    graph.nodes += [
-        gs.Node("Equal", f"{prefix}equal", inputs=[a, b], outputs=[equal]),
-        gs.Node("Not", f"{prefix}differs", inputs=[equal], outputs=[differs]),
-        gs.Node("Cast", f"{prefix}cast", attrs={"to": onnx.TensorProto.INT32}, inputs=[differs], outputs=[as_int]),
-        gs.Node("Reshape", f"{prefix}as_row", inputs=[as_int, gs.Constant(f"{prefix}row_shape", np.array([1, -1], np.int64))], outputs=[row]),
-    ]
+def _as_row(graph: gs.Graph, ids: gs.Tensor, prefix: str) -> gs.Variable:
+    """`ids` flattened to a [1, size] row."""
+    row = gs.Variable(f"{prefix}ids_row", dtype=ids.dtype)
+    shape = gs.Constant(f"{prefix}row_shape", np.array([1, -1], np.int64))
+    graph.nodes.append(gs.Node("Reshape", f"{prefix}as_row", inputs=[ids, shape], outputs=[row]))
     return row
