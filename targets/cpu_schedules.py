@@ -60,6 +60,11 @@ GEMV_TILE = MatmulTile(1, 8)
 # measures these on the hot kernels (targets/tuning.py).
 ALTERNATIVE_MATMUL_TILES = (MatmulTile(6, 4), MatmulTile(8, 2), MatmulTile(12, 2), MatmulTile(4, 2))
 DATA_PARALLEL = 0  # IterVar.iter_type of a spatial block var
+# A kernel whose parallel loop runs fewer innermost statements than this (about 2 us on one core here)
+# runs on the calling thread: waking the other threads costs 0.5-0.9 us a kernel. Measured one-row FC
+# layers, one thread against two: 96 x 256 1.0 us against 1.7, 256 x 64 0.7 against 1.2, 512 x 256
+# (131k statements) 3.6 against 3.0.
+PARALLEL_MIN_WORK = 48 * 1024
 
 
 def default_tile(columns: int, lanes: int) -> MatmulTile:
@@ -97,7 +102,7 @@ def _matmul_columns(block, schedule: s_tir.Schedule) -> int:
     return int(schedule.get(schedule.get_loops(block)[1]).extent)
 
 
-def _matmul_rule(schedule: s_tir.Schedule, lanes: int, tile: MatmulTile | None = None) -> MatmulTile | None:
+def _matmul_rule(schedule: s_tir.Schedule, lanes: int, tile: MatmulTile | None = None, parallel: bool = True) -> MatmulTile | None:
     """Schedules a matmul kernel with `tile`, by default `default_tile` for its columns, and returns
     the tile; None for other kernels."""
     block = _matmul_block(schedule)
@@ -130,7 +135,8 @@ def _matmul_rule(schedule: s_tir.Schedule, lanes: int, tile: MatmulTile | None =
         _vectorize(schedule, schedule.get_loops(pad)[-1], lanes)
     for pad in other_pads:  # the weight's columns padded to whole panels: once a call, at the root
         _vectorize(schedule, schedule.get_loops(pad)[-1], lanes)
-    schedule.parallel(pair)
+    if parallel:
+        schedule.parallel(pair)
     # One vector instruction per vector of the tile: vectorized whole, a panel of 5 vectors is one LLVM
     # vector of 80 lanes, which LLVM widens to 128 before splitting; the kernel ran 40x slower.
     vectors, lane = schedule.split(column, factors=[None, lanes])
@@ -179,9 +185,11 @@ def _inline_epilogue(schedule: s_tir.Schedule, kept: set[str]) -> None:
             continue
 
 
-def _with_gemv_branch(function: tvm.tirx.PrimFunc, scheduled: tvm.tirx.PrimFunc, lanes: int, tile: MatmulTile) -> tvm.tirx.PrimFunc:
+def _with_gemv_branch(function: tvm.tirx.PrimFunc, scheduled: tvm.tirx.PrimFunc, lanes: int, tile: MatmulTile, parallel: bool,
+                      max_rows: int | None) -> tvm.tirx.PrimFunc:
     """`scheduled` (the matmul kernel `function` with `tile`), where batches of fewer rows than the
-    tile run `function` scheduled with one row (GEMV_TILE): one kernel, branching on its (symbolic) rows."""
+    tile run `function` scheduled with one row (GEMV_TILE): one kernel, branching on its (symbolic)
+    rows; only the latter where the rows are at most `max_rows`, fewer than the tile's."""
     unscheduled = s_tir.Schedule(function)
     rows, columns, _ = (unscheduled.get(loop).extent for loop in unscheduled.get_loops(unscheduled.get_sblock("matmul")))
     if tile.rows <= GEMV_TILE.rows or (isinstance(rows, tvm.tirx.IntImm) and int(rows) >= tile.rows):
@@ -196,14 +204,14 @@ def _with_gemv_branch(function: tvm.tirx.PrimFunc, scheduled: tvm.tirx.PrimFunc,
         key=lambda candidate: _padded_columns(columns, lanes, candidate),
     )
     gemv = s_tir.Schedule(function)
-    _matmul_rule(gemv, lanes, gemv_tile)
-    if isinstance(rows, tvm.tirx.IntImm):
+    _matmul_rule(gemv, lanes, gemv_tile, parallel)
+    if isinstance(rows, tvm.tirx.IntImm) or (max_rows is not None and max_rows < tile.rows):
         return gemv.mod["main"]
     # Both are schedules of `function`: the same parameters and buffers, so either body runs in it.
     return scheduled.with_body(tvm.tirx.IfThenElse(rows < tile.rows, gemv.mod["main"].body, scheduled.body))
 
 
-def _lookup_rule(schedule: s_tir.Schedule, lanes: int) -> bool:
+def _lookup_rule(schedule: s_tir.Schedule, lanes: int, parallel: bool = True) -> bool:
     """A kernel of embedding lookups (a gather with its id fix-up, dequantization and pooling, grouped
     by targets/lookup_fusion.py): every block is inlined into the one writing the output, so each
     stored row is read once, straight into it. The output runs parallel over its outermost loop and
@@ -228,20 +236,22 @@ def _lookup_rule(schedule: s_tir.Schedule, lanes: int) -> bool:
             continue
         if reduction:
             schedule.reorder(*spatial[:-1], *reduction, spatial[-1])
-        schedule.parallel(spatial[0])
+        if parallel:
+            schedule.parallel(spatial[0])
         _vectorize(schedule, spatial[-1], lanes)
         if reduction:  # last: parallel and vectorize refuse a reduction's update block once its init is apart
             schedule.decompose_reduction(block, reduction[0])
     return True
 
 
-def _concatenation_rule(schedule: s_tir.Schedule, symbol: str) -> bool:
+def _concatenation_rule(schedule: s_tir.Schedule, symbol: str, parallel: bool = True) -> bool:
     """A concatenation picks its source by column: partitioned at the boundaries, each segment of a row is a plain copy loop."""
     if not symbol.startswith("concatenate"):
         return False
     for block in schedule.get_child_blocks(schedule.get_sblock("root")):
         outer, *inner = schedule.get_loops(block)
-        schedule.parallel(outer)
+        if parallel:
+            schedule.parallel(outer)
         for loop in inner:
             schedule.annotate(loop, "pragma_loop_partition_hint", 1)
     return True
@@ -259,17 +269,112 @@ def _vectorize(schedule: s_tir.Schedule, loop, lanes: int) -> None:
 
 def schedule_function(function: tvm.tirx.PrimFunc, symbol: str, lanes: int, tile: MatmulTile | None = None) -> tvm.tirx.PrimFunc | None:
     """The scheduled function, or None when no rule applies (or a rule's preconditions fail). A
-    matmul's register tile is `tile`, by default `default_tile` for its columns."""
+    matmul's register tile is `tile`, by default `default_tile` for its columns. As many rows as keep
+    its work below PARALLEL_MIN_WORK run on the calling thread alone (chosen when compiled where the
+    rows are known then, else branched on at run time)."""
+    parallel = _scheduled(function, symbol, lanes, tile, parallel=True)
+    work = _parallel_work(parallel.body) if parallel is not None else None
+    if work is None:
+        return parallel
+    if isinstance(work, tvm.tirx.IntImm):
+        return _scheduled(function, symbol, lanes, tile, parallel=False) if int(work) < PARALLEL_MIN_WORK else parallel
+    rows = _symbolic_rows(function)
+    serial_rows = _most_rows_below(work, rows, PARALLEL_MIN_WORK) if rows is not None else 0
+    if serial_rows == 0:
+        return parallel
+    serial = _scheduled(function, symbol, lanes, tile, parallel=False, max_rows=serial_rows)
+    # Both are schedules of `function`: the same parameters and buffers, so either body runs in it. Loops
+    # no rule split are the same variables in both: ConvertSSA gives the second definitions their own.
+    both = parallel.with_body(tvm.tirx.IfThenElse(rows <= serial_rows, serial.body, parallel.body))
+    return s_tir.transform.ConvertSSA()(tvm.IRModule({"main": both}))["main"]
+
+
+def _scheduled(function: tvm.tirx.PrimFunc, symbol: str, lanes: int, tile: MatmulTile | None, parallel: bool,
+               max_rows: int | None = None) -> tvm.tirx.PrimFunc | None:
+    """`function` scheduled by the first rule that applies, parallel or not, for any rows or (a matmul)
+    at most `max_rows`."""
     schedule = s_tir.Schedule(function)
     try:
-        tile = _matmul_rule(schedule, lanes, tile)
+        tile = _matmul_rule(schedule, lanes, tile, parallel)
         if tile is not None:
-            return _with_gemv_branch(function, schedule.mod["main"], lanes, tile)
-        if not (_lookup_rule(schedule, lanes) or _concatenation_rule(schedule, symbol)):
+            return _with_gemv_branch(function, schedule.mod["main"], lanes, tile, parallel, max_rows)
+        if not (_lookup_rule(schedule, lanes, parallel) or _concatenation_rule(schedule, symbol, parallel)):
             return None
     except s_tir.ScheduleError:
         return None
     return schedule.mod["main"]
+
+
+def _symbolic_rows(function: tvm.tirx.PrimFunc) -> tvm.tirx.Var | None:
+    """The one symbolic dim of the function's buffers (the batch), if there is exactly one."""
+    dims = {dim for param in function.params for dim in (getattr(param, "shape", None) or ()) if isinstance(dim, tvm.tirx.Var)}
+    return dims.pop() if len(dims) == 1 else None
+
+
+def _most_rows_below(work: tvm.ir.Expr, rows: tvm.tirx.Var, limit: int) -> int:
+    """The most rows (up to 2^20) whose `work` (an expression of `rows`, growing with them) stays below `limit`."""
+
+    def work_at(n: int) -> int:
+        analyzer = tvm.sym.Analyzer()
+        analyzer.bind(rows, tvm.tirx.IntImm(str(rows.ty.dtype), n))
+        value = analyzer.simplify(work)
+        return int(value) if isinstance(value, tvm.tirx.IntImm) else limit
+
+    low, high = 0, 1  # work_at(low) < limit (or low is 0); find high with work_at(high) >= limit
+    while work_at(high) < limit and high < 1 << 20:
+        low, high = high, high * 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if work_at(middle) < limit else (low, middle)
+    return low
+
+
+def _parallel_work(stmt) -> tvm.ir.Expr | None:
+    """The innermost statements the first parallel loop in `stmt` runs, all its iterations together
+    (its extent times its body's static count); None if there is no parallel loop or its body's loops
+    are not static."""
+    loop = _first_parallel_loop(stmt)
+    inner = _static_work(loop.body) if loop is not None else None
+    if inner is None:
+        return None
+    if isinstance(loop.extent, tvm.tirx.IntImm):
+        return tvm.tirx.IntImm(str(loop.extent.ty.dtype), int(loop.extent) * inner)
+    return loop.extent * inner
+
+
+def _first_parallel_loop(stmt) -> tvm.tirx.For | None:
+    if isinstance(stmt, tvm.tirx.For) and stmt.kind == tvm.tirx.ForKind.PARALLEL:
+        return stmt
+    if isinstance(stmt, tvm.tirx.SeqStmt):
+        children = list(stmt.seq)
+    elif isinstance(stmt, tvm.tirx.IfThenElse):
+        children = [stmt.then_case, stmt.else_case]
+    elif isinstance(stmt, s_tir.SBlockRealize):
+        children = [stmt.block]
+    else:
+        children = [getattr(stmt, "body", None)]
+    for child in children:
+        loop = _first_parallel_loop(child) if child is not None else None
+        if loop is not None:
+            return loop
+    return None
+
+
+def _static_work(stmt) -> int | None:
+    """How many innermost statements (stores) `stmt` runs, if its loops are static."""
+    if isinstance(stmt, tvm.tirx.For):
+        inner = _static_work(stmt.body)
+        return int(stmt.extent) * inner if isinstance(stmt.extent, tvm.tirx.IntImm) and inner is not None else None
+    if isinstance(stmt, tvm.tirx.SeqStmt):
+        counts = [_static_work(child) for child in stmt.seq]
+        return None if None in counts else sum(counts)
+    if isinstance(stmt, tvm.tirx.IfThenElse):
+        counts = [_static_work(branch) for branch in (stmt.then_case, stmt.else_case) if branch is not None]
+        return None if None in counts else max(counts)
+    if isinstance(stmt, s_tir.SBlockRealize):
+        return _static_work(stmt.block)
+    body = getattr(stmt, "body", None)
+    return 1 if body is None else _static_work(body)
 
 
 def apply_default_schedules(module: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:

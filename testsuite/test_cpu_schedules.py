@@ -71,8 +71,8 @@ def test_every_kernel_keeps_its_noalias_pointers():
     assert all("noalias" in line for line in entries)
 
 
-def _mlp(path, inputs: int, widths: list[int], seed: int):
-    """An ONNX MLP with a symbolic batch: Gemm + Relu layers of `widths`, the last one's output raw."""
+def _mlp(path, inputs: int, widths: list[int], seed: int, batch: int | str = "batch"):
+    """An ONNX MLP (by default of a symbolic batch): Gemm + Relu layers of `widths`, the last one's output raw."""
     rng = np.random.default_rng(seed)
     nodes, initializers, x = [], [], "x"
     for layer, width in enumerate(widths):
@@ -84,8 +84,8 @@ def _mlp(path, inputs: int, widths: list[int], seed: int):
             nodes.append(helper.make_node("Relu", [x], [f"r{layer}"]))
             x = f"r{layer}"
     graph = helper.make_graph(
-        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", initializers[0].dims[1]])],
-        [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["batch", widths[-1]])], initializers,
+        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, initializers[0].dims[1]])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [batch, widths[-1]])], initializers,
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     return path
@@ -112,25 +112,53 @@ def test_fc_layers_of_any_width_match_onnxruntime_at_every_batch(tmp_path_factor
 
 
 def test_batches_below_the_tile_run_a_one_row_tile():
-    """Every matmul kernel of a symbolic batch branches on it: below DEFAULT_TILE_ROWS, the
-    kernel scheduled with GEMV_TILE (which multiplies no padding rows)."""
+    """Every matmul kernel of a symbolic batch branches on it: below DEFAULT_TILE_ROWS, the kernel
+    scheduled with GEMV_TILE (which multiplies no padding rows)."""
     module = cpu_schedules.apply_default_schedules(_fused_module("dlrm"), host_cpu().tvm_target())
     for symbol, function in module.functions.items():
         if "matmul" not in symbol.name_hint:
             continue
-        assert isinstance(function.body, tvm.tirx.IfThenElse), symbol.name_hint
-        assert str(function.body.condition) == f"batch < T.int64({TILE_ROWS})"
-        assert "T.unroll(T.int64(1))" in function.body.then_case.script()  # the tile's rows
-        assert f"T.unroll(T.int64({TILE_ROWS}))" in function.body.else_case.script()
+        branches = _parallel_branch(function)
+        assert isinstance(branches, tvm.tirx.IfThenElse), symbol.name_hint
+        assert str(branches.condition) == f"batch < T.int64({TILE_ROWS})"
+        assert "T.unroll(T.int64(1))" in branches.then_case.script()  # the tile's rows
+        assert f"T.unroll(T.int64({TILE_ROWS}))" in branches.else_case.script()
 
 
+def _parallel_branch(function: tvm.tirx.PrimFunc):
+    """The body of a scheduled kernel with a symbolic batch that runs with all threads: past the rows
+    that run on the calling thread (where one row's work is below PARALLEL_MIN_WORK), the else-branch."""
+    body = function.body
+    if not str(body.condition).startswith("batch <= "):
+        return body
+    assert "T.parallel" not in body.then_case.script()
+    return body.else_case
+
+
+def test_kernels_of_less_work_than_waking_the_threads_costs_run_on_the_calling_thread(tmp_path):
+    """A kernel branches on its work (rows x statements a row) against PARALLEL_MIN_WORK: below, one
+    thread runs it, no parallel loop; with a batch fixed when compiled, the choice is made then."""
+    target = host_cpu().tvm_target()
+    scheduled = cpu_schedules.apply_default_schedules(_fused_module("two_tower"), target)
+    kernels = {symbol.name_hint: f for symbol, f in scheduled.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and "T.parallel" in f.script()}
+    assert {"concatenate", "fused_lookup", "fused_matmul_add1_relu"} <= set(kernels)
+    for name, function in kernels.items():  # two_tower's layers are small: every kernel runs a row on one thread
+        assert str(function.body.condition).startswith("batch <= "), name
+        assert "T.parallel" in _parallel_branch(function).script(), name
+    with target:
+        one_row = lookup_fusion.fuse_operators()(relax_lowering.to_relax(onnx.load(_mlp(tmp_path / "b1.onnx", 96, [256, 1024], 0, batch=1))))
+    small, large = sorted((f for s, f in cpu_schedules.apply_default_schedules(one_row, target).functions.items() if "matmul" in s.name_hint),
+                          key=lambda f: len(f.script()))  # 96 x 256: 24k statements, 256 x 1024: 262k
+    assert "T.parallel" not in small.script() and "T.parallel" in large.script()
 def _matmul_branches(tmp_path, inputs: int, units: int) -> tuple[str, str]:
-    """The one-row (GEMV) and the register-tile branch of a single FC layer's scheduled matmul kernel, as TVMScript."""
+    """The one-row (GEMV) and the register-tile branch of a single FC layer's scheduled matmul kernel
+    (with all threads), as TVMScript."""
     target = host_cpu().tvm_target()
     with target:
         module = lookup_fusion.fuse_operators()(relax_lowering.to_relax(onnx.load(_mlp(tmp_path / "m.onnx", inputs, [units], seed=0))))
     (kernel,) = [f for s, f in cpu_schedules.apply_default_schedules(module, target).functions.items() if "matmul" in s.name_hint]
-    return kernel.body.then_case.script(), kernel.body.else_case.script()
+    branches = _parallel_branch(kernel)
+    return branches.then_case.script(), branches.else_case.script()
 
 
 def test_the_gemv_branch_pads_no_weight_columns_the_tile_does_not(tmp_path):

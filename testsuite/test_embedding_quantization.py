@@ -121,14 +121,23 @@ def lowered_lookups(proto: onnx.ModelProto, weights: str = "embed") -> list[tupl
 
 def one_loop_nest(kernel) -> bool:
     """Every intermediate was inlined: the kernel is its output's block (and a reduction's init), parallel
-    over rows and vectorized along them, so each stored row is loaded once, straight into the output."""
+    over rows and vectorized along them, so each stored row is loaded once, straight into the output.
+    Where a batch of few rows runs on the calling thread (cpu_schedules.PARALLEL_MIN_WORK), the kernel
+    branches on the rows, and that branch is the same loop nest but for the parallel loop."""
+    import tvm
     from tvm import s_tir
 
-    schedule = s_tir.Schedule(kernel)
-    blocks = [schedule.get(b).name_hint for b in schedule.get_child_blocks(schedule.get_sblock("root"))]
-    text = kernel.script()
-    single = len(blocks) == 1 or (len(blocks) == 2 and blocks[0].endswith("_init"))
-    return single and "sblock_alloc_buffer" not in text and "T.parallel" in text and "T.vectorized" in text
+    def single_nest(function) -> bool:
+        schedule = s_tir.Schedule(function)
+        blocks = [schedule.get(b).name_hint for b in schedule.get_child_blocks(schedule.get_sblock("root"))]
+        text = function.script()
+        single = len(blocks) == 1 or (len(blocks) == 2 and blocks[0].endswith("_init"))
+        return single and "sblock_alloc_buffer" not in text and "T.vectorized" in text
+
+    if isinstance(kernel.body, tvm.tirx.IfThenElse):
+        serial, parallel = (kernel.with_body(branch) for branch in (kernel.body.then_case, kernel.body.else_case))
+        return single_nest(serial) and "T.parallel" not in serial.script() and single_nest(parallel) and "T.parallel" in parallel.script()
+    return single_nest(kernel) and "T.parallel" in kernel.script()
 
 
 @pytest.mark.parametrize(("format", "weights"), [("int8", "embed"), ("int4", "embed"), ("fp16", "embed"), ("none", "embed"),
