@@ -207,8 +207,7 @@ def _with_gemv_branch(function: tvm.tirx.PrimFunc, scheduled: tvm.tirx.PrimFunc,
     _matmul_rule(gemv, lanes, gemv_tile, parallel)
     if isinstance(rows, tvm.tirx.IntImm) or (max_rows is not None and max_rows < tile.rows):
         return gemv.mod["main"]
-    # Both are schedules of `function`: the same parameters and buffers, so either body runs in it.
-    return scheduled.with_body(tvm.tirx.IfThenElse(rows < tile.rows, gemv.mod["main"].body, scheduled.body))
+    return _branching(scheduled, tvm.tirx.IfThenElse(rows < tile.rows, gemv.mod["main"].body, scheduled.body))
 
 
 def _lookup_rule(schedule: s_tir.Schedule, lanes: int, parallel: bool = True) -> bool:
@@ -283,10 +282,27 @@ def schedule_function(function: tvm.tirx.PrimFunc, symbol: str, lanes: int, tile
     if serial_rows == 0:
         return parallel
     serial = _scheduled(function, symbol, lanes, tile, parallel=False, max_rows=serial_rows)
-    # Both are schedules of `function`: the same parameters and buffers, so either body runs in it. Loops
-    # no rule split are the same variables in both: ConvertSSA gives the second definitions their own.
-    both = parallel.with_body(tvm.tirx.IfThenElse(rows <= serial_rows, serial.body, parallel.body))
-    return s_tir.transform.ConvertSSA()(tvm.IRModule({"main": both}))["main"]
+    return _branching(parallel, tvm.tirx.IfThenElse(rows <= serial_rows, serial.body, parallel.body))
+
+
+def _branching(function: tvm.tirx.PrimFunc, branches: tvm.tirx.IfThenElse) -> tvm.tirx.PrimFunc:
+    """`function` with `branches`, bodies of schedules of it, as its body. Both are schedules of the
+    same function: the same parameters, so either body runs in it. Relax's analyses want a kernel's
+    body to be one root block, and loops and buffers no rule replaced are the same objects in both:
+    the branches go under one root block that allocates each buffer once, and ConvertSSA gives loop
+    variables defined twice their own."""
+    allocated = []
+
+    def without_root(stmt):
+        if isinstance(stmt, tvm.tirx.IfThenElse):
+            return tvm.tirx.IfThenElse(stmt.condition, without_root(stmt.then_case), without_root(stmt.else_case))
+        assert isinstance(stmt, s_tir.SBlockRealize) and stmt.block.name_hint == "root", stmt
+        allocated.extend(b for b in stmt.block.alloc_buffers if not any(b.same_as(a) for a in allocated))
+        return stmt.block.body
+
+    body = without_root(branches)
+    root = s_tir.SBlockRealize([], True, s_tir.SBlock([], [], [], "root", body, alloc_buffers=allocated))
+    return s_tir.transform.ConvertSSA()(tvm.IRModule({"main": function.with_body(root)}))["main"]
 
 
 def _scheduled(function: tvm.tirx.PrimFunc, symbol: str, lanes: int, tile: MatmulTile | None, parallel: bool,

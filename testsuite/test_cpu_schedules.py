@@ -128,7 +128,7 @@ def test_batches_below_the_tile_run_a_one_row_tile():
 def _parallel_branch(function: tvm.tirx.PrimFunc):
     """The body of a scheduled kernel with a symbolic batch that runs with all threads: past the rows
     that run on the calling thread (where one row's work is below PARALLEL_MIN_WORK), the else-branch."""
-    body = function.body
+    body = function.body.block.body  # the branches are under one root block
     if not str(body.condition).startswith("batch <= "):
         return body
     assert "T.parallel" not in body.then_case.script()
@@ -143,7 +143,7 @@ def test_kernels_of_less_work_than_waking_the_threads_costs_run_on_the_calling_t
     kernels = {symbol.name_hint: f for symbol, f in scheduled.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and "T.parallel" in f.script()}
     assert {"concatenate", "fused_lookup", "fused_matmul_add1_relu"} <= set(kernels)
     for name, function in kernels.items():  # two_tower's layers are small: every kernel runs a row on one thread
-        assert str(function.body.condition).startswith("batch <= "), name
+        assert str(function.body.block.body.condition).startswith("batch <= "), name
         assert "T.parallel" in _parallel_branch(function).script(), name
     with target:
         one_row = lookup_fusion.fuse_operators()(relax_lowering.to_relax(onnx.load(_mlp(tmp_path / "b1.onnx", 96, [256, 1024], 0, batch=1))))

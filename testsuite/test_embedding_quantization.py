@@ -134,8 +134,10 @@ def one_loop_nest(kernel) -> bool:
         single = len(blocks) == 1 or (len(blocks) == 2 and blocks[0].endswith("_init"))
         return single and "sblock_alloc_buffer" not in text and "T.vectorized" in text
 
-    if isinstance(kernel.body, tvm.tirx.IfThenElse):
-        serial, parallel = (kernel.with_body(branch) for branch in (kernel.body.then_case, kernel.body.else_case))
+    root = kernel.body.block
+    if isinstance(root.body, tvm.tirx.IfThenElse):
+        serial, parallel = (kernel.with_body(s_tir.SBlockRealize([], True, s_tir.SBlock([], [], [], "root", branch, alloc_buffers=root.alloc_buffers)))
+                            for branch in (root.body.then_case, root.body.else_case))
         return single_nest(serial) and "T.parallel" not in serial.script() and single_nest(parallel) and "T.parallel" in parallel.script()
     return single_nest(kernel) and "T.parallel" in kernel.script()
 
