@@ -44,6 +44,8 @@ def test_kernel_work_comes_from_the_argument_shapes():
     from kernel_profile import _work
 
     assert _work("fused_matmul3_add_relu", [(2048, 576), (576, 512), (512,), (2048, 512)]) == {"flops": 2 * 2048 * 512 * 576}
+    int8_layer = [(64, 1), (64, 1), (), (), (), (), (64, 448), (16, 112, 16, 4), (256,), (256,), (256,), (64, 256)]
+    assert _work("fused_quantize_matmul_amx_int8_add_relu", int8_layer) == {"flops": 2 * 64 * 256 * 448}
     assert _work("take1", [(100, 64), (2048,), (2048, 64)]) == {"gathered_elements": 2048 * 64}
     assert _work("fused_concatenate", [(8, 4), (8, 4), (8, 8)]) == {}
 

@@ -2,8 +2,8 @@
 
 The Relax VM calls an instrument before and after every call it makes; timing between the two gives
 each kernel's time (a few microseconds of instrument overhead each, so batch-1 kernel times are upper
-bounds). A matmul kernel (its name says matmul, its first argument is [M, K] and its output [M, N])
-does 2*M*N*K FLOPs; a gather kernel (its name says take or lookup) moves the bytes of its output. Runs are
+bounds). A matmul kernel (its name says matmul, its output is [M, N], its widest [M, K] argument the
+activations) does 2*M*N*K FLOPs; a gather kernel (its name says take or lookup) moves the bytes of its output. Runs are
 separate from the end-to-end timings: the instrument slows the whole call.
 
     python tools/kernel_profile.py model.so --batch 2048
@@ -33,9 +33,12 @@ def _work(name: str, shapes: list[tuple[int, ...] | None]) -> dict:
     tensors = [s for s in shapes if s is not None]
     if len(tensors) < 2:
         return {}
-    first, output = tensors[0], tensors[-1]
-    if "matmul" in name and len(first) == 2 and len(output) == 2 and first[0] == output[0]:
-        return {"flops": 2 * output[0] * output[1] * first[1]}
+    output = tensors[-1]
+    # A matmul's activations are its widest [M, K] argument: an int8 kernel's first ones are its rows'
+    # [M, 1] ranges, its weight is packed.
+    activations = [shape for shape in tensors[:-1] if len(shape) == 2 and len(output) == 2 and shape[0] == output[0]]
+    if "matmul" in name and activations:
+        return {"flops": 2 * output[0] * output[1] * max(shape[1] for shape in activations)}
     if "take" in name or "lookup" in name:
         return {"gathered_elements": int(np.prod(output))}
     return {}
