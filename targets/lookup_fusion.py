@@ -135,17 +135,50 @@ def find_groups(block: relax.DataflowBlock, kinds: _Kinds, escaping: set) -> lis
     components: dict[int, list[int]] = {}
     for index in sorted(members):
         components.setdefault(root(index), []).append(index)
+    gathers = {i for i in row_side if kinds.is_table_gather(bindings[i].value, defined)}
+    reads = {index: set() for index in range(len(bindings))}
+    for index, its_readers in readers.items():
+        for reader in its_readers:
+            reads[reader].add(index)
     groups = []
     for component in components.values():
-        inside = set(component)
-        if not inside & {i for i in row_side if kinds.is_table_gather(bindings[i].value, defined)}:
+        groups += _single_output_groups(component, readers, reads, {defined[var] for var in escaping if var in defined}, gathers)
+    return sorted(groups)
+
+
+def _single_output_groups(component: list[int], readers: dict[int, set[int]], reads: dict[int, set[int]], escaping: set[int],
+                          gathers: set[int]) -> list[list[int]]:
+    """Disjoint groups of `component`'s members, each with a table gather and one output, last in
+    binding order: every other member flows into it, so no value leaves the group and comes back, and
+    the group's call can stand where its last binding stood. Latest outputs first, a group is the
+    member and what it is computed from within the component, less what is also read outside it (an
+    input then): where a lookup's rows flow on into several readers (DeepFM's embeddings into the FM
+    interaction and the MLP), the group ends at the rows, and ids clipped once for several tables
+    come in clipped."""
+    inside, taken, groups = set(component), set(), []
+    for last in reversed(component):
+        if last in taken:
             continue
-        outputs = [i for i in component if readers[i] - inside or bindings[i].var in escaping or not readers[i]]
-        # One output, last in binding order: every other member flows into it, so no value leaves the
-        # group and comes back, and the group's call can stand where its last binding stood.
-        if outputs == [component[-1]]:
-            groups.append(component)
+        group = _sources(last, reads, inside - taken)
+        shrunk = True
+        while shrunk:
+            leaving = {i for i in group - {last} if readers[i] - group or i in escaping}
+            shrunk = bool(leaving)
+            group = _sources(last, reads, group - leaving)
+        if group & gathers:
+            groups.append(sorted(group))
+            taken |= group
     return groups
+
+
+def _sources(last: int, reads: dict[int, set[int]], allowed: set[int]) -> set[int]:
+    """`last` and the members of `allowed` it is computed from through members of `allowed`."""
+    group, frontier = {last}, [last]
+    while frontier:
+        for source in reads[frontier.pop()] & allowed - group:
+            group.add(source)
+            frontier.append(source)
+    return group
 
 
 def _group_function(bindings: list[relax.VarBinding]) -> tuple[relax.Function, list[relax.Expr]]:

@@ -24,6 +24,7 @@ from reccc.sample_inputs import random_inputs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import testmodels  # noqa: E402
+from conftest import model_path  # noqa: E402
 
 DIM = 64
 
@@ -86,11 +87,12 @@ def test_quantized_graph_is_valid_onnx_and_the_artifact_computes_it_exactly(recc
         assert error <= bound, f"output '{name}': {error} > {bound}"
 
 
-def lowered_lookups(proto: onnx.ModelProto, weights: str = "embed") -> list[tuple[list, object, object]]:
+def lowered_lookups(proto: onnx.ModelProto, weights: str = "embed", table_rows: int = 1000) -> list[tuple[list, object, object]]:
     """The calls of the module -O2 compiles from the optimized graph `proto` (ids guarded as the
     compiler guards them, large tables made parameters with --weights=external, fused by
     reccc.targets.lookup_fusion, scheduled by the CPU rules) that read an embedding table's stored
-    tensors: (their shapes and dtypes, the call's output type, the scheduled kernel)."""
+    tensors (2-D constants of at least `table_rows` rows): their shapes and dtypes, the call's output
+    type, the scheduled kernel."""
     import tvm
     from tvm import relax
 
@@ -113,7 +115,7 @@ def lowered_lookups(proto: onnx.ModelProto, weights: str = "embed") -> list[tupl
             if not (isinstance(call, relax.Call) and call.op.name == "relax.call_tir"):
                 continue
             tables = [(tuple(int(d) for d in arg.ty.shape), arg.ty.dtype) for arg in call.args[1].fields
-                      if len(getattr(arg.ty, "shape", ())) == 2 and isinstance(arg.ty.shape[0], tvm.tirx.IntImm) and int(arg.ty.shape[0]) >= 1000]
+                      if len(getattr(arg.ty, "shape", ())) == 2 and isinstance(arg.ty.shape[0], tvm.tirx.IntImm) and int(arg.ty.shape[0]) >= table_rows]
             if tables:
                 calls.append((tables, binding.var.ty, module[call.args[0]]))
     return calls
@@ -157,6 +159,22 @@ def test_each_lookup_is_one_kernel_that_reads_its_rows_once(reccc_cli, embedding
         assert sorted(tables) == sorted(expected)
         assert output.dtype == "float32" and [int(d) for d in list(output.shape)[1:]] == [DIM]
         assert one_loop_nest(kernel), kernel.script()
+
+
+def test_lookups_whose_rows_flow_into_several_readers_are_one_kernel_each(reccc_cli, tmp_path):
+    """DeepFM's embeddings feed the FM interaction and the MLP, and its ids, clipped once, feed the
+    first-order table too: each lookup still gathers and dequantizes its rows in one kernel, the
+    embeddings' group ending at the rows (one loop nest) and taking the clipped ids as an input. (The
+    first-order lookup's group goes on through its sum into the FM term it is added to.)"""
+    graph = tmp_path / "deepfm.onnx"
+    assert reccc_cli(model_path("deepfm"), "--embedding-quant=int8", "--embedding-quant-min-bytes=0", "--emit=onnx", "-o", graph).code == 0
+    calls = lowered_lookups(onnx.load(graph), table_rows=300)
+    assert sorted(sorted(tables) for tables, _, _ in calls) == [
+        [((300, 1), "uint8"), ((300, 2), "float32")],  # first-order weights
+        [((300, 2), "float32"), ((300, 8), "uint8")],  # the fields' embeddings
+    ]
+    (embeddings,) = [kernel for tables, _, kernel in calls if ((300, 8), "uint8") in tables]
+    assert one_loop_nest(embeddings), embeddings.script()
 
 
 def embedding_bag_model(rows: int, dim: int, bag: int, seed: int = 0) -> onnx.ModelProto:
