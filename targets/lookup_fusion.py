@@ -17,9 +17,10 @@ of the module to FuseOps as before:
 - its id side is the cheap ops computed from the function's inputs and constants alone (the id
   wrap-around of negative ids, int4's row-pair arithmetic) that only the lookup reads.
 
-Connected row and id sides form a group; one whose only value read elsewhere is its last is made a
-primitive Relax function, which FuseTIR turns into one PrimFunc (named `fused_lookup...`).
-A group whose intermediate values are read elsewhere stays as it was.
+A group is a member of the row side and what it is computed from on both sides, less what is also
+read outside the group (which comes in as an input): latest first, the largest such groups with a
+gather and one output, which is then made a primitive Relax function that FuseTIR turns into one
+PrimFunc (named `fused_lookup...`).
 """
 
 import tvm
@@ -98,68 +99,40 @@ def find_groups(block: relax.DataflowBlock, kinds: _Kinds, escaping: set) -> lis
     bindings = list(block.bindings)
     defined = {binding.var: index for index, binding in enumerate(bindings)}
     readers: dict[int, set[int]] = {index: set() for index in range(len(bindings))}
+    reads: dict[int, set[int]] = {index: set() for index in range(len(bindings))}
     for index, binding in enumerate(bindings):
         for var in relax.analysis.free_vars(binding.value):
             if var in defined:
                 readers[defined[var]].add(index)
-    row_side, id_side = set(), set()
+                reads[index].add(defined[var])
+    row_side, id_side, gathers = set(), set(), set()
     for index, binding in enumerate(bindings):
         value = binding.value
         inputs = [defined[var] for var in _argument_vars(value) if var in defined] if kinds.callee(value) else []
-        if kinds.is_table_gather(value, defined) or (kinds.is_cheap(value) and any(i in row_side for i in inputs)):
+        if kinds.is_table_gather(value, defined):
+            gathers.add(index)
+            row_side.add(index)
+        elif kinds.is_cheap(value) and any(i in row_side for i in inputs):
             row_side.add(index)
         elif kinds.is_cheap(value) and all(i in id_side for i in inputs):
             id_side.add(index)
-    # An id-side value read by anything outside the lookup stays outside it (as an input), and so,
-    # in turn, may the values it reads.
-    members = row_side | id_side
-    changed = True
-    while changed:
-        changed = False
-        for index in sorted(id_side & members, reverse=True):
-            if readers[index] - members or bindings[index].var in escaping:
-                members.discard(index)
-                changed = True
-    # Connected components of the members, linked by the values they pass each other.
-    parent = {index: index for index in members}
-
-    def root(index: int) -> int:
-        while parent[index] != index:
-            parent[index] = parent[parent[index]]
-            index = parent[index]
-        return index
-
-    for index in members:
-        for reader in readers[index] & members:
-            parent[root(reader)] = root(index)
-    components: dict[int, list[int]] = {}
-    for index in sorted(members):
-        components.setdefault(root(index), []).append(index)
-    gathers = {i for i in row_side if kinds.is_table_gather(bindings[i].value, defined)}
-    reads = {index: set() for index in range(len(bindings))}
-    for index, its_readers in readers.items():
-        for reader in its_readers:
-            reads[reader].add(index)
-    groups = []
-    for component in components.values():
-        groups += _single_output_groups(component, readers, reads, {defined[var] for var in escaping if var in defined}, gathers)
-    return sorted(groups)
+    return sorted(_single_output_groups(sorted(row_side | id_side), readers, reads, {defined[var] for var in escaping if var in defined}, gathers))
 
 
-def _single_output_groups(component: list[int], readers: dict[int, set[int]], reads: dict[int, set[int]], escaping: set[int],
+def _single_output_groups(members: list[int], readers: dict[int, set[int]], reads: dict[int, set[int]], escaping: set[int],
                           gathers: set[int]) -> list[list[int]]:
-    """Disjoint groups of `component`'s members, each with a table gather and one output, last in
-    binding order: every other member flows into it, so no value leaves the group and comes back, and
-    the group's call can stand where its last binding stood. Latest outputs first, a group is the
-    member and what it is computed from within the component, less what is also read outside it (an
-    input then): where a lookup's rows flow on into several readers (DeepFM's embeddings into the FM
-    interaction and the MLP), the group ends at the rows, and ids clipped once for several tables
-    come in clipped."""
-    inside, taken, groups = set(component), set(), []
-    for last in reversed(component):
-        if last in taken:
+    """Disjoint groups of `members`, each with a table gather and one output, last in binding order:
+    every other member flows into it, so no value leaves the group and comes back, and the group's
+    call can stand where its last binding stood. Latest outputs first, a group is the member and the
+    members it is computed from, less what is also read outside the group (an input then, and so, in
+    turn, may be the values it reads): where a lookup's rows flow on into several readers (DeepFM's
+    embeddings into the FM interaction and the MLP), the group ends at the rows, and ids clipped once
+    for several tables come in clipped."""
+    available, groups = set(members), []
+    for last in reversed(members):
+        if last not in available:
             continue
-        group = _sources(last, reads, inside - taken)
+        group = _sources(last, reads, available)
         shrunk = True
         while shrunk:
             leaving = {i for i in group - {last} if readers[i] - group or i in escaping}
@@ -167,7 +140,7 @@ def _single_output_groups(component: list[int], readers: dict[int, set[int]], re
             group = _sources(last, reads, group - leaving)
         if group & gathers:
             groups.append(sorted(group))
-            taken |= group
+            available -= group
     return groups
 
 
