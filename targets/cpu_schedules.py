@@ -68,7 +68,11 @@ PARALLEL_MIN_WORK = 48 * 1024
 
 
 def default_tile(columns: int, lanes: int) -> MatmulTile:
-    tiles = [MatmulTile(DEFAULT_TILE_ROWS, vectors) for vectors in TILE_VECTORS]
+    return _padding_fewest(columns, lanes, [MatmulTile(DEFAULT_TILE_ROWS, vectors) for vectors in TILE_VECTORS])
+
+
+def _padding_fewest(columns: int, lanes: int, tiles: list[MatmulTile]) -> MatmulTile:
+    """The first of `tiles` among those padding the fewest of W's `columns` to whole panels."""
     return min(tiles, key=lambda tile: _padded_columns(columns, lanes, tile))  # min keeps the first of equals
 
 
@@ -191,18 +195,16 @@ def _with_gemv_branch(function: tvm.tirx.PrimFunc, scheduled: tvm.tirx.PrimFunc,
     tile run `function` scheduled with one row (GEMV_TILE): one kernel, branching on its (symbolic)
     rows; only the latter where the rows are at most `max_rows`, fewer than the tile's."""
     unscheduled = s_tir.Schedule(function)
-    rows, columns, _ = (unscheduled.get(loop).extent for loop in unscheduled.get_loops(unscheduled.get_sblock("matmul")))
+    block = _matmul_block(unscheduled)
+    rows = unscheduled.get(unscheduled.get_loops(block)[0]).extent
     if tile.rows <= GEMV_TILE.rows or (isinstance(rows, tvm.tirx.IntImm) and int(rows) >= tile.rows):
         return scheduled
     # The most vectors, up to GEMV_TILE's, among those padding the fewest of W's columns to whole panels
     # (a padded weight is copied on every call, which at one row costs more than the product): 192
     # columns take 6 vectors, not 8; DeepFM's 400 take 5 (its whole call at batch 1: 0.20 ms instead of
     # 0.33 with 7, whose panels padded W to 448 columns as the 4 x 4 tile's do).
-    columns = int(columns)
-    gemv_tile = min(
-        (MatmulTile(GEMV_TILE.rows, vectors) for vectors in range(GEMV_TILE.vectors, 0, -1)),
-        key=lambda candidate: _padded_columns(columns, lanes, candidate),
-    )
+    gemv_tile = _padding_fewest(_matmul_columns(block, unscheduled), lanes,
+                                [MatmulTile(GEMV_TILE.rows, vectors) for vectors in range(GEMV_TILE.vectors, 0, -1)])
     gemv = s_tir.Schedule(function)
     _matmul_rule(gemv, lanes, gemv_tile, parallel)
     if isinstance(rows, tvm.tirx.IntImm) or (max_rows is not None and max_rows < tile.rows):

@@ -150,6 +150,8 @@ def test_kernels_of_less_work_than_waking_the_threads_costs_run_on_the_calling_t
     small, large = sorted((f for s, f in cpu_schedules.apply_default_schedules(one_row, target).functions.items() if "matmul" in s.name_hint),
                           key=lambda f: len(f.script()))  # 96 x 256: 24k statements, 256 x 1024: 262k
     assert "T.parallel" not in small.script() and "T.parallel" in large.script()
+
+
 def _matmul_branches(tmp_path, inputs: int, units: int) -> tuple[str, str]:
     """The one-row (GEMV) and the register-tile branch of a single FC layer's scheduled matmul kernel
     (with all threads), as TVMScript."""
