@@ -2,7 +2,7 @@
 passes/fc_quantization.py run on the tile unit, tdpbf16ps (bf16 pairs into fp32) and tdpbusd
 (uint8 x int8 quads into int32), 16 x 16 sums x 32 bf16 or 64 int8 inputs an instruction.
 
-Two steps, as for the VNNI kernels (cpu_int8_schedules.py), on targets with amx-bf16 / amx-int8:
+Two steps, as for the dot-product kernels (cpu_dot_schedules.py), on targets with amx-bf16 / amx-int8:
 - `select_amx_matmuls` (on the imported Relax module, before legalization) replaces each
   - bf16 layer, matmul(astype(astype(x, bfloat16), float32), W) with W a constant whose values are
     bf16 numbers, by a kernel that reads the fp32 x and rounds it to bf16 itself, and W packed as
@@ -34,7 +34,6 @@ checks them and makes the request before it loads the library. These kernels are
 import functools
 from dataclasses import dataclass
 
-import ml_dtypes
 import numpy as np
 import tvm
 from tvm import relax, s_tir, te, tirx
@@ -42,7 +41,7 @@ from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 from tvm.target import codegen
 
-from reccc.targets.cpu_int8_schedules import inline_into_output, vectorize_columns
+from reccc.targets.cpu_dot_schedules import FcOperands, bf16_bits, inline_into_output, vectorize_columns, widened, zero_padded
 
 TILE_ROWS, TILE_BYTES = 16, 64  # the largest tile: 16 rows of 64 bytes
 TILE_UNITS = TILE_BYTES // 4  # 16 fp32 / int32 sums in a row of an accumulator tile
@@ -61,7 +60,6 @@ class AmxProduct:
     """One of AMX's dot products: operand and accumulator types, inputs per 32-bit group, instruction."""
 
     name: str
-    activation: str
     activation_bits: str  # the kernel's copy of the activations: TVM would widen a bfloat16 one to fp32
     weight: str
     accumulator: str
@@ -75,8 +73,8 @@ class AmxProduct:
         return TILE_BYTES // (4 // self.group)
 
 
-BF16 = AmxProduct("bf16", "bfloat16", "uint16", "bfloat16", "float32", 2, "llvm.x86.tdpbf16ps", "amx-bf16")
-INT8 = AmxProduct("int8", "uint8", "uint8", "int8", "int32", 4, "llvm.x86.tdpbusd", "amx-int8")
+BF16 = AmxProduct("bf16", "uint16", "bfloat16", "float32", 2, "llvm.x86.tdpbf16ps", "amx-bf16")
+INT8 = AmxProduct("int8", "uint8", "int8", "int32", 4, "llvm.x86.tdpbusd", "amx-int8")
 
 
 def has_amx(target: tvm.target.Target, product: AmxProduct) -> bool:
@@ -131,7 +129,7 @@ def _intrinsic(product: AmxProduct, inputs: int, panels: int, column_tiles: int)
             for i, j, k in T.grid(rows, units, inputs):
                 with T.sblock("update"):
                     vi, vj, vk = T.axis.remap("SSR", [i, j, k])
-                    C[vi, vj] = C[vi, vj] + _widened(A[vi, vk], product) * T.cast(
+                    C[vi, vj] = C[vi, vj] + widened(A[vi, vk], product.activation_bits, accumulator) * T.cast(
                         B[vj // TILE_UNITS, vk // group, vj % TILE_UNITS, vk % group], accumulator
                     )
 
@@ -196,16 +194,8 @@ ROW_STAGE = "matmul_amx_row_"
 
 
 def _bf16_bits(activations: list[te.Tensor]):
-    """The bits of x rounded to bfloat16 to nearest even, as onnxruntime's Cast rounds (a NaN stays a
-    NaN). Written out here: TVM's BF16 legalization would keep the fp32 value (README)."""
-    (x,) = activations
-
-    def bits_of(i, k):
-        bits = tirx.reinterpret("uint32", x[i, k])
-        rounded = (bits + (tirx.const(0x7FFF, "uint32") + ((bits >> 16) & tirx.const(1, "uint32")))) >> 16
-        return tirx.Select(x[i, k] != x[i, k], (bits >> 16) | tirx.const(0x40, "uint32"), rounded).astype("uint16")
-
-    return bits_of
+    """The bits of x rounded to bfloat16 (cpu_dot_schedules.bf16_bits)."""
+    return bf16_bits(activations[0])
 
 
 def _uint8_codes(activations: list[te.Tensor]):
@@ -236,12 +226,6 @@ def _as_it_is(activations: list[te.Tensor]):
     return lambda i, k: activations[0][i, k]
 
 
-def _widened(bits, product: AmxProduct):
-    """An activation's value, from its bits, in the accumulator's type."""
-    value = bits if product.activation == product.activation_bits else tirx.reinterpret(product.activation, bits)
-    return value.astype(product.accumulator)
-
-
 def _amx_matmul(*operands: te.Tensor, units: int, product: AmxProduct, element) -> te.Tensor:
     """[rows, units] sums of the activations times the weight `packed` (the last operand) holds. The
     first operand is [rows, K]; `element` (see _bf16_bits) makes the function giving an activation's
@@ -249,25 +233,14 @@ def _amx_matmul(*operands: te.Tensor, units: int, product: AmxProduct, element) 
     padded to BLOCK_ROWS and inputs to the packed weight's (zeros, which its zero padding multiplies)."""
     *activations, packed = operands
     rows, inputs = activations[0].shape
-    padded_rows, padded_inputs = _round_up(rows, BLOCK_ROWS), int(packed.shape[1]) * product.group
-    bits_of = element(activations)
-    zero = tirx.const(0, product.activation_bits)
-
-    def row_element(i, k):
-        if int(inputs) == padded_inputs:
-            return bits_of(i, k)
-        # A select of an in-bounds read, not an if_then_else: TVM vectorizes the loop only so.
-        return tirx.Select(k < inputs, bits_of(i, tirx.min(k, inputs - 1)), zero)
-
-    padded = te.compute(
-        (padded_rows, padded_inputs), lambda i, k: tirx.if_then_else(i < rows, row_element(i, k), zero), name=PAD_BLOCK
-    )
-    k = te.reduce_axis((0, padded_inputs), name="k")
+    shape = (_round_up(rows, BLOCK_ROWS), int(packed.shape[1]) * product.group)
+    padded = zero_padded(element(activations), rows, inputs, shape, product.activation_bits, PAD_BLOCK)
+    k = te.reduce_axis((0, shape[1]), name="k")
     group = product.group
     sums = te.compute(
-        (padded_rows, int(packed.shape[0]) * TILE_UNITS),
+        (shape[0], int(packed.shape[0]) * TILE_UNITS),
         lambda i, j: te.sum(
-            _widened(padded[i, k], product)
+            widened(padded[i, k], product.activation_bits, product.accumulator)
             * packed[j // TILE_UNITS, k // group, j % TILE_UNITS, k % group].astype(product.accumulator),
             axis=k,
         ),
@@ -286,67 +259,27 @@ def _float_matrix(expr) -> bool:
 
 
 @relax.expr_functor.mutator
-class _SelectAmxMatmuls(relax.PyExprMutator):
+class _SelectAmxMatmuls(relax.PyExprMutator, FcOperands):
     def __init__(self, module: tvm.IRModule, products: tuple[AmxProduct, ...]):
         super().__init__(module)
         self.products = products
         self.used: set[str] = set()
 
-    def _bound(self, expr, op: str):
-        """The call of `op` that `expr` is bound to, else None."""
-        if not isinstance(expr, relax.Var):
-            return None
-        value = self.lookup_binding(expr)
-        return value if isinstance(value, relax.Call) and value.op.same_as(tvm.ir.Op.get(op)) else None
-
-    def _narrowed(self, expr, wide: str, narrow: str):
-        """The `narrow` 2-D tensor that `expr` (`wide`) is an astype of, else None."""
-        call = self._bound(expr, "relax.astype")
-        if call is None or call.ty.dtype != wide:
-            return None
-        info = call.args[0].ty
-        return call.args[0] if isinstance(info, relax.TensorType) and info.dtype == narrow and info.ndim == 2 else None
-
-    def _constant_matrix(self, expr) -> np.ndarray | None:
-        """The values of a constant [K, N] operand: a constant, or one transposed or cast."""
-        if isinstance(expr, tvm.ir.GenericConst):
-            value = expr.value.numpy()
-            return value if value.ndim == 2 else None
-        transpose = self._bound(expr, "relax.permute_dims")
-        if transpose is not None and [int(a) for a in transpose.attrs.axes] == [1, 0]:
-            value = self._constant_matrix(transpose.args[0])
-            return None if value is None else value.T
-        cast = self._bound(expr, "relax.astype")
-        if cast is not None:
-            value = self._constant_matrix(cast.args[0])
-            return None if value is None else value.astype(cast.ty.dtype)
-        return None
-
     def _bf16_operands(self, call):
-        """([fp32 x], its element function, the bf16 weight) of matmul(astype(astype(x, bf16), f32), W)."""
-        rounded = self._narrowed(call.args[0], "float32", "bfloat16")
-        source = None if rounded is None else self._bound(rounded, "relax.astype")
-        if source is None or source.args[0].ty.dtype != "float32":
-            return None
-        weight = self._constant_matrix(call.args[1])
-        if weight is None or weight.dtype != np.float32:
-            return None
-        stored = weight.astype(ml_dtypes.bfloat16)
-        # Only a weight of bf16 numbers: rounding another would change the layer.
-        if not np.array_equal(stored.astype(np.float32), weight, equal_nan=True):
-            return None
-        return [source.args[0]], _bf16_bits, stored
+        """([fp32 x], its element function, the bf16 weight) of a bf16 layer (FcOperands.bf16_layer)."""
+        layer = self.bf16_layer(call)
+        return None if layer is None else ([layer[0]], _bf16_bits, layer[1])
 
     def _int8_operands(self, call):
         """The activations, their element function and the int8 weight of matmul(astype(codes: uint8,
         int32), astype(W: constant int8, int32)): the fp32 input, scale and zero point where the codes
         are fc_quantization's, so that the kernel quantizes the input itself, else the codes."""
-        codes = self._narrowed(call.args[0], "int32", "uint8")
-        weight = self._narrowed(call.args[1], "int32", "int8")
-        if codes is None or not isinstance(weight, tvm.ir.GenericConst):
+        layer = self.int8_layer(call)
+        if layer is None:
             return None
+        codes, weight = layer
         quantized = self._quantization_of(codes)
-        return (quantized, _uint8_codes, weight.value.numpy()) if quantized else ([codes], _as_it_is, weight.value.numpy())
+        return (quantized, _uint8_codes, weight) if quantized else ([codes], _as_it_is, weight)
 
     # The imported Cast of clip(v, 0, 255) to uint8 (its NaN / wrap-around handling): by op, the
     # argument holding v.

@@ -12,7 +12,7 @@ import tvm
 from reccc import host_cpu as host_cpu_flags
 from reccc.errors import UsageError, one_line
 from reccc.target import Target, TuningOptions, register_target, register_tvm_kind
-from reccc.targets import cpu_amx_schedules, cpu_int8_schedules, cpu_schedules, relax_lowering, tuning as auto_tuning
+from reccc.targets import cpu_amx_schedules, cpu_dot_schedules, cpu_schedules, relax_lowering, tuning as auto_tuning
 
 # The triple TVM's LLVM defaults to is x86_64-conda-linux-gnu, which builds for a generic CPU;
 # reccc always names the host's.
@@ -59,10 +59,10 @@ class CpuTarget(Target):
         return relax_lowering.build(model, self._target, opt_level, schedule, select_kernels=self._select_kernels)
 
     def _select_kernels(self, module: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-        """AMX kernels for the bf16 and int8 layers where the target has AMX, VNNI kernels for the
-        int8 layers left where it has VNNI."""
+        """AMX kernels for the bf16 and int8 layers where the target has AMX, dot-product kernels for
+        the layers left where it has AVX-512 VNNI (int8) or BF16 (bf16)."""
         module, self._cpu_flags = cpu_amx_schedules.select_amx_matmuls(module, target)
-        return cpu_int8_schedules.select_vnni_matmuls(module, target)
+        return cpu_dot_schedules.select_dot_matmuls(module, target)
 
     def cpu_flags(self) -> list[str]:
         return list(self._cpu_flags)
@@ -72,9 +72,9 @@ class CpuTarget(Target):
 
 
 def _default_schedules(module: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """-O2's rules: AMX kernels first (AMX targets), then int8 FC kernels (VNNI targets), then the CPU
-    rules for the rest."""
-    module = cpu_int8_schedules.apply_int8_schedules(cpu_amx_schedules.apply_amx_schedules(module, target), target)
+    """-O2's rules: AMX kernels first (AMX targets), then dot-product FC kernels (VNNI / BF16
+    targets), then the CPU rules for the rest."""
+    module = cpu_dot_schedules.apply_dot_schedules(cpu_amx_schedules.apply_amx_schedules(module, target), target)
     return cpu_schedules.apply_default_schedules(module, target)
 
 

@@ -178,31 +178,6 @@ def test_int8_kernel_reads_codes_given_as_they_are(reccc_cli, tmp_path):
         np.testing.assert_array_equal(np.asarray(artifact.run({"x": x})["y"]), run_reference(onnx.load(source), {"x": x})["y"])
 
 
-def test_bf16_rounding_ties_agree(reccc_cli, tmp_path):
-    """The bf16 kernel rounds its input to nearest even, as onnxruntime's Cast does: inputs exactly
-    halfway between two bf16 numbers, times weights of 1 (every sum exact, in any order), give
-    onnxruntime's outputs bit for bit, which truncation or rounding half away from zero would not."""
-    if not _host_has_amx("bf16"):
-        pytest.skip("this CPU (or its kernel) has no AMX-BF16 to run the kernels on")
-    fan_in, units = 16, 8
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["y"], name="fc")], "ties",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", fan_in])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", units])],
-        [numpy_helper.from_array(np.ones((fan_in, units), np.float32), "W")],
-    )
-    source = tmp_path / "ties.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), source)
-    library, rewritten = _compile_both(reccc_cli, tmp_path, source, "--fc-precision=bf16")
-    # 1 + (2m + 1) / 256 lies halfway between two bf16 numbers (7 fraction bits); so do their negatives.
-    ties = np.array([1 + (2 * m + 1) / 256 for m in range(fan_in // 2)], np.float32)
-    x = np.stack([np.concatenate([ties, -ties]), np.concatenate([ties[::-1], ties])])
-    expected = run_reference(rewritten, {"x": x})["y"]
-    np.testing.assert_array_equal(np.asarray(reccc.load(library).run({"x": x})["y"]), expected)
-    truncated = (x.view(np.uint32) & 0xFFFF0000).view(np.float32) @ np.ones((fan_in, units), np.float32)
-    assert not np.array_equal(truncated, expected)
-
-
 @pytest.fixture
 def amx_artifact(reccc_cli, tmp_path):
     library, _ = _compile_both(reccc_cli, tmp_path, model_path("dlrm"), "--fc-precision=bf16", AMX_TARGET)

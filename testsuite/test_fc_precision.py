@@ -3,9 +3,6 @@ graph as standard ONNX run by onnxruntime, the compiled artifact against onnxrun
 graph (int8 exactly, rounding ties included), per-layer choices, and graphs that already carry
 QuantizeLinear / DequantizeLinear nodes (quantization-aware training exports)."""
 
-import re
-import subprocess
-
 import numpy as np
 import onnx
 import pytest
@@ -235,33 +232,28 @@ def test_shared_input_is_quantized_once(reccc_cli, tmp_path):
         assert error <= bound, (name, error, bound)
 
 
-# A target with AVX-512 VNNI and without AMX: the VNNI kernels' path (an AMX target's int8 layers run on
-# AMX, test_fc_amx.py); its code runs on any CPU with VNNI.
-VNNI_TARGET = '--target={"kind": "llvm", "mcpu": "icelake-server"}'
+# A target without bf16 products (AMX-BF16, AVX-512 BF16) whose code runs on an AVX-512 VNNI CPU.
+NO_BF16_TARGET = '--target={"kind": "llvm", "mcpu": "icelake-server"}'
 
 
-def _host_has_vnni() -> bool:
-    from reccc.targets import cpu_int8_schedules, x86
-
-    return cpu_int8_schedules.has_vnni(x86.host_cpu().tvm_target())
-
-
-def _target_without_amx() -> list[str]:
-    """The --target flag of a target without AMX that this CPU runs: the host's where it has no AMX,
-    else Ice Lake-SP's."""
-    from reccc.targets import cpu_amx_schedules, x86
+def _target_without_bf16_products() -> list[str]:
+    """The --target flag of a target without bf16 products that this CPU runs: the host's where it has
+    none, else Ice Lake-SP's."""
+    from reccc.targets import cpu_amx_schedules, cpu_dot_schedules, x86
 
     host = x86.host_cpu().tvm_target()
-    return [VNNI_TARGET] if any(cpu_amx_schedules.has_amx(host, p) for p in (cpu_amx_schedules.BF16, cpu_amx_schedules.INT8)) else []
+    has_products = cpu_amx_schedules.has_amx(host, cpu_amx_schedules.BF16) or cpu_dot_schedules.has_dot_product(host, cpu_dot_schedules.BF16)
+    return [NO_BF16_TARGET] if has_products else []
 
 
-def test_bf16_artifact_without_amx_rounds_weights_not_activations(reccc_cli, tmp_path):
-    """On a target without AMX (this CPU, or Ice Lake-SP where this one has AMX) TVM's BF16
-    legalization drops a float32 -> bfloat16 -> float32 round trip inside a kernel, so the artifact
-    computes the bf16 layers with bf16 weights and fp32 activations (README): it equals onnxruntime's
-    run of the quantized graph without the activations' Casts, and stays within 1e-2 of the fp32 model.
-    (With AMX the activations are rounded: test_fc_amx.py.)"""
-    artifact, quantized = _compile_both(reccc_cli, tmp_path, model_path("dlrm"), "--fc-precision=bf16", *_target_without_amx())
+def test_bf16_artifact_without_bf16_products_rounds_weights_not_activations(reccc_cli, tmp_path):
+    """On a target without AMX-BF16 or AVX-512 BF16 (this CPU, or Ice Lake-SP where this one has either)
+    TVM's BF16 legalization drops a float32 -> bfloat16 -> float32 round trip inside a kernel, so the
+    artifact computes the bf16 layers with bf16 weights and fp32 activations (README): it equals
+    onnxruntime's run of the quantized graph without the activations' Casts, and stays within 1e-2 of
+    the fp32 model. (With the products the activations are rounded: test_fc_amx.py,
+    test_fc_dot_products.py.)"""
+    artifact, quantized = _compile_both(reccc_cli, tmp_path, model_path("dlrm"), "--fc-precision=bf16", *_target_without_bf16_products())
     graph = quantized.graph
     widened = {node.output[0]: node for node in graph.node if node.name.endswith("__widen_input")}
     rounded = {node.output[0]: node for node in graph.node if node.name.endswith("__round_input")}
@@ -289,63 +281,3 @@ def test_named_layer_alone(reccc_cli, tmp_path):
     quantized = _quantized(reccc_cli, tmp_path, "dlrm", "--fc-precision-layer", "fc_7_node=int8")
     assert [node.name for node in quantized.graph.node if node.op_type == "MatMulInteger"] == ["fc_7_node__matmul_int8"]
     assert _ops(quantized).count("Gemm") == 4
-
-
-def _disassembly(library) -> str:
-    return subprocess.run(["objdump", "-d", str(library)], capture_output=True, text=True, check=True).stdout
-
-
-def _vnni_kernels(library) -> list[str]:
-    symbols = subprocess.run(["nm", "-D", "--defined-only", str(library)], capture_output=True, text=True, check=True).stdout
-    return [line.split()[-1] for line in symbols.splitlines() if "matmul_vnni" in line]
-
-
-@pytest.mark.skipif(not _host_has_vnni(), reason="this CPU has no AVX-512 VNNI")
-def test_int8_layers_run_on_vnni(reccc_cli, tmp_path):
-    """For an AVX-512 VNNI CPU without AMX each int8 layer is one kernel whose product is vpdpbusd on zmm
-    registers, and the artifact still agrees with onnxruntime's run of the quantized graph, at batches
-    that are and are not multiples of the kernels' row tile."""
-    artifact, graph = _compile_both(reccc_cli, tmp_path, model_path("dlrm"), "--fc-precision=int8", VNNI_TARGET)
-    assert len(_vnni_kernels(tmp_path / "m.so")) == _ops(graph).count("MatMulInteger") == 4
-    assert re.search(r"\bvpdpbusd\s+%zmm", _disassembly(tmp_path / "m.so"))
-    for batch in (1, 6, 64, 257):
-        feeds = random_inputs(Model.from_onnx(graph), batch, seed=batch)
-        for output, (error, bound) in agreement(run_reference(graph, feeds), artifact.run(feeds)).items():
-            assert error <= bound, (batch, output, error, bound)
-
-
-@pytest.mark.skipif(not _host_has_vnni(), reason="this CPU has no AVX-512 VNNI")
-@pytest.mark.parametrize("fan_in, units", [(13, 20), (64, 16), (30, 72)])
-def test_vnni_layer_of_any_shape_equals_onnxruntime(reccc_cli, tmp_path, fan_in, units):
-    """Inputs not a multiple of 4 and units not a multiple of 16 are zero-padded inside the VNNI kernel:
-    the outputs equal onnxruntime's run of the quantized graph exactly (no bias, so no float rounding
-    differs), at batches inside, at and past one row tile."""
-    source = _one_layer_model(tmp_path / "fc.onnx", fan_in, units)
-    artifact, graph = _compile_both(reccc_cli, tmp_path, source, "--fc-precision=int8", VNNI_TARGET)
-    assert len(_vnni_kernels(tmp_path / "m.so")) == 1
-    rng = np.random.default_rng(fan_in)
-    for batch in (1, 3, 4, 5, 33):
-        x = (rng.standard_normal((batch, fan_in)) * 4).astype(np.float32)
-        np.testing.assert_array_equal(np.asarray(artifact.run({"x": x})["y"]), run_reference(graph, {"x": x})["y"])
-
-
-def test_target_without_vnni_keeps_the_int32_product(reccc_cli, tmp_path):
-    """An x86 target without AVX-512 VNNI (Skylake-SP) builds the int8 layers without vpdpbusd; this
-    CPU runs that code too, and it agrees with onnxruntime."""
-    target = '--target={"kind": "llvm", "mcpu": "skylake-avx512"}'
-    artifact, graph = _compile_both(reccc_cli, tmp_path, model_path("dlrm"), "--fc-precision=int8", target)
-    assert not _vnni_kernels(tmp_path / "m.so") and "vpdpbusd" not in _disassembly(tmp_path / "m.so")
-    feeds = random_inputs(Model.from_onnx(graph), 64, seed=3)
-    for output, (error, bound) in agreement(run_reference(graph, feeds), artifact.run(feeds)).items():
-        assert error <= bound, (output, error, bound)
-
-
-@pytest.mark.skipif(not _host_has_vnni(), reason="this CPU has no AVX-512 VNNI")
-def test_vnni_kernels_at_o3(reccc_cli, tmp_path):
-    """-O3 builds on -O2's schedules: its int8 layers are the VNNI kernels too (here from an empty
-    tuning database, so nothing is tuned)."""
-    library = tmp_path / "m.so"
-    result = reccc_cli(model_path("dlrm"), "-O3", "--fc-precision=int8", "--embedding-quant=none", "--tune-trials", "0",
-                       "--tune-db", tmp_path / "db", VNNI_TARGET, "-o", library)
-    assert result.code == 0, result.stderr
-    assert len(_vnni_kernels(library)) == 4 and "vpdpbusd" in _disassembly(library)

@@ -1,0 +1,474 @@
+"""FC layers on x86's AVX-512 dot-product instructions, for the layers of passes/fc_quantization.py
+that AMX (cpu_amx_schedules.py) did not take: int8 on VNNI's vpdpbusd (16 int32 sums, each of 4
+uint8 x int8 products: 64 multiply-adds an instruction) and bf16 on AVX512-BF16's vdpbf16ps (16 fp32
+sums, each of 2 bf16 x bf16 products: 32 multiply-adds). With their quantization kernels scheduled.
+
+TVM's importer widens both MatMulInteger operands to int32 (an int32 x int32 loop: vpmulld, slower
+than fp32 FMAs), and its BF16 legalization drops the activations' rounding and computes the bf16
+layers with fp32 activations and the weight widened to fp32 (no faster than fp32). Two steps replace
+both:
+- `select_dot_matmuls` (on the imported Relax module, before legalization) replaces each
+  - int8 layer, matmul(astype(x: uint8, int32), astype(W: constant int8, int32)), by a kernel that
+    reads the uint8 codes as they are;
+  - bf16 layer, matmul(astype(astype(x, bfloat16), float32), W) with W a constant of bf16 numbers, by
+    a kernel that reads the fp32 x and rounds it to bf16 itself (to nearest even, as onnxruntime's
+    Cast);
+  with W packed as [N/16, K/g, 16, g] (16 units x g inputs per 64-byte row, g = 4 int8 or 2 bf16:
+  the instruction's second operand), zero-padded to whole blocks and to the register tile's columns.
+  TVM's fusion then fuses the layer's epilogue (zero-point correction, scales, bias, activation) into
+  it, as it does for a matmul.
+- `apply_dot_schedules` (on the fused module, before the default CPU rules) tensorizes those kernels
+  in the fp32 matmuls' register tile (cpu_schedules.default_tile: 4 rows x 3-6 vectors of 16
+  units), one parallel loop over (column panel, row tile) so each thread keeps a panel's weights in
+  L1, the tile's activation rows copied (bf16: rounded) into a zero-padded tile, and the epilogue
+  computed per tile while its sums are in registers. The activation quantization kernels of the int8
+  layers are vectorized: each row's max and min in 16 lanes (max and min are exact in any order, so
+  the codes stay those onnxruntime computes), the codes as one loop nest along the row.
+The products are exact and accumulate in int32 (vpdpbusd, unlike vpdpbusds, does not saturate: each
+uint8 x int8 product fits 16 bits) or in fp32 (vdpbf16ps; it flushes denormal inputs and results), so
+the artifact agrees with onnxruntime's run of the rewritten graph exactly (int8) or to the fp32 bound
+of the summation order (bf16).
+
+TVM's own VNNI intrinsic (tvm.s_tir.tensor_intrin.x86) passes the operands as <16 x i32>, which the
+LLVM in TVM 0.27 rejects (vpdpbusd.512 takes <64 x i8> there), so this module registers its own.
+vdpbf16ps takes <32 x bfloat> operands, which TIR cannot express (TVM's BF16 legalization turns every
+bfloat16 value into fp32 or uint16 before code generation), so its intrinsic calls an LLVM function
+that bitcasts <16 x i32> to <32 x bfloat>, linked into the kernel's module (`pragma_import_llvm`)
+and inlined there.
+"""
+
+import functools
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+import tvm
+from tvm import relax, s_tir, te, tirx
+from tvm.s_tir import TensorIntrin
+from tvm.script import tirx as T
+from tvm.target import codegen
+
+from reccc.targets.cpu_schedules import default_tile
+
+UNITS = 16  # sums per instruction: one AVX-512 register of int32 / fp32
+LANES = 16
+DOT_BLOCK = "matmul_dot_{}"  # by product: matmul_dot_int8, matmul_dot_bf16
+PAD_BLOCK = "matmul_dot_rows"
+DATA_PARALLEL, COMM_REDUCE = 0, 2  # IterVar.iter_type of a spatial and of a reduction block var
+
+
+@dataclass(frozen=True)
+class DotProduct:
+    """One of AVX-512's dot products: the kernel's operand types (the bf16 ones as their bits, which TVM
+    leaves alone), the accumulator, inputs per 32-bit group, its tensor intrinsic, LLVM's feature."""
+
+    name: str
+    activation: str
+    weight: str
+    accumulator: str
+    group: int
+    intrinsic: str
+    feature: str
+
+    @property
+    def block(self) -> str:
+        return DOT_BLOCK.format(self.name)
+
+
+INT8 = DotProduct("int8", "uint8", "int8", "int32", 4, "reccc_dot_16x4_u8i8i32_vnni", "avx512vnni")
+BF16 = DotProduct("bf16", "uint16", "uint16", "float32", 2, "reccc_dot_16x2_bf16f32_avx512", "avx512bf16")
+PRODUCTS = (INT8, BF16)
+
+
+def widened(value, dtype: str, accumulator: str):
+    """A `dtype` operand element (bf16: its uint16 bits) as the accumulator's type."""
+    if dtype == "uint16":
+        value = tirx.reinterpret("bfloat16", value)
+    return value.astype(accumulator)
+
+
+def _description(product: DotProduct):
+    """The instruction's computation, with the accumulators in a local buffer: the kernel keeps its
+    tile of sums there across the reduction."""
+    group, activation, weight, accumulator = product.group, product.activation, product.weight, product.accumulator
+
+    @T.prim_func(s_tir=True)
+    def description(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (group,), activation, offset_factor=1)
+        B = T.match_buffer(b, (UNITS, group), weight, offset_factor=1)
+        C = T.match_buffer(c, (UNITS,), accumulator, offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:UNITS], A[0:group], B[0:UNITS, 0:group])
+            T.writes(C[0:UNITS])
+            for i, k in T.grid(UNITS, group):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + widened(A[vk], activation, accumulator) * widened(B[vi, vk], weight, accumulator)
+
+    return description
+
+
+@T.prim_func(s_tir=True)
+def _dot_16x4_vnni(
+    A: T.Buffer((4,), "uint8", offset_factor=1),
+    B: T.Buffer((16, 4), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        four = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+            C.vload([0], dtype="int32x16"),
+            T.reinterpret(T.broadcast(four, 16), dtype="int8x64"),
+            B.vload([0, 0], dtype="int8x64"),
+            dtype="int32x16",
+        )
+
+
+# vdpbf16ps with its bf16 operands passed as <16 x i32>: the function the bf16 intrinsic calls.
+DPBF16PS = "reccc_avx512_dpbf16ps"
+_DPBF16PS_LLVM = f"""
+declare <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float>, <32 x bfloat>, <32 x bfloat>)
+define linkonce_odr <16 x float> @{DPBF16PS}(<16 x float> %sums, <16 x i32> %a, <16 x i32> %b) alwaysinline {{
+  %pairs = bitcast <16 x i32> %a to <32 x bfloat>
+  %weights = bitcast <16 x i32> %b to <32 x bfloat>
+  %result = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %sums, <32 x bfloat> %pairs, <32 x bfloat> %weights)
+  ret <16 x float> %result
+}}
+"""
+
+
+@T.prim_func(s_tir=True)
+def _dot_16x2_bf16(
+    A: T.Buffer((2,), "uint16", offset_factor=1),
+    B: T.Buffer((16, 2), "uint16", offset_factor=1),
+    C: T.Buffer((16,), "float32", offset_factor=1, scope="local"),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:2], B[0:16, 0:2])
+        T.writes(C[0:16])
+        with T.attr(0, "pragma_import_llvm", _DPBF16PS_LLVM):
+            pair = T.reinterpret(A.vload([0], "uint16x2"), dtype="int32")
+            C[T.ramp(T.int32(0), 1, 16)] = T.call_pure_extern(
+                "float32x16", DPBF16PS,
+                C.vload([0], dtype="float32x16"),
+                T.broadcast(pair, 16),
+                T.reinterpret(B.vload([0, 0], dtype="uint16x32"), dtype="int32x16"),
+            )
+
+
+TensorIntrin.register(INT8.intrinsic, _description(INT8), _dot_16x4_vnni)
+TensorIntrin.register(BF16.intrinsic, _description(BF16), _dot_16x2_bf16)
+
+
+def has_dot_product(target: tvm.target.Target, product: DotProduct) -> bool:
+    return target.kind.name == "llvm" and bool(codegen.target_has_features(product.feature, target))
+
+
+def _round_up(value, multiple):
+    return (value + multiple - 1) // multiple * multiple
+
+
+def _tile_vectors(units: int) -> int:
+    return default_tile(units, LANES).vectors
+
+
+def pack_weight(weight: np.ndarray, product: DotProduct) -> np.ndarray:
+    """[K, N] (int8, or bf16 as its uint16 bits) as [N'/16, K'/g, 16, g], with K' rounded up to the
+    group g and N' to whole register tiles of units, zeros in the padding:
+    packed[p, q, u, i] = weight[g*q + i, 16*p + u]."""
+    inputs, units = weight.shape
+    group = product.group
+    padded = np.zeros((_round_up(inputs, group), _round_up(units, _tile_vectors(units) * UNITS)), weight.dtype)
+    padded[:inputs, :units] = weight
+    return np.ascontiguousarray(padded.reshape(-1, group, padded.shape[1] // UNITS, UNITS).transpose(2, 0, 3, 1))
+
+
+def bf16_bits(x: te.Tensor):
+    """(i, k) -> the bits of x[i, k] rounded to bfloat16 to nearest even, as onnxruntime's Cast rounds
+    (a NaN stays a NaN). Written out: TVM's BF16 legalization would keep the fp32 value."""
+
+    def bits_of(i, k):
+        bits = tirx.reinterpret("uint32", x[i, k])
+        rounded = (bits + (tirx.const(0x7FFF, "uint32") + ((bits >> 16) & tirx.const(1, "uint32")))) >> 16
+        return tirx.Select(x[i, k] != x[i, k], (bits >> 16) | tirx.const(0x40, "uint32"), rounded).astype("uint16")
+
+    return bits_of
+
+
+def zero_padded(bits_of, rows, inputs, shape: tuple[int, int], dtype: str, name: str) -> te.Tensor:
+    """A [rows, inputs] operand, element (i, k) given by `bits_of`, zero-padded to `shape`."""
+    zero = tirx.const(0, dtype)
+
+    def element(i, k):
+        if int(inputs) == shape[1]:
+            return bits_of(i, k)
+        # A select of an in-bounds read, not an if_then_else: TVM vectorizes the loop only so.
+        return tirx.Select(k < inputs, bits_of(i, tirx.min(k, inputs - 1)), zero)
+
+    return te.compute(shape, lambda i, k: tirx.if_then_else(i < rows, element(i, k), zero), name=name)
+
+
+def _dot_matmul(x: te.Tensor, packed: te.Tensor, units: int, product: DotProduct) -> te.Tensor:
+    """[rows, units] sums of x (uint8 codes, or fp32 rounded to bf16 here) times the weight `packed`
+    holds. The product runs on rows padded to the register tile and inputs padded to the group (zeros,
+    which the weight's zero padding multiplies), so the tensorized loops need no bounds checks."""
+    rows, inputs = x.shape
+    group = product.group
+    bits_of = bf16_bits(x) if product is BF16 else (lambda i, k: x[i, k])
+    shape = (_round_up(rows, default_tile(units, LANES).rows), int(packed.shape[1]) * group)
+    padded = zero_padded(bits_of, rows, inputs, shape, product.activation, PAD_BLOCK)
+    k = te.reduce_axis((0, shape[1]), name="k")
+    accumulator = product.accumulator
+    product_sums = te.compute(
+        (shape[0], int(packed.shape[0]) * UNITS),
+        lambda i, j: te.sum(
+            widened(padded[i, k], product.activation, accumulator)
+            * widened(packed[j // UNITS, k // group, j % UNITS, k % group], product.weight, accumulator),
+            axis=k,
+        ),
+        name=product.block,
+    )
+    return te.compute((rows, units), lambda i, j: product_sums[i, j], name="matmul_dot_result")
+
+
+class FcOperands:
+    """The operands of the FC layers passes/fc_quantization.py writes, as the importer writes them,
+    found from a Relax matmul call: for the layer-selecting mutators (a PyExprMutator's lookup_binding)."""
+
+    def _bound(self, expr, op: str):
+        """The call of `op` that `expr` is bound to, else None."""
+        if not isinstance(expr, relax.Var):
+            return None
+        value = self.lookup_binding(expr)
+        return value if isinstance(value, relax.Call) and value.op.same_as(tvm.ir.Op.get(op)) else None
+
+    def _narrowed(self, expr, wide: str, narrow: str):
+        """The `narrow` 2-D tensor that `expr` (`wide`) is an astype of, else None."""
+        call = self._bound(expr, "relax.astype")
+        if call is None or call.ty.dtype != wide:
+            return None
+        info = call.args[0].ty
+        return call.args[0] if isinstance(info, relax.TensorType) and info.dtype == narrow and info.ndim == 2 else None
+
+    def _constant_matrix(self, expr) -> np.ndarray | None:
+        """The values of a constant [K, N] operand: a constant, or one transposed or cast."""
+        if isinstance(expr, tvm.ir.GenericConst):
+            value = expr.value.numpy()
+            return value if value.ndim == 2 else None
+        transpose = self._bound(expr, "relax.permute_dims")
+        if transpose is not None and [int(a) for a in transpose.attrs.axes] == [1, 0]:
+            value = self._constant_matrix(transpose.args[0])
+            return None if value is None else value.T
+        cast = self._bound(expr, "relax.astype")
+        if cast is not None:
+            value = self._constant_matrix(cast.args[0])
+            return None if value is None else value.astype(cast.ty.dtype)
+        return None
+
+    def bf16_layer(self, call):
+        """(fp32 x, bf16 weight) of matmul(astype(astype(x, bf16), f32), W), W a constant of bf16 numbers."""
+        if call.ty.dtype != "float32":
+            return None
+        rounded = self._narrowed(call.args[0], "float32", "bfloat16")
+        source = None if rounded is None else self._bound(rounded, "relax.astype")
+        if source is None or source.args[0].ty.dtype != "float32":
+            return None
+        weight = self._constant_matrix(call.args[1])
+        if weight is None or weight.dtype != np.float32:
+            return None
+        stored = weight.astype(ml_dtypes.bfloat16)
+        # Only a weight of bf16 numbers: rounding another would change the layer.
+        if not np.array_equal(stored.astype(np.float32), weight, equal_nan=True):
+            return None
+        return source.args[0], stored
+
+    def int8_layer(self, call):
+        """(uint8 codes, int8 weight) of matmul(astype(codes: uint8, int32), astype(W: constant int8, int32))."""
+        if call.ty.dtype != "int32":
+            return None
+        codes, weight = self._narrowed(call.args[0], "int32", "uint8"), self._narrowed(call.args[1], "int32", "int8")
+        if codes is None or not isinstance(weight, tvm.ir.GenericConst):
+            return None
+        return codes, weight.value.numpy()
+
+
+@relax.expr_functor.mutator
+class _SelectDotMatmuls(relax.PyExprMutator, FcOperands):
+    def __init__(self, module: tvm.IRModule, products: tuple[DotProduct, ...]):
+        super().__init__(module)
+        self.products = products
+        self.replaced = 0
+
+    def visit_call_(self, call):
+        if not call.op.same_as(tvm.ir.Op.get("relax.matmul")):
+            return super().visit_call_(call)
+        for product in self.products:
+            layer = (self.bf16_layer if product is BF16 else self.int8_layer)(call)
+            if layer is None:
+                continue
+            x, weight = layer
+            bits = weight.view(np.uint16) if product is BF16 else weight
+            self.replaced += 1
+            kernel = functools.partial(_dot_matmul, units=weight.shape[1], product=product)
+            return self.builder_.call_te(
+                kernel, x, relax.const(pack_weight(bits, product), product.weight), primfunc_name_hint=product.block
+            )
+        return super().visit_call_(call)
+
+
+def select_dot_matmuls(module: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """The imported module with its int8 and bf16 layers as dot-product kernels where the target has the
+    instruction (see above); unchanged on a target with neither."""
+    products = tuple(product for product in PRODUCTS if has_dot_product(target, product))
+    if not products:
+        return module
+    mutator = _SelectDotMatmuls(module, products)
+    main = mutator.visit_expr(module["main"])
+    if not mutator.replaced:
+        return module
+    module = mutator.builder_.get()
+    module["main"] = main
+    # The widened copies of the operands are read by nothing now.
+    return relax.transform.DeadCodeElimination(["main"])(module)
+
+
+def inline_into_output(schedule: s_tir.Schedule, keep: tuple[str, ...]) -> None:
+    """Every data-parallel block but those named in `keep` inlined into its reader (the epilogue
+    becomes one expression per output element; per-row values are loop-invariant there)."""
+    for block in reversed(schedule.get_child_blocks(schedule.get_sblock("root"))):
+        stmt = schedule.get(block)
+        if stmt.name_hint in keep or any(var.iter_type != DATA_PARALLEL for var in stmt.iter_vars):
+            continue
+        try:
+            schedule.compute_inline(block)
+        except s_tir.ScheduleError:  # the output block
+            continue
+
+
+def vectorize_columns(schedule: s_tir.Schedule, loop, lanes: int) -> None:
+    extent = schedule.get(loop).extent
+    if isinstance(extent, tirx.IntImm):
+        width = next((w for w in (lanes, lanes // 2, lanes // 4) if w > 1 and int(extent) % w == 0), None)
+        if width is not None:
+            _, vector = schedule.split(loop, factors=[None, width])
+            schedule.vectorize(vector)
+
+
+def _dot_product(schedule: s_tir.Schedule) -> tuple[DotProduct, s_tir.schedule.SBlockRV] | None:
+    """The product and block of the schedule's dot-product kernel, None if it is no such kernel."""
+    for product in PRODUCTS:
+        try:
+            return product, schedule.get_sblock(product.block)
+        except s_tir.ScheduleError:
+            continue
+    return None
+
+
+def _dot_rule(schedule: s_tir.Schedule, lanes: int) -> bool:
+    """A fused dot-product kernel: a register tile of accumulators (default_tile) kept in a local
+    buffer across the reduction, tensorized with the product's instruction; the padded (rounded)
+    activation rows and the epilogue of each tile computed inside the tile's loop, while its sums are
+    in registers."""
+    found = _dot_product(schedule)
+    if found is None:
+        return False
+    product, block = found
+    inline_into_output(schedule, keep=(product.block, PAD_BLOCK))
+    outputs = [b for b in schedule.get_child_blocks(schedule.get_sblock("root")) if schedule.get(b).name_hint not in (product.block, PAD_BLOCK)]
+    rows, columns, reduction = schedule.get_loops(block)
+    # The packed weight's units are whole tiles of the layer's own tile (see pack_weight), and so that
+    # tile is also theirs.
+    tile = default_tile(int(schedule.get(columns).extent), lanes)
+    row_tiles, row = schedule.split(rows, factors=[None, tile.rows])
+    panels, vector, unit = schedule.split(columns, factors=[None, tile.vectors, UNITS])
+    steps, group = schedule.split(reduction, factors=[None, product.group])
+    schedule.reorder(panels, row_tiles, steps, row, vector, unit, group)
+    # One parallel loop over (panel, row tile), panel-major: each thread takes a contiguous range, so
+    # it runs a panel's weights (K x 64 bytes a vector) over many row tiles while they stay in L1.
+    tiles = schedule.fuse(panels, row_tiles)
+    accumulators = schedule.cache_write(block, 0, "local")
+    schedule.compute_inline(accumulators)  # the epilogue reads the local tile
+    for output in outputs:
+        schedule.reverse_compute_at(output, tiles)
+        vectorize_columns(schedule, schedule.get_loops(output)[-1], lanes)
+    pad = schedule.get_sblock(PAD_BLOCK)
+    schedule.compute_at(pad, tiles)
+    vectorize_columns(schedule, schedule.get_loops(pad)[-1], lanes)
+    schedule.parallel(tiles)  # before tensorize: the tensorized update is no longer a reduction block
+    init = schedule.decompose_reduction(block, steps)
+    schedule.vectorize(schedule.get_loops(init)[-1])
+    schedule.tensorize(unit, product.intrinsic)
+    schedule.unroll(row)
+    schedule.unroll(vector)
+    return True
+
+
+def _row_range_rule(schedule: s_tir.Schedule, lanes: int) -> bool:
+    """A kernel that is one max or min over the last axis of a [rows, K] input (an activation's range,
+    per row): `lanes` partial results per row, each over every lanes-th element (a vector max / min
+    per step), then reduced. Single-threaded, as the codes kernel: see _codes_rule."""
+    blocks = schedule.get_child_blocks(schedule.get_sblock("root"))
+    if len(blocks) != 1:
+        return False
+    block = blocks[0]
+    stmt = schedule.get(block)
+    kinds = [var.iter_type for var in stmt.iter_vars]
+    if kinds != [DATA_PARALLEL, DATA_PARALLEL, COMM_REDUCE] or not isinstance(stmt.body.value, (tirx.Max, tirx.Min)):
+        return False
+    rows, _, reduction = schedule.get_loops(block)
+    extent = schedule.get(reduction).extent
+    if not isinstance(extent, tirx.IntImm) or int(extent) % lanes:
+        return False
+    _, lane = schedule.split(reduction, factors=[None, lanes])
+    partial = schedule.rfactor(lane, factor_axis=2)
+    schedule.compute_at(partial, rows)
+    *_, lane, steps = schedule.get_loops(partial)  # compute_at put the lanes outside
+    schedule.reorder(steps, lane)
+    schedule.vectorize(lane)  # before decompose_reduction: vectorize refuses an update block apart from its init
+    init = schedule.decompose_reduction(partial, steps)
+    schedule.vectorize(schedule.get_loops(init)[-1])
+    return True
+
+
+def _codes_rule(schedule: s_tir.Schedule, lanes: int) -> bool:
+    """The kernel writing an activation's uint8 codes (x / scale, rounded, + zero point, clipped,
+    narrowed) from [rows, K] float32: one loop nest, vectorized along the rows. Single-threaded: these
+    kernels stream a few hundred KB at batch 2048, and on the shared 2-core machine waking the second
+    thread cost more than it saved at batch 64 and 2048 alike (whole-model medians, README)."""
+    output = schedule.get(schedule.get_child_blocks(schedule.get_sblock("root"))[-1])
+    if not (isinstance(output.body, tirx.BufferStore) and output.body.buffer.dtype == "uint8" and len(output.iter_vars) == 2):
+        return False
+    if any(var.iter_type != DATA_PARALLEL for block in schedule.get_child_blocks(schedule.get_sblock("root")) for var in schedule.get(block).iter_vars):
+        return False
+    inline_into_output(schedule, keep=())
+    (block,) = schedule.get_child_blocks(schedule.get_sblock("root"))
+    _, columns = schedule.get_loops(block)
+    vectorize_columns(schedule, columns, lanes)
+    return True
+
+
+def apply_dot_schedules(module: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """The dot-product kernels, and on VNNI targets the activation quantization kernels, scheduled (see
+    above); the other kernels are left to the default CPU rules. Unchanged on a target with neither
+    product."""
+    rules = [_dot_rule] if any(has_dot_product(target, product) for product in PRODUCTS) else []
+    if has_dot_product(target, INT8):
+        rules += [_row_range_rule, _codes_rule]
+    updates = {}
+    for symbol, function in module.functions.items():
+        if not isinstance(function, tirx.PrimFunc):
+            continue
+        for rule in rules:
+            schedule = s_tir.Schedule(function)
+            try:
+                if rule(schedule, LANES):
+                    updates[symbol] = schedule.mod["main"]
+                    break
+            except s_tir.ScheduleError:  # the kernel does not have the rule's form after all
+                continue
+    for symbol, function in updates.items():
+        module[symbol] = function
+    return module

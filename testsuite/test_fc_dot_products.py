@@ -1,0 +1,176 @@
+"""int8 and bf16 FC layers on AVX-512's dot-product instructions (targets/cpu_dot_schedules.py), the
+path of x86 targets without AMX: vpdpbusd (VNNI) and vdpbf16ps (AVX512-BF16) in the artifact, one
+kernel per layer, agreement with onnxruntime's run of the rewritten graph (layers of any shape, with
+and without bias, batches inside and past the register tile), bf16 rounding ties, targets without the
+instruction keeping the plain product, and -O3.
+
+The targets are Intel CPUs without AMX whose code runs on any CPU with the instruction; running it
+needs such a host, and those tests skip elsewhere."""
+
+import re
+import subprocess
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import reccc
+from reccc.ir import Model
+from reccc.reference import agreement, run_reference
+from reccc.sample_inputs import random_inputs
+from reccc.targets import cpu_amx_schedules, cpu_dot_schedules, x86
+from testsuite.conftest import model_path
+
+PRODUCTS = {"int8": cpu_dot_schedules.INT8, "bf16": cpu_dot_schedules.BF16}
+TARGETS = {
+    "int8": '--target={"kind": "llvm", "mcpu": "icelake-server"}',  # AVX-512 VNNI; no AMX, no AVX-512 BF16
+    "bf16": '--target={"kind": "llvm", "mcpu": "cooperlake"}',  # AVX-512 VNNI and BF16; no AMX
+}
+WITHOUT_INSTRUCTION = {
+    "int8": '--target={"kind": "llvm", "mcpu": "skylake-avx512"}',
+    "bf16": '--target={"kind": "llvm", "mcpu": "icelake-server"}',
+}
+INSTRUCTION = {"int8": "vpdpbusd", "bf16": "vdpbf16ps"}
+AMX_TARGET = '--target={"kind": "llvm", "mcpu": "sapphirerapids"}'
+
+
+def _needs_host_with(precision: str) -> None:
+    if not cpu_dot_schedules.has_dot_product(x86.host_cpu().tvm_target(), PRODUCTS[precision]):
+        pytest.skip(f"this CPU has no {INSTRUCTION[precision]} to run the kernels on")
+
+
+def _compile_both(reccc_cli, tmp_path, source, *flags):
+    library, graph = tmp_path / "m.so", tmp_path / "m.onnx"
+    for output, emit in ((library, "library"), (graph, "onnx")):
+        result = reccc_cli(source, f"--emit={emit}", *flags, "-o", output)
+        assert result.code == 0, result.stderr
+    return library, onnx.load(graph)
+
+
+def _disassembly(library) -> str:
+    return subprocess.run(["objdump", "-d", str(library)], capture_output=True, text=True, check=True).stdout
+
+
+def _dot_kernels(library, precision: str) -> list[str]:
+    symbols = subprocess.run(["nm", "-D", "--defined-only", str(library)], capture_output=True, text=True, check=True).stdout
+    return [line.split()[-1] for line in symbols.splitlines() if PRODUCTS[precision].block in line]
+
+
+def _layer_count(graph: onnx.ModelProto, precision: str) -> int:
+    if precision == "int8":
+        return sum(node.op_type == "MatMulInteger" for node in graph.graph.node)
+    return sum(node.name.endswith("__round_input") for node in graph.graph.node)
+
+
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
+def test_layers_run_on_the_dot_product(reccc_cli, tmp_path, precision):
+    """Each int8 / bf16 layer of the DLRM is one kernel whose product is the instruction on zmm
+    registers, and the artifact agrees with onnxruntime's run of the rewritten graph (bf16 activations
+    rounded as its Casts round them) at batches that are and are not multiples of the row tile."""
+    _needs_host_with(precision)
+    library, graph = _compile_both(reccc_cli, tmp_path, model_path("dlrm"), f"--fc-precision={precision}", TARGETS[precision])
+    assert len(_dot_kernels(library, precision)) == _layer_count(graph, precision) == 4
+    assert re.search(rf"\b{INSTRUCTION[precision]}\s+\S*%zmm", _disassembly(library))
+    artifact = reccc.load(library)
+    for batch in (1, 6, 64, 257):
+        feeds = random_inputs(Model.from_onnx(graph), batch, seed=batch)
+        for output, (error, bound) in agreement(run_reference(graph, feeds), artifact.run(feeds)).items():
+            assert error <= bound, (batch, output, error, bound)
+
+
+def _one_layer_model(path, fan_in: int, units: int, bias: bool):
+    rng = np.random.default_rng(fan_in * 1000 + units)
+    initializers = [numpy_helper.from_array(rng.standard_normal((fan_in, units)).astype(np.float32), "W")]
+    inputs = ["x", "W"]
+    if bias:
+        initializers.append(numpy_helper.from_array(rng.standard_normal(units).astype(np.float32), "B"))
+        inputs.append("B")
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", inputs, ["h"], name="fc"), helper.make_node("Relu", ["h"], ["y"])], "one_layer",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", fan_in])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", units])], initializers,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
+@pytest.mark.parametrize("fan_in, units", [(13, 20), (64, 16), (30, 72), (100, 112), (416, 400)])
+def test_layer_of_any_shape(reccc_cli, tmp_path, precision, fan_in, units):
+    """Inputs not a multiple of the instruction's group (4 int8, 2 bf16) and units not a multiple of 16
+    or of the register tile's vectors (3, 4, 5 or 6 of 16) are zero-padded in the kernel, rows to the
+    4-row tile. Without a bias the int8 layer equals onnxruntime's run exactly (integer sums, the same
+    float operations after); bf16 sums in another order, within the fp32 bound. With a bias and Relu
+    fused, both within the fp32 bound."""
+    _needs_host_with(precision)
+    for bias in (False, True):
+        folder = tmp_path / f"bias_{bias}"
+        folder.mkdir()
+        source = _one_layer_model(folder / "fc.onnx", fan_in, units, bias)
+        library, graph = _compile_both(reccc_cli, folder, source, f"--fc-precision={precision}", TARGETS[precision])
+        assert len(_dot_kernels(library, precision)) == 1
+        artifact = reccc.load(library)
+        rng = np.random.default_rng(units)
+        for batch in (1, 3, 4, 5, 33):
+            x = (rng.standard_normal((batch, fan_in)) * 4).astype(np.float32)
+            actual, expected = np.asarray(artifact.run({"x": x})["y"]), run_reference(graph, {"x": x})["y"]
+            if precision == "int8" and not bias:
+                np.testing.assert_array_equal(actual, expected)
+            else:
+                for output, (error, bound) in agreement({"y": expected}, {"y": actual}).items():
+                    assert error <= bound, (bias, batch, error, bound)
+
+
+@pytest.mark.parametrize("kernel", ["dot", "amx"])
+def test_bf16_rounding_ties_agree(reccc_cli, tmp_path, kernel):
+    """The bf16 kernels round their input to nearest even, as onnxruntime's Cast does: inputs exactly
+    halfway between two bf16 numbers, times weights of 1 (every sum exact, in any order), give
+    onnxruntime's outputs bit for bit, which truncation or rounding half away from zero would not."""
+    if kernel == "dot":
+        _needs_host_with("bf16")
+    elif not cpu_amx_schedules.has_amx(x86.host_cpu().tvm_target(), cpu_amx_schedules.BF16):
+        pytest.skip("this CPU (or its kernel) has no AMX-BF16 to run the kernels on")
+    fan_in, units = 16, 8
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"], name="fc")], "ties",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", fan_in])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", units])],
+        [numpy_helper.from_array(np.ones((fan_in, units), np.float32), "W")],
+    )
+    source = tmp_path / "ties.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), source)
+    target = TARGETS["bf16"] if kernel == "dot" else AMX_TARGET
+    library, rewritten = _compile_both(reccc_cli, tmp_path, source, "--fc-precision=bf16", target)
+    assert _dot_kernels(library, "bf16") if kernel == "dot" else "tdpbf16ps" in _disassembly(library)
+    # 1 + (2m + 1) / 256 lies halfway between two bf16 numbers (7 fraction bits); so do their negatives.
+    ties = np.array([1 + (2 * m + 1) / 256 for m in range(fan_in // 2)], np.float32)
+    x = np.stack([np.concatenate([ties, -ties]), np.concatenate([ties[::-1], ties])])
+    expected = run_reference(rewritten, {"x": x})["y"]
+    np.testing.assert_array_equal(np.asarray(reccc.load(library).run({"x": x})["y"]), expected)
+    truncated = (x.view(np.uint32) & 0xFFFF0000).view(np.float32) @ np.ones((fan_in, units), np.float32)
+    assert not np.array_equal(truncated, expected)
+
+
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
+def test_target_without_the_instruction_keeps_the_plain_product(reccc_cli, tmp_path, precision):
+    """A target without the instruction (int8: Skylake-SP, no VNNI; bf16: Ice Lake-SP, no AVX-512 BF16)
+    builds no dot-product kernel and no such instruction; this CPU runs that code too, and it agrees
+    with onnxruntime (int8; the bf16 layers' weights-only numbers: test_fc_precision.py)."""
+    library, graph = _compile_both(reccc_cli, tmp_path, model_path("dlrm"), f"--fc-precision={precision}", WITHOUT_INSTRUCTION[precision])
+    assert not _dot_kernels(library, precision) and INSTRUCTION[precision] not in _disassembly(library)
+    if precision == "int8":
+        feeds = random_inputs(Model.from_onnx(graph), 64, seed=3)
+        for output, (error, bound) in agreement(run_reference(graph, feeds), reccc.load(library).run(feeds)).items():
+            assert error <= bound, (output, error, bound)
+
+
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
+def test_dot_kernels_at_o3(reccc_cli, tmp_path, precision):
+    """-O3 builds on -O2's schedules: its layers are the dot-product kernels too (here from an empty
+    tuning database, so nothing is tuned)."""
+    library = tmp_path / "m.so"
+    result = reccc_cli(model_path("dlrm"), "-O3", f"--fc-precision={precision}", "--embedding-quant=none", "--tune-trials", "0",
+                       "--tune-db", tmp_path / "db", TARGETS[precision], "-o", library)
+    assert result.code == 0, result.stderr
+    assert len(_dot_kernels(library, precision)) == 4 and INSTRUCTION[precision] in _disassembly(library)
