@@ -5,6 +5,7 @@ model (issue 7's anchor: 6 tables of dim 64, MLPs 13-128-64-64 and 448-256-64-1)
 
     python tools/bench_fc_precision.py                         # batches 64 and 2048, -O2
     python tools/bench_fc_precision.py --batches 64 --repeats 30 --models dlrm
+    python tools/bench_fc_precision.py --target '{"kind": "llvm", "mcpu": "cooperlake"}'   # no AMX
 
 All variants run in one process on the same inputs; one round runs each variant once, each round
 starting at the next variant, rounds are repeated (interleaved, so load on a shared machine hits
@@ -12,7 +13,8 @@ every variant alike) and the median is reported. onnxruntime runs with as many i
 idle, reccc's artifacts with one TVM thread per core (set before the first compile, as reccc.load sets it). Deviation: max abs difference of the sigmoid output from the fp32
 model in onnxruntime, on the batch. The machine's load average is printed before and after each model
 (on a shared machine it says how far the medians can be trusted). Results go to
-bench-results/fc_precision.json.
+bench-results/fc_precision.json, or with --target to bench-results/fc_precision-MCPU.json (a target
+other than this CPU's, such as one without AMX, must be one this CPU runs).
 """
 
 import argparse
@@ -73,7 +75,7 @@ def _median_ms(runs: dict, feeds: dict, repeats: int) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def bench_model(name: str, work: Path, batches: list[int], repeats: int, opt_level: int) -> dict:
+def bench_model(name: str, work: Path, batches: list[int], repeats: int, opt_level: int, target: str) -> dict:
     source = work / f"{name}.onnx"
     onnx.save(MODELS[name](), source)
     quantized_by_ort = work / f"{name}.ort_int8.onnx"
@@ -81,7 +83,7 @@ def bench_model(name: str, work: Path, batches: list[int], repeats: int, opt_lev
     artifacts = {}
     for precision in PRECISIONS:
         library = work / f"{name}.{precision}.so"
-        reccc.compile(source, library, opt_level=opt_level, fc_precision=precision)
+        reccc.compile(source, library, target=target, opt_level=opt_level, fc_precision=precision)
         artifacts[precision] = reccc.load(library)
     sessions = {"onnxruntime fp32": _session(source), "onnxruntime quantize_dynamic": _session(quantized_by_ort)}
     runs = {label: (lambda feeds, s=session: s.run(None, feeds)[0]) for label, session in sessions.items()}
@@ -109,12 +111,21 @@ def _load() -> list[float]:
     return [round(value, 2) for value in os.getloadavg()]
 
 
+def _suffix(target: str) -> str:
+    """The results file's suffix for `target`: none for this CPU, else its CPU name (or the target's)."""
+    if target == "x86":
+        return ""
+    name = json.loads(target).get("mcpu", "llvm") if target.startswith("{") else target
+    return "-" + "".join(c if c.isalnum() else "-" for c in name)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
     parser.add_argument("--batches", default="64,2048")
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("-O", dest="opt_level", type=int, default=2, help="reccc's optimization level (default 2)")
+    parser.add_argument("--target", default="x86", help="reccc's --target (default x86: this CPU)")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     # reccc.load sets this for the process, but compiling here first starts TVM's thread pool with TVM's
@@ -124,13 +135,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-fc-") as scratch:
         for name in args.models.split(","):
             before = _load()
-            results[name] = bench_model(name, Path(scratch), batches, args.repeats, args.opt_level)
+            results[name] = bench_model(name, Path(scratch), batches, args.repeats, args.opt_level, args.target)
             load[name] = {"before": before, "after": _load()}
             print(f"{name}: load average {before} before, {load[name]['after']} after")
-    out = REPO_ROOT / "bench-results" / "fc_precision.json"
+    out = REPO_ROOT / "bench-results" / f"fc_precision{_suffix(args.target)}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                               "opt_level": args.opt_level, "repeats": args.repeats, "load_average": load, "results": results}, indent=1))
+                               "target": args.target, "opt_level": args.opt_level, "repeats": args.repeats, "load_average": load, "results": results}, indent=1))
     print(f"wrote {out}")
 
 
