@@ -12,12 +12,12 @@ stays the reference for the compiled artifact:
          (DynamicQuantizeLinear's rule applied per row; onnxruntime's quantize_dynamic uses one per
          tensor). The zero point is taken out of the int32 accumulator by its exact correction
          zp·colsum(Wq) rather than by MatMulInteger's a_zero_point input, so the product stays
-         uint8 x int8, the operand shape of x86's VNNI vpdpbusd (reccc.targets.cpu_int8_schedules
+         uint8 x int8, the operand shape of x86's VNNI vpdpbusd (reccc.targets.cpu_dot_schedules
          lowers it so). One activation read by several int8 layers is quantized once.
   bf16   y = Gemm/MatMul(bf16(x), bf16(W)) in fp32: weights stored as bfloat16 (half the bytes), the
          activation rounded to bfloat16 by Cast; both are widened back with Cast, so every product of
          two bf16 values is exact in fp32 and the sum accumulates in fp32, as AVX-512 BF16's vdpbf16ps
-         does.
+         does (reccc.targets.cpu_dot_schedules lowers it so where the target has it).
 
 details() reports each layer's precision and the largest error its weight quantization introduced.
 """
