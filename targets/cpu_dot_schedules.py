@@ -1,7 +1,11 @@
-"""FC layers on x86's AVX-512 dot-product instructions, for the layers of passes/fc_quantization.py
-that AMX (cpu_amx_schedules.py) did not take: int8 on VNNI's vpdpbusd (16 int32 sums, each of 4
-uint8 x int8 products: 64 multiply-adds an instruction) and bf16 on AVX512-BF16's vdpbf16ps (16 fp32
-sums, each of 2 bf16 x bf16 products: 32 multiply-adds). With their quantization kernels scheduled.
+"""FC layers on the CPUs' vector dot-product instructions, for the layers of passes/fc_quantization.py
+that AMX (cpu_amx_schedules.py) did not take:
+- x86 with AVX-512: int8 on VNNI's vpdpbusd (16 int32 sums, each of 4 uint8 x int8 products: 64
+  multiply-adds an instruction), bf16 on AVX512-BF16's vdpbf16ps (16 fp32 sums, each of 2 bf16
+  products: 32);
+- aarch64: int8 on the dot-product extension's sdot (4 int32 sums, each of 4 int8 x int8 products:
+  16), bf16 on the BF16 extension's bfdot (4 fp32 sums, each of 2 bf16 products: 8).
+With their quantization kernels scheduled.
 
 TVM's importer widens both MatMulInteger operands to int32 (an int32 x int32 loop: vpmulld, slower
 than fp32 FMAs), and its BF16 legalization drops the activations' rounding and computes the bf16
@@ -13,28 +17,32 @@ both:
   - bf16 layer, matmul(astype(astype(x, bfloat16), float32), W) with W a constant of bf16 numbers, by
     a kernel that reads the fp32 x and rounds it to bf16 itself (to nearest even, as onnxruntime's
     Cast);
-  with W packed as [N/16, K/g, 16, g] (16 units x g inputs per 64-byte row, g = 4 int8 or 2 bf16:
-  the instruction's second operand), zero-padded to whole blocks and to the register tile's columns.
-  TVM's fusion then fuses the layer's epilogue (zero-point correction, scales, bias, activation) into
-  it, as it does for a matmul.
+  with W packed as [N/u, K/g, u, g] (u units x g inputs per vector register, u = 16 (AVX-512) or 4
+  (NEON), g = 4 int8 or 2 bf16: the instruction's second operand), zero-padded to whole blocks and
+  to the register tile's columns. sdot multiplies signed bytes only: its kernel reads each code c as
+  the int8 c - 128 (its top bit flipped) and adds 128 x the unit's weight sum back to the sums, which
+  is exact. TVM's fusion then fuses the layer's epilogue (zero-point correction, scales, bias,
+  activation) into the kernel, as it does for a matmul.
 - `apply_dot_schedules` (on the fused module, before the default CPU rules) tensorizes those kernels
-  in the fp32 matmuls' register tile (cpu_schedules.default_tile: 4 rows x 3-6 vectors of 16
-  units), one parallel loop over (column panel, row tile) so each thread keeps a panel's weights in
+  in the fp32 matmuls' register tile (cpu_schedules.default_tile: 4 rows x 3-6 vectors of units),
+  one parallel loop over (column panel, row tile) so each thread keeps a panel's weights in
   L1, the tile's activation rows copied (bf16: rounded) into a zero-padded tile, and the epilogue
   computed per tile while its sums are in registers. The activation quantization kernels of the int8
-  layers are vectorized: each row's max and min in 16 lanes (max and min are exact in any order, so
-  the codes stay those onnxruntime computes), the codes as one loop nest along the row.
+  layers are vectorized: each row's max and min in the target's vector lanes (max and min are exact
+  in any order, so the codes stay those onnxruntime computes), the codes as one loop nest along the
+  row.
 The products are exact and accumulate in int32 (vpdpbusd, unlike vpdpbusds, does not saturate: each
-uint8 x int8 product fits 16 bits) or in fp32 (vdpbf16ps; it flushes denormal inputs and results), so
-the artifact agrees with onnxruntime's run of the rewritten graph exactly (int8) or to the fp32 bound
-of the summation order (bf16).
+uint8 x int8 product fits 16 bits; so does sdot) or in fp32 (vdpbf16ps and bfdot flush denormal
+inputs and results and may round a pair's sum otherwise than two fp32 additions), so the artifact agrees
+with onnxruntime's run of the rewritten graph exactly (int8) or to the fp32 bound of the summation
+order (bf16).
 
 TVM's own VNNI intrinsic (tvm.s_tir.tensor_intrin.x86) passes the operands as <16 x i32>, which the
 LLVM in TVM 0.27 rejects (vpdpbusd.512 takes <64 x i8> there), so this module registers its own.
-vdpbf16ps takes <32 x bfloat> operands, which TIR cannot express (TVM's BF16 legalization turns every
-bfloat16 value into fp32 or uint16 before code generation), so its intrinsic calls an LLVM function
-that bitcasts <16 x i32> to <32 x bfloat>, linked into the kernel's module (`pragma_import_llvm`)
-and inlined there.
+vdpbf16ps and bfdot take <32 x bfloat> / <8 x bfloat> operands, which TIR cannot express (TVM's BF16
+legalization turns every bfloat16 value into fp32 or uint16 before code generation), so their
+intrinsics call an LLVM function that bitcasts i32 vectors to bfloat ones, linked into the kernel's
+module (`pragma_import_llvm`) and inlined there.
 """
 
 import functools
@@ -48,10 +56,8 @@ from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 from tvm.target import codegen
 
-from reccc.targets.cpu_schedules import default_tile
+from reccc.targets.cpu_schedules import default_tile, vector_lanes
 
-UNITS = 16  # sums per instruction: one AVX-512 register of int32 / fp32
-LANES = 16
 DOT_BLOCK = "matmul_dot_{}"  # by product: matmul_dot_int8, matmul_dot_bf16
 PAD_BLOCK = "matmul_dot_rows"
 DATA_PARALLEL, COMM_REDUCE = 0, 2  # IterVar.iter_type of a spatial and of a reduction block var
@@ -59,25 +65,34 @@ DATA_PARALLEL, COMM_REDUCE = 0, 2  # IterVar.iter_type of a spatial and of a red
 
 @dataclass(frozen=True)
 class DotProduct:
-    """One of AVX-512's dot products: the kernel's operand types (the bf16 ones as their bits, which TVM
-    leaves alone), the accumulator, inputs per 32-bit group, its tensor intrinsic, LLVM's feature."""
+    """A vector dot-product instruction: the FC precision it serves, the kernel's operand types (the
+    bf16 ones as their bits, which TVM leaves alone), the accumulator, inputs per 32-bit group, sums
+    per instruction (one vector register of them), its tensor intrinsic, LLVM's target feature."""
 
-    name: str
+    precision: str
     activation: str
     weight: str
     accumulator: str
     group: int
+    units: int
     intrinsic: str
     feature: str
 
     @property
     def block(self) -> str:
-        return DOT_BLOCK.format(self.name)
+        return DOT_BLOCK.format(self.precision)
+
+    @property
+    def shifts_codes(self) -> bool:
+        """Whether the instruction takes the uint8 codes as signed bytes (code - 128)."""
+        return self.activation == "int8"
 
 
-INT8 = DotProduct("int8", "uint8", "int8", "int32", 4, "reccc_dot_16x4_u8i8i32_vnni", "avx512vnni")
-BF16 = DotProduct("bf16", "uint16", "uint16", "float32", 2, "reccc_dot_16x2_bf16f32_avx512", "avx512bf16")
-PRODUCTS = (INT8, BF16)
+VNNI = DotProduct("int8", "uint8", "int8", "int32", 4, 16, "reccc_dot_16x4_u8i8i32_vnni", "avx512vnni")
+AVX512_BF16 = DotProduct("bf16", "uint16", "uint16", "float32", 2, 16, "reccc_dot_16x2_bf16f32_avx512", "avx512bf16")
+NEON_SDOT = DotProduct("int8", "int8", "int8", "int32", 4, 4, "reccc_dot_4x4_i8i8i32_sdot", "dotprod")
+NEON_BFDOT = DotProduct("bf16", "uint16", "uint16", "float32", 2, 4, "reccc_dot_4x2_bf16f32_bfdot", "bf16")
+PRODUCTS = (VNNI, AVX512_BF16, NEON_SDOT, NEON_BFDOT)
 
 
 def widened(value, dtype: str, accumulator: str):
@@ -90,17 +105,17 @@ def widened(value, dtype: str, accumulator: str):
 def _description(product: DotProduct):
     """The instruction's computation, with the accumulators in a local buffer: the kernel keeps its
     tile of sums there across the reduction."""
-    group, activation, weight, accumulator = product.group, product.activation, product.weight, product.accumulator
+    group, units, activation, weight, accumulator = product.group, product.units, product.activation, product.weight, product.accumulator
 
     @T.prim_func(s_tir=True)
     def description(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (group,), activation, offset_factor=1)
-        B = T.match_buffer(b, (UNITS, group), weight, offset_factor=1)
-        C = T.match_buffer(c, (UNITS,), accumulator, offset_factor=1, scope="local")
+        B = T.match_buffer(b, (units, group), weight, offset_factor=1)
+        C = T.match_buffer(c, (units,), accumulator, offset_factor=1, scope="local")
         with T.sblock("root"):
-            T.reads(C[0:UNITS], A[0:group], B[0:UNITS, 0:group])
-            T.writes(C[0:UNITS])
-            for i, k in T.grid(UNITS, group):
+            T.reads(C[0:units], A[0:group], B[0:units, 0:group])
+            T.writes(C[0:units])
+            for i, k in T.grid(units, group):
                 with T.sblock("update"):
                     vi, vk = T.axis.remap("SR", [i, k])
                     C[vi] = C[vi] + widened(A[vk], activation, accumulator) * widened(B[vi, vk], weight, accumulator)
@@ -127,40 +142,73 @@ def _dot_16x4_vnni(
         )
 
 
-# vdpbf16ps with its bf16 operands passed as <16 x i32>: the function the bf16 intrinsic calls.
-DPBF16PS = "reccc_avx512_dpbf16ps"
-_DPBF16PS_LLVM = f"""
-declare <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float>, <32 x bfloat>, <32 x bfloat>)
-define linkonce_odr <16 x float> @{DPBF16PS}(<16 x float> %sums, <16 x i32> %a, <16 x i32> %b) alwaysinline {{
-  %pairs = bitcast <16 x i32> %a to <32 x bfloat>
-  %weights = bitcast <16 x i32> %b to <32 x bfloat>
-  %result = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %sums, <32 x bfloat> %pairs, <32 x bfloat> %weights)
-  ret <16 x float> %result
+def _bf16_dot_llvm(function: str, intrinsic: str, sums: int) -> str:
+    """LLVM IR of `function`: the bf16 dot-product `intrinsic` on `sums` fp32 sums, with its bf16
+    operands passed as i32 vectors (pairs of bf16)."""
+    wide, pairs, bf16 = f"<{sums} x float>", f"<{sums} x i32>", f"<{2 * sums} x bfloat>"
+    return f"""
+declare {wide} @{intrinsic}({wide}, {bf16}, {bf16})
+define linkonce_odr {wide} @{function}({wide} %sums, {pairs} %a, {pairs} %b) alwaysinline {{
+  %activations = bitcast {pairs} %a to {bf16}
+  %weights = bitcast {pairs} %b to {bf16}
+  %result = call {wide} @{intrinsic}({wide} %sums, {bf16} %activations, {bf16} %weights)
+  ret {wide} %result
 }}
 """
 
 
+def _bf16_dot(product: DotProduct, intrinsic: str):
+    """The implementation of a bf16 product: the broadcast pair of activations and the weights, as i32
+    vectors, through the LLVM function (see the module's docstring)."""
+    units = product.units
+    function = f"{product.intrinsic}_llvm"
+    llvm_ir = _bf16_dot_llvm(function, intrinsic, units)
+    sums, pairs = f"float32x{units}", f"int32x{units}"
+
+    @T.prim_func(s_tir=True)
+    def implementation(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (2,), "uint16", offset_factor=1)
+        B = T.match_buffer(b, (units, 2), "uint16", offset_factor=1)
+        C = T.match_buffer(c, (units,), "float32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:units], A[0:2], B[0:units, 0:2])
+            T.writes(C[0:units])
+            with T.attr(0, "pragma_import_llvm", llvm_ir):
+                pair = T.reinterpret(A.vload([0], "uint16x2"), dtype="int32")
+                C[T.ramp(T.int32(0), 1, units)] = T.call_pure_extern(
+                    sums, function, C.vload([0], dtype=sums), T.broadcast(pair, units),
+                    T.reinterpret(B.vload([0, 0], dtype=f"uint16x{2 * units}"), dtype=pairs),
+                )
+
+    return implementation
+
+
 @T.prim_func(s_tir=True)
-def _dot_16x2_bf16(
-    A: T.Buffer((2,), "uint16", offset_factor=1),
-    B: T.Buffer((16, 2), "uint16", offset_factor=1),
-    C: T.Buffer((16,), "float32", offset_factor=1, scope="local"),
+def _dot_4x4_sdot(
+    A: T.Buffer((4,), "int8", offset_factor=1),
+    B: T.Buffer((4, 4), "int8", offset_factor=1),
+    C: T.Buffer((4,), "int32", offset_factor=1, scope="local"),
 ) -> None:
     with T.sblock("root"):
-        T.reads(C[0:16], A[0:2], B[0:16, 0:2])
-        T.writes(C[0:16])
-        with T.attr(0, "pragma_import_llvm", _DPBF16PS_LLVM):
-            pair = T.reinterpret(A.vload([0], "uint16x2"), dtype="int32")
-            C[T.ramp(T.int32(0), 1, 16)] = T.call_pure_extern(
-                "float32x16", DPBF16PS,
-                C.vload([0], dtype="float32x16"),
-                T.broadcast(pair, 16),
-                T.reinterpret(B.vload([0, 0], dtype="uint16x32"), dtype="int32x16"),
-            )
+        T.reads(C[0:4], A[0:4], B[0:4, 0:4])
+        T.writes(C[0:4])
+        four = T.reinterpret(A.vload([0], "int8x4"), dtype="int32")
+        C[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
+            C.vload([0], dtype="int32x4"),
+            T.reinterpret(T.broadcast(four, 4), dtype="int8x16"),
+            B.vload([0, 0], dtype="int8x16"),
+            dtype="int32x4",
+        )
 
 
-TensorIntrin.register(INT8.intrinsic, _description(INT8), _dot_16x4_vnni)
-TensorIntrin.register(BF16.intrinsic, _description(BF16), _dot_16x2_bf16)
+for _product, _implementation in (
+    (VNNI, _dot_16x4_vnni),
+    (AVX512_BF16, _bf16_dot(AVX512_BF16, "llvm.x86.avx512bf16.dpbf16ps.512")),
+    (NEON_SDOT, _dot_4x4_sdot),
+    (NEON_BFDOT, _bf16_dot(NEON_BFDOT, "llvm.aarch64.neon.bfdot.v4f32.v8bf16")),
+):
+    TensorIntrin.register(_product.intrinsic, _description(_product), _implementation)
 
 
 def has_dot_product(target: tvm.target.Target, product: DotProduct) -> bool:
@@ -171,19 +219,21 @@ def _round_up(value, multiple):
     return (value + multiple - 1) // multiple * multiple
 
 
-def _tile_vectors(units: int) -> int:
-    return default_tile(units, LANES).vectors
-
-
 def pack_weight(weight: np.ndarray, product: DotProduct) -> np.ndarray:
-    """[K, N] (int8, or bf16 as its uint16 bits) as [N'/16, K'/g, 16, g], with K' rounded up to the
-    group g and N' to whole register tiles of units, zeros in the padding:
-    packed[p, q, u, i] = weight[g*q + i, 16*p + u]."""
+    """[K, N] (int8, or bf16 as its uint16 bits) as [N'/u, K'/g, u, g] (u the product's units, g its
+    group), with K' rounded up to g and N' to whole register tiles of units, zeros in the padding:
+    packed[p, q, v, i] = weight[g*q + i, u*p + v]."""
     inputs, units = weight.shape
-    group = product.group
-    padded = np.zeros((_round_up(inputs, group), _round_up(units, _tile_vectors(units) * UNITS)), weight.dtype)
+    group, lanes = product.group, product.units
+    padded = np.zeros((_round_up(inputs, group), _round_up(units, default_tile(units, lanes).vectors * lanes)), weight.dtype)
     padded[:inputs, :units] = weight
-    return np.ascontiguousarray(padded.reshape(-1, group, padded.shape[1] // UNITS, UNITS).transpose(2, 0, 3, 1))
+    return np.ascontiguousarray(padded.reshape(-1, group, padded.shape[1] // lanes, lanes).transpose(2, 0, 3, 1))
+
+
+def shifted_codes_correction(weight: np.ndarray) -> np.ndarray:
+    """What a product of codes taken as signed bytes (code - 128) lacks, per unit: 128 x the unit's
+    weight sum (int32, exact)."""
+    return 128 * weight.astype(np.int32).sum(axis=0, dtype=np.int32)
 
 
 def bf16_bits(x: te.Tensor):
@@ -211,27 +261,39 @@ def zero_padded(bits_of, rows, inputs, shape: tuple[int, int], dtype: str, name:
     return te.compute(shape, lambda i, k: tirx.if_then_else(i < rows, element(i, k), zero), name=name)
 
 
-def _dot_matmul(x: te.Tensor, packed: te.Tensor, units: int, product: DotProduct) -> te.Tensor:
+def _activation_bits(x: te.Tensor, product: DotProduct):
+    """(i, k) -> the product's activation operand for x[i, k]: the fp32 x rounded to bf16, the uint8
+    code as it is, or the code as the signed byte code - 128 (its top bit flipped)."""
+    if product.precision == "bf16":
+        return bf16_bits(x)
+    if product.shifts_codes:
+        return lambda i, k: tirx.reinterpret("int8", x[i, k] ^ tirx.const(0x80, "uint8"))
+    return lambda i, k: x[i, k]
+
+
+def _dot_matmul(x: te.Tensor, packed: te.Tensor, *correction: te.Tensor, units: int, product: DotProduct) -> te.Tensor:
     """[rows, units] sums of x (uint8 codes, or fp32 rounded to bf16 here) times the weight `packed`
-    holds. The product runs on rows padded to the register tile and inputs padded to the group (zeros,
-    which the weight's zero padding multiplies), so the tensorized loops need no bounds checks."""
+    holds, plus `correction` per unit where the product shifts the codes. The product runs on rows
+    padded to the register tile and inputs padded to the group (zeros, which the weight's zero padding
+    multiplies), so the tensorized loops need no bounds checks."""
     rows, inputs = x.shape
-    group = product.group
-    bits_of = bf16_bits(x) if product is BF16 else (lambda i, k: x[i, k])
-    shape = (_round_up(rows, default_tile(units, LANES).rows), int(packed.shape[1]) * group)
-    padded = zero_padded(bits_of, rows, inputs, shape, product.activation, PAD_BLOCK)
+    group, lanes = product.group, product.units
+    shape = (_round_up(rows, default_tile(units, lanes).rows), int(packed.shape[1]) * group)
+    padded = zero_padded(_activation_bits(x, product), rows, inputs, shape, product.activation, PAD_BLOCK)
     k = te.reduce_axis((0, shape[1]), name="k")
     accumulator = product.accumulator
-    product_sums = te.compute(
-        (shape[0], int(packed.shape[0]) * UNITS),
+    sums = te.compute(
+        (shape[0], int(packed.shape[0]) * lanes),
         lambda i, j: te.sum(
             widened(padded[i, k], product.activation, accumulator)
-            * widened(packed[j // UNITS, k // group, j % UNITS, k % group], product.weight, accumulator),
+            * widened(packed[j // lanes, k // group, j % lanes, k % group], product.weight, accumulator),
             axis=k,
         ),
         name=product.block,
     )
-    return te.compute((rows, units), lambda i, j: product_sums[i, j], name="matmul_dot_result")
+    if correction:
+        return te.compute((rows, units), lambda i, j: sums[i, j] + correction[0][j], name="matmul_dot_result")
+    return te.compute((rows, units), lambda i, j: sums[i, j], name="matmul_dot_result")
 
 
 class FcOperands:
@@ -306,23 +368,29 @@ class _SelectDotMatmuls(relax.PyExprMutator, FcOperands):
         if not call.op.same_as(tvm.ir.Op.get("relax.matmul")):
             return super().visit_call_(call)
         for product in self.products:
-            layer = (self.bf16_layer if product is BF16 else self.int8_layer)(call)
+            layer = (self.bf16_layer if product.precision == "bf16" else self.int8_layer)(call)
             if layer is None:
                 continue
             x, weight = layer
-            bits = weight.view(np.uint16) if product is BF16 else weight
+            bits = weight.view(np.uint16) if product.precision == "bf16" else weight
+            constants = [relax.const(pack_weight(bits, product), product.weight)]
+            if product.shifts_codes:
+                constants.append(relax.const(shifted_codes_correction(weight), "int32"))
             self.replaced += 1
             kernel = functools.partial(_dot_matmul, units=weight.shape[1], product=product)
-            return self.builder_.call_te(
-                kernel, x, relax.const(pack_weight(bits, product), product.weight), primfunc_name_hint=product.block
-            )
+            return self.builder_.call_te(kernel, x, *constants, primfunc_name_hint=product.block)
         return super().visit_call_(call)
+
+
+def target_products(target: tvm.target.Target) -> tuple[DotProduct, ...]:
+    """The dot products `target` has."""
+    return tuple(product for product in PRODUCTS if has_dot_product(target, product))
 
 
 def select_dot_matmuls(module: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """The imported module with its int8 and bf16 layers as dot-product kernels where the target has the
     instruction (see above); unchanged on a target with neither."""
-    products = tuple(product for product in PRODUCTS if has_dot_product(target, product))
+    products = target_products(target)
     if not products:
         return module
     mutator = _SelectDotMatmuls(module, products)
@@ -357,9 +425,10 @@ def vectorize_columns(schedule: s_tir.Schedule, loop, lanes: int) -> None:
             schedule.vectorize(vector)
 
 
-def _dot_product(schedule: s_tir.Schedule) -> tuple[DotProduct, s_tir.schedule.SBlockRV] | None:
-    """The product and block of the schedule's dot-product kernel, None if it is no such kernel."""
-    for product in PRODUCTS:
+def _dot_product(schedule: s_tir.Schedule, products: tuple[DotProduct, ...]) -> tuple[DotProduct, s_tir.schedule.SBlockRV] | None:
+    """The product (of `products`, the target's) and block of the schedule's dot-product kernel, None
+    if it is no such kernel."""
+    for product in products:
         try:
             return product, schedule.get_sblock(product.block)
         except s_tir.ScheduleError:
@@ -367,12 +436,12 @@ def _dot_product(schedule: s_tir.Schedule) -> tuple[DotProduct, s_tir.schedule.S
     return None
 
 
-def _dot_rule(schedule: s_tir.Schedule, lanes: int) -> bool:
+def _dot_rule(schedule: s_tir.Schedule, lanes: int, products: tuple[DotProduct, ...]) -> bool:
     """A fused dot-product kernel: a register tile of accumulators (default_tile) kept in a local
     buffer across the reduction, tensorized with the product's instruction; the padded (rounded)
     activation rows and the epilogue of each tile computed inside the tile's loop, while its sums are
     in registers."""
-    found = _dot_product(schedule)
+    found = _dot_product(schedule, products)
     if found is None:
         return False
     product, block = found
@@ -381,9 +450,9 @@ def _dot_rule(schedule: s_tir.Schedule, lanes: int) -> bool:
     rows, columns, reduction = schedule.get_loops(block)
     # The packed weight's units are whole tiles of the layer's own tile (see pack_weight), and so that
     # tile is also theirs.
-    tile = default_tile(int(schedule.get(columns).extent), lanes)
+    tile = default_tile(int(schedule.get(columns).extent), product.units)
     row_tiles, row = schedule.split(rows, factors=[None, tile.rows])
-    panels, vector, unit = schedule.split(columns, factors=[None, tile.vectors, UNITS])
+    panels, vector, unit = schedule.split(columns, factors=[None, tile.vectors, product.units])
     steps, group = schedule.split(reduction, factors=[None, product.group])
     schedule.reorder(panels, row_tiles, steps, row, vector, unit, group)
     # One parallel loop over (panel, row tile), panel-major: each thread takes a contiguous range, so
@@ -451,12 +520,14 @@ def _codes_rule(schedule: s_tir.Schedule, lanes: int) -> bool:
 
 
 def apply_dot_schedules(module: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """The dot-product kernels, and on VNNI targets the activation quantization kernels, scheduled (see
-    above); the other kernels are left to the default CPU rules. Unchanged on a target with neither
-    product."""
-    rules = [_dot_rule] if any(has_dot_product(target, product) for product in PRODUCTS) else []
-    if has_dot_product(target, INT8):
+    """The dot-product kernels, and where the target has an int8 product the activation quantization
+    kernels, scheduled (see above); the other kernels are left to the default CPU rules. Unchanged on
+    a target with no product."""
+    products = target_products(target)
+    rules = [functools.partial(_dot_rule, products=products)] if products else []
+    if any(product.precision == "int8" for product in products):
         rules += [_row_range_rule, _codes_rule]
+    lanes = vector_lanes(target)
     updates = {}
     for symbol, function in module.functions.items():
         if not isinstance(function, tirx.PrimFunc):
@@ -464,7 +535,7 @@ def apply_dot_schedules(module: tvm.IRModule, target: tvm.target.Target) -> tvm.
         for rule in rules:
             schedule = s_tir.Schedule(function)
             try:
-                if rule(schedule, LANES):
+                if rule(schedule, lanes):
                     updates[symbol] = schedule.mod["main"]
                     break
             except s_tir.ScheduleError:  # the kernel does not have the rule's form after all

@@ -60,7 +60,8 @@ class CpuTarget(Target):
 
     def _select_kernels(self, module: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
         """AMX kernels for the bf16 and int8 layers where the target has AMX, dot-product kernels for
-        the layers left where it has AVX-512 VNNI (int8) or BF16 (bf16)."""
+        the layers left where it has their instruction (AVX-512 VNNI / BF16; on aarch64 the
+        dot-product / BF16 extensions)."""
         module, self._cpu_flags = cpu_amx_schedules.select_amx_matmuls(module, target)
         return cpu_dot_schedules.select_dot_matmuls(module, target)
 

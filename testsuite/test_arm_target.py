@@ -17,11 +17,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 from tvm import relax
 
 import reccc
 from reccc.errors import UsageError
 from reccc.manifest import read_manifest
+from reccc.reference import agreement, run_reference
 from reccc.targets import cpu_schedules, relax_lowering
 from reccc.targets.arm import ArmTarget, NEON, SVE
 
@@ -213,3 +215,67 @@ def test_arm_at_O3_says_tuning_is_not_supported(reccc_cli, tmp_path, cross_toolc
     assert result.code == 2 and result.stderr.count("\n") == 1
     assert "auto-tuning for aarch64 is not supported yet; build with -O2" in result.stderr
     assert not (tmp_path / "m.so").exists()
+
+
+DOT_INSTRUCTION = {"int8": "sdot", "bf16": "bfdot"}
+
+
+def _compile_rewritten(reccc_cli, source: Path, target: str, precision: str, folder: Path) -> tuple[Path, Path]:
+    """The artifact and the rewritten graph (--emit=onnx) of `source` built with --fc-precision."""
+    outputs = (folder / "m.so", folder / "m.onnx")
+    for output, emit in zip(outputs, ("library", "onnx")):
+        result = reccc_cli(source, f"--target={target}", f"--fc-precision={precision}", f"--emit={emit}", "-o", output)
+        assert result.code == 0, result.stderr
+    return outputs
+
+
+def _dot_kernels(path: Path, precision: str) -> list[str]:
+    symbols = subprocess.run(["aarch64-linux-gnu-nm", "-D", "--defined-only", str(path)], capture_output=True, text=True, check=True).stdout
+    return [line for line in symbols.splitlines() if f"matmul_dot_{precision}" in line]
+
+
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
+def test_arm_fc_layers_run_on_the_dot_product_extensions(reccc_cli, tmp_path, aarch64, precision):
+    """Neoverse V1 has the dot-product and BF16 extensions: each int8 / bf16 layer of the DLRM is one
+    kernel whose product is sdot (the codes as signed bytes, 128 x the weight sums added back) or bfdot
+    (the activations rounded to bf16), and the artifact, run under qemu, agrees with onnxruntime's run
+    of the rewritten graph at batches that are and are not multiples of the 4-row tile."""
+    artifact, graph = _compile_rewritten(reccc_cli, model_path("dlrm"), json.dumps(NEOVERSE_V1), precision, tmp_path)
+    assert len(_dot_kernels(artifact, precision)) == 4
+    assert f"\t{DOT_INSTRUCTION[precision]}\t" in _disassembly(artifact)
+    for batch in (1, 7, 64):
+        assert_matches_onnxruntime(graph, lambda feeds: aarch64.run(artifact, feeds), batch, seed=batch)
+
+
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
+@pytest.mark.parametrize("fan_in, units", [(13, 20), (30, 72)])
+def test_arm_dot_product_layer_of_any_shape(reccc_cli, tmp_path, aarch64, precision, fan_in, units):
+    """Inputs not a multiple of the group and units not a multiple of 4 or of the tile are zero-padded
+    in the kernel: without a bias the int8 layer equals onnxruntime's run exactly (the shifted codes'
+    correction included), bf16 within the fp32 bound."""
+    rng = np.random.default_rng(fan_in)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"], name="fc")], "one_layer",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", fan_in])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", units])],
+        [numpy_helper.from_array(rng.standard_normal((fan_in, units)).astype(np.float32), "W")],
+    )
+    source = tmp_path / "fc.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), source)
+    artifact, rewritten = _compile_rewritten(reccc_cli, source, json.dumps(NEOVERSE_V1), precision, tmp_path)
+    assert len(_dot_kernels(artifact, precision)) == 1
+    for batch in (1, 5):
+        x = (rng.standard_normal((batch, fan_in)) * 4).astype(np.float32)
+        actual, expected = aarch64.run(artifact, {"x": x})["y"], run_reference(onnx.load(rewritten), {"x": x})["y"]
+        if precision == "int8":
+            np.testing.assert_array_equal(actual, expected)
+        else:
+            for _, (error, bound) in agreement({"y": expected}, {"y": actual}).items():
+                assert error <= bound, (batch, error, bound)
+
+
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
+def test_arm_target_without_the_extensions_keeps_the_plain_product(reccc_cli, tmp_path, cross_toolchain, precision):
+    """`arm` (ARMv8-A with NEON only) has neither extension: no dot-product kernel, no sdot / bfdot."""
+    artifact, _ = _compile_rewritten(reccc_cli, model_path("dlrm"), "arm", precision, tmp_path)
+    assert not _dot_kernels(artifact, precision) and f"\t{DOT_INSTRUCTION[precision]}\t" not in _disassembly(artifact)

@@ -22,7 +22,7 @@ from reccc.sample_inputs import random_inputs
 from reccc.targets import cpu_amx_schedules, cpu_dot_schedules, x86
 from testsuite.conftest import model_path
 
-PRODUCTS = {"int8": cpu_dot_schedules.INT8, "bf16": cpu_dot_schedules.BF16}
+PRODUCTS = {"int8": cpu_dot_schedules.VNNI, "bf16": cpu_dot_schedules.AVX512_BF16}
 TARGETS = {
     "int8": '--target={"kind": "llvm", "mcpu": "icelake-server"}',  # AVX-512 VNNI; no AMX, no AVX-512 BF16
     "bf16": '--target={"kind": "llvm", "mcpu": "cooperlake"}',  # AVX-512 VNNI and BF16; no AMX

@@ -242,7 +242,7 @@ def _target_without_bf16_products() -> list[str]:
     from reccc.targets import cpu_amx_schedules, cpu_dot_schedules, x86
 
     host = x86.host_cpu().tvm_target()
-    has_products = cpu_amx_schedules.has_amx(host, cpu_amx_schedules.BF16) or cpu_dot_schedules.has_dot_product(host, cpu_dot_schedules.BF16)
+    has_products = cpu_amx_schedules.has_amx(host, cpu_amx_schedules.BF16) or cpu_dot_schedules.has_dot_product(host, cpu_dot_schedules.AVX512_BF16)
     return [NO_BF16_TARGET] if has_products else []
 
 
