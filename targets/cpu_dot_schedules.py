@@ -67,7 +67,8 @@ DATA_PARALLEL, COMM_REDUCE = 0, 2  # IterVar.iter_type of a spatial and of a red
 class DotProduct:
     """A vector dot-product instruction: the FC precision it serves, the kernel's operand types (the
     bf16 ones as their bits, which TVM leaves alone), the accumulator, inputs per 32-bit group, sums
-    per instruction (one vector register of them), its tensor intrinsic, LLVM's target feature."""
+    per instruction (one vector register of them), the tensor intrinsic's name, the instruction's
+    LLVM intrinsic, LLVM's target feature."""
 
     precision: str
     activation: str
@@ -76,6 +77,7 @@ class DotProduct:
     group: int
     units: int
     intrinsic: str
+    instruction: str
     feature: str
 
     @property
@@ -88,10 +90,11 @@ class DotProduct:
         return self.activation == "int8"
 
 
-VNNI = DotProduct("int8", "uint8", "int8", "int32", 4, 16, "reccc_dot_16x4_u8i8i32_vnni", "avx512vnni")
-AVX512_BF16 = DotProduct("bf16", "uint16", "uint16", "float32", 2, 16, "reccc_dot_16x2_bf16f32_avx512", "avx512bf16")
-NEON_SDOT = DotProduct("int8", "int8", "int8", "int32", 4, 4, "reccc_dot_4x4_i8i8i32_sdot", "dotprod")
-NEON_BFDOT = DotProduct("bf16", "uint16", "uint16", "float32", 2, 4, "reccc_dot_4x2_bf16f32_bfdot", "bf16")
+VNNI = DotProduct("int8", "uint8", "int8", "int32", 4, 16, "reccc_dot_16x4_u8i8i32_vnni", "llvm.x86.avx512.vpdpbusd.512", "avx512vnni")
+AVX512_BF16 = DotProduct("bf16", "uint16", "uint16", "float32", 2, 16, "reccc_dot_16x2_bf16f32_avx512",
+                         "llvm.x86.avx512bf16.dpbf16ps.512", "avx512bf16")
+NEON_SDOT = DotProduct("int8", "int8", "int8", "int32", 4, 4, "reccc_dot_4x4_i8i8i32_sdot", "llvm.aarch64.neon.sdot.v4i32.v16i8", "dotprod")
+NEON_BFDOT = DotProduct("bf16", "uint16", "uint16", "float32", 2, 4, "reccc_dot_4x2_bf16f32_bfdot", "llvm.aarch64.neon.bfdot.v4f32.v8bf16", "bf16")
 PRODUCTS = (VNNI, AVX512_BF16, NEON_SDOT, NEON_BFDOT)
 
 
@@ -123,23 +126,31 @@ def _description(product: DotProduct):
     return description
 
 
-@T.prim_func(s_tir=True)
-def _dot_16x4_vnni(
-    A: T.Buffer((4,), "uint8", offset_factor=1),
-    B: T.Buffer((16, 4), "int8", offset_factor=1),
-    C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-        T.writes(C[0:16])
-        four = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
-        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-            C.vload([0], dtype="int32x16"),
-            T.reinterpret(T.broadcast(four, 16), dtype="int8x64"),
-            B.vload([0, 0], dtype="int8x64"),
-            dtype="int32x16",
-        )
+def _int8_dot(product: DotProduct):
+    """The implementation of an int8 product: the broadcast quad of activation bytes and the weights as
+    byte vectors, into the instruction (TVM's own VNNI intrinsic passes <16 x i32>, which TVM 0.27's
+    LLVM rejects)."""
+    units, activation = product.units, product.activation
+    quads, sums, bytes_ = f"{activation}x4", f"int32x{units}", f"int8x{4 * units}"
+
+    @T.prim_func(s_tir=True)
+    def implementation(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (4,), activation, offset_factor=1)
+        B = T.match_buffer(b, (units, 4), "int8", offset_factor=1)
+        C = T.match_buffer(c, (units,), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:units], A[0:4], B[0:units, 0:4])
+            T.writes(C[0:units])
+            four = T.reinterpret(A.vload([0], quads), dtype="int32")
+            C[T.ramp(T.int32(0), 1, units)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(product.instruction),
+                C.vload([0], dtype=sums),
+                T.reinterpret(T.broadcast(four, units), dtype=bytes_),  # LLVM's operand type, whatever A's sign
+                B.vload([0, 0], dtype=bytes_),
+                dtype=sums,
+            )
+
+    return implementation
 
 
 def _bf16_dot_llvm(function: str, intrinsic: str, sums: int) -> str:
@@ -157,12 +168,12 @@ define linkonce_odr {wide} @{function}({wide} %sums, {pairs} %a, {pairs} %b) alw
 """
 
 
-def _bf16_dot(product: DotProduct, intrinsic: str):
+def _bf16_dot(product: DotProduct):
     """The implementation of a bf16 product: the broadcast pair of activations and the weights, as i32
     vectors, through the LLVM function (see the module's docstring)."""
     units = product.units
     function = f"{product.intrinsic}_llvm"
-    llvm_ir = _bf16_dot_llvm(function, intrinsic, units)
+    llvm_ir = _bf16_dot_llvm(function, product.instruction, units)
     sums, pairs = f"float32x{units}", f"int32x{units}"
 
     @T.prim_func(s_tir=True)
@@ -183,32 +194,15 @@ def _bf16_dot(product: DotProduct, intrinsic: str):
     return implementation
 
 
-@T.prim_func(s_tir=True)
-def _dot_4x4_sdot(
-    A: T.Buffer((4,), "int8", offset_factor=1),
-    B: T.Buffer((4, 4), "int8", offset_factor=1),
-    C: T.Buffer((4,), "int32", offset_factor=1, scope="local"),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:4], A[0:4], B[0:4, 0:4])
-        T.writes(C[0:4])
-        four = T.reinterpret(A.vload([0], "int8x4"), dtype="int32")
-        C[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
-            C.vload([0], dtype="int32x4"),
-            T.reinterpret(T.broadcast(four, 4), dtype="int8x16"),
-            B.vload([0, 0], dtype="int8x16"),
-            dtype="int32x4",
-        )
-
-
-for _product, _implementation in (
-    (VNNI, _dot_16x4_vnni),
-    (AVX512_BF16, _bf16_dot(AVX512_BF16, "llvm.x86.avx512bf16.dpbf16ps.512")),
-    (NEON_SDOT, _dot_4x4_sdot),
-    (NEON_BFDOT, _bf16_dot(NEON_BFDOT, "llvm.aarch64.neon.bfdot.v4f32.v8bf16")),
-):
-    TensorIntrin.register(_product.intrinsic, _description(_product), _implementation)
+def tensor_intrinsic(product: DotProduct) -> str:
+    """The name of the product's tensor intrinsic, registered on first use (parsing its TVMScript takes
+    about 0.1 s, which a build for a target without the product should not pay at import)."""
+    try:
+        TensorIntrin.get(product.intrinsic)
+    except ValueError:
+        implementation = _bf16_dot(product) if product.precision == "bf16" else _int8_dot(product)
+        TensorIntrin.register(product.intrinsic, _description(product), implementation)
+    return product.intrinsic
 
 
 def has_dot_product(target: tvm.target.Target, product: DotProduct) -> bool:
@@ -469,7 +463,7 @@ def _dot_rule(schedule: s_tir.Schedule, lanes: int, products: tuple[DotProduct, 
     schedule.parallel(tiles)  # before tensorize: the tensorized update is no longer a reduction block
     init = schedule.decompose_reduction(block, steps)
     schedule.vectorize(schedule.get_loops(init)[-1])
-    schedule.tensorize(unit, product.intrinsic)
+    schedule.tensorize(unit, tensor_intrinsic(product))
     schedule.unroll(row)
     schedule.unroll(vector)
     return True
