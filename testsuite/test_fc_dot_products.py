@@ -13,6 +13,8 @@ import subprocess
 import numpy as np
 import onnx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import reccc
@@ -120,6 +122,33 @@ def test_layer_of_any_shape(reccc_cli, tmp_path, precision, fan_in, units):
             else:
                 for output, (error, bound) in agreement({"y": expected}, {"y": actual}).items():
                     assert error <= bound, (bias, batch, error, bound)
+
+
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
+@settings(max_examples=10, deadline=None)
+@given(fan_in=st.integers(1, 80), units=st.integers(8, 140), bias=st.booleans())
+def test_random_layers_match_onnxruntime_at_every_batch(tmp_path_factory, precision, fan_in, units, bias):
+    """Property: a layer of any fan-in and width (8 units or more: fc_quantization's threshold) agrees
+    with onnxruntime's run of the rewritten graph at batches 0 to 5 and 67, inside, at and past the
+    4-row tile (int8 without bias bit for bit)."""
+    _needs_host_with(precision)
+    folder = tmp_path_factory.mktemp("layer")
+    source = _one_layer_model(folder / "fc.onnx", fan_in, units, bias)
+    options = {"target": TARGETS[precision].removeprefix("--target="), "fc_precision": precision}
+    reccc.compile(source, folder / "m.so", **options)
+    reccc.compile(source, folder / "m.onnx", emit="onnx", **options)
+    assert len(_dot_kernels(folder / "m.so", precision)) == 1
+    artifact, graph = reccc.load(folder / "m.so"), onnx.load(folder / "m.onnx")
+    rng = np.random.default_rng(fan_in * units)
+    for batch in (0, 1, 2, 3, 4, 5, 67):
+        x = (rng.standard_normal((batch, fan_in)) * 4).astype(np.float32)
+        actual, expected = np.asarray(artifact.run({"x": x})["y"]), run_reference(graph, {"x": x})["y"]
+        assert actual.shape == expected.shape == (batch, units)
+        if precision == "int8" and not bias:
+            np.testing.assert_array_equal(actual, expected)
+        else:
+            for output, (error, bound) in agreement({"y": expected}, {"y": actual}).items():
+                assert error <= bound, (batch, error, bound)
 
 
 @pytest.mark.parametrize("kernel", ["dot", "amx"])
