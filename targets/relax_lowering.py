@@ -124,7 +124,7 @@ def build(
     lookup, see lookup_fusion.py) run before TVM's build;
     from -O2 on, the target's default `schedule` rules. `bind_kernels` then maps, at every level, the
     kernels no rule scheduled onto the device's threads (GPU targets need it). `select_kernels`, from -O2
-    on, replaces operators by the target's own kernels before legalization (x86: VNNI int8 matmuls)."""
+    on, replaces operators by the target's own kernels before legalization (CPUs: AMX and dot-product FC layers)."""
     module = to_relax(model)
     try:
         with target:
