@@ -6,7 +6,6 @@ targets without AMX keeping their paths, and -O3 leaving the AMX kernels untuned
 Artifacts built for Sapphire Rapids are checked on any x86 host; running AMX code needs an AMX host,
 and those tests skip elsewhere."""
 
-import subprocess
 
 import numpy as np
 import onnx
@@ -22,6 +21,7 @@ from reccc.reference import agreement, run_reference
 from reccc.sample_inputs import random_inputs
 from reccc.targets import cpu_amx_schedules, x86
 from testsuite.conftest import model_path
+from testsuite.fc_kernels import disassembly, kernels, layer_count, library_and_graph, one_layer_model
 
 AMX_TARGET = '--target={"kind": "llvm", "mcpu": "sapphirerapids"}'
 NO_AMX_TARGET = '--target={"kind": "llvm", "mcpu": "icelake-server"}'  # AVX-512 VNNI, no AMX, no AVX-512 BF16
@@ -34,36 +34,21 @@ def _host_has_amx(precision: str) -> bool:
     return cpu_amx_schedules.has_amx(x86.host_cpu().tvm_target(), product)
 
 
-def _compile_both(reccc_cli, tmp_path, source, *flags):
-    library, graph = tmp_path / "m.so", tmp_path / "m.onnx"
-    for output, emit in ((library, "library"), (graph, "onnx")):
-        result = reccc_cli(source, f"--emit={emit}", *flags, "-o", output)
-        assert result.code == 0, result.stderr
-    return library, onnx.load(graph)
 
 
-def _disassembly(library) -> str:
-    return subprocess.run(["objdump", "-d", str(library)], capture_output=True, text=True, check=True).stdout
 
 
-def _kernels(library, name: str) -> list[str]:
-    symbols = subprocess.run(["nm", "-D", "--defined-only", str(library)], capture_output=True, text=True, check=True).stdout
-    return [line.split()[-1] for line in symbols.splitlines() if name in line]
 
 
-def _layer_count(graph: onnx.ModelProto, precision: str) -> int:
-    if precision == "int8":
-        return sum(node.op_type == "MatMulInteger" for node in graph.graph.node)
-    return sum(node.name.endswith("__round_input") for node in graph.graph.node)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
 def test_amx_target_builds_tile_kernels(reccc_cli, tmp_path, precision):
     """Built for Sapphire Rapids, each bf16 / int8 layer of the DLRM is one AMX kernel: the tile
     instruction in the disassembly (and no VNNI product), the manifest naming the CPU flags."""
-    library, graph = _compile_both(reccc_cli, tmp_path, model_path("dlrm"), f"--fc-precision={precision}", AMX_TARGET)
-    assert len(_kernels(library, f"matmul_amx_{precision}")) == _layer_count(graph, precision) == 4
-    code = _disassembly(library)
+    library, graph = library_and_graph(reccc_cli, tmp_path, model_path("dlrm"), f"--fc-precision={precision}", AMX_TARGET)
+    assert len(kernels(library, f"matmul_amx_{precision}")) == layer_count(graph, precision) == 4
+    code = disassembly(library)
     assert INSTRUCTION[precision] in code and "ldtilecfg" in code and "vpdpbusd" not in code
     assert read_manifest(library).cpu_flags == FLAGS[precision]
     # The kernels round (bf16) or quantize (int8) their fp32 input themselves: no bf16 or uint8 tensor,
@@ -84,16 +69,16 @@ def test_amx_target_builds_tile_kernels(reccc_cli, tmp_path, precision):
 def test_target_without_amx_keeps_its_paths(reccc_cli, tmp_path, precision):
     """Ice Lake-SP has no AMX: bf16 layers stay fp32 matmuls of widened weights, int8 layers VNNI
     kernels; no tile instruction, and the manifest asks for no CPU flag."""
-    library, _ = _compile_both(reccc_cli, tmp_path, model_path("dlrm"), f"--fc-precision={precision}", NO_AMX_TARGET)
-    code = _disassembly(library)
-    assert not _kernels(library, "matmul_amx") and "ldtilecfg" not in code and INSTRUCTION[precision] not in code
+    library, _ = library_and_graph(reccc_cli, tmp_path, model_path("dlrm"), f"--fc-precision={precision}", NO_AMX_TARGET)
+    code = disassembly(library)
+    assert not kernels(library, "matmul_amx") and "ldtilecfg" not in code and INSTRUCTION[precision] not in code
     assert ("vpdpbusd" in code) == (precision == "int8")
     assert read_manifest(library).cpu_flags == []
 
 
 def test_fp32_build_for_amx_needs_no_flags(reccc_cli, tmp_path):
-    library, _ = _compile_both(reccc_cli, tmp_path, model_path("dlrm"), AMX_TARGET)
-    assert not _kernels(library, "matmul_amx") and read_manifest(library).cpu_flags == []
+    library, _ = library_and_graph(reccc_cli, tmp_path, model_path("dlrm"), AMX_TARGET)
+    assert not kernels(library, "matmul_amx") and read_manifest(library).cpu_flags == []
 
 
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
@@ -104,8 +89,8 @@ def test_amx_artifact_matches_onnxruntime_of_rewritten_graph(reccc_cli, tmp_path
     at and past one 32-row block."""
     if not _host_has_amx(precision):
         pytest.skip(f"this CPU (or its kernel) has no AMX-{precision.upper()} to run the kernels on")
-    library, graph = _compile_both(reccc_cli, tmp_path, model_path(name), f"--fc-precision={precision}")
-    assert INSTRUCTION[precision] in _disassembly(library)
+    library, graph = library_and_graph(reccc_cli, tmp_path, model_path(name), f"--fc-precision={precision}")
+    assert INSTRUCTION[precision] in disassembly(library)
     artifact = reccc.load(library)
     for batch in (1, 7, 32, 257):
         feeds = random_inputs(Model.from_onnx(graph), batch, seed=batch)
@@ -113,20 +98,6 @@ def test_amx_artifact_matches_onnxruntime_of_rewritten_graph(reccc_cli, tmp_path
             assert error <= bound, (batch, output, error, bound)
 
 
-def _one_layer_model(path, fan_in: int, units: int, bias: bool):
-    rng = np.random.default_rng(fan_in * 1000 + units)
-    initializers = [numpy_helper.from_array(rng.standard_normal((fan_in, units)).astype(np.float32), "W")]
-    inputs = ["x", "W"]
-    if bias:
-        initializers.append(numpy_helper.from_array(rng.standard_normal(units).astype(np.float32), "B"))
-        inputs.append("B")
-    graph = helper.make_graph(
-        [helper.make_node("Gemm", inputs, ["h"], name="fc"), helper.make_node("Relu", ["h"], ["y"])], "one_layer",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", fan_in])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", units])], initializers,
-    )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    return path
 
 
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
@@ -141,8 +112,8 @@ def test_amx_layer_of_any_shape(reccc_cli, tmp_path, precision, fan_in, units):
     for bias in (False, True):
         folder = tmp_path / f"bias_{bias}"
         folder.mkdir()
-        library, graph = _compile_both(reccc_cli, folder, _one_layer_model(folder / "fc.onnx", fan_in, units, bias), f"--fc-precision={precision}")
-        assert len(_kernels(library, f"matmul_amx_{precision}")) == 1
+        library, graph = library_and_graph(reccc_cli, folder, one_layer_model(folder / "fc.onnx", fan_in, units, bias), f"--fc-precision={precision}")
+        assert len(kernels(library, f"matmul_amx_{precision}")) == 1
         artifact = reccc.load(library)
         rng = np.random.default_rng(units)
         for batch in (1, 7, 33, 257):
@@ -170,8 +141,8 @@ def test_int8_kernel_reads_codes_given_as_they_are(reccc_cli, tmp_path):
     )
     source = tmp_path / "codes.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), source)
-    library, _ = _compile_both(reccc_cli, tmp_path, source)
-    assert len(_kernels(library, "matmul_amx_int8")) == 1
+    library, _ = library_and_graph(reccc_cli, tmp_path, source)
+    assert len(kernels(library, "matmul_amx_int8")) == 1
     artifact = reccc.load(library)
     for batch in (1, 40):
         x = rng.integers(0, 256, (batch, 70)).astype(np.uint8)
@@ -180,7 +151,7 @@ def test_int8_kernel_reads_codes_given_as_they_are(reccc_cli, tmp_path):
 
 @pytest.fixture
 def amx_artifact(reccc_cli, tmp_path):
-    library, _ = _compile_both(reccc_cli, tmp_path, model_path("dlrm"), "--fc-precision=bf16", AMX_TARGET)
+    library, _ = library_and_graph(reccc_cli, tmp_path, model_path("dlrm"), "--fc-precision=bf16", AMX_TARGET)
     return library
 
 
@@ -238,7 +209,7 @@ def test_o3_does_not_tune_amx_kernels(reccc_cli, tmp_path, monkeypatch):
     from reccc.targets import relax_lowering, tuning
     from reccc.targets.lookup_fusion import fuse_operators
 
-    _, graph = _compile_both(reccc_cli, tmp_path, model_path("dlrm"), "--fc-precision=bf16", AMX_TARGET)
+    _, graph = library_and_graph(reccc_cli, tmp_path, model_path("dlrm"), "--fc-precision=bf16", AMX_TARGET)
     target = x86.llvm_target({"kind": "llvm", "mcpu": "sapphirerapids"}).tvm_target()
     with target:
         module, _ = cpu_amx_schedules.select_amx_matmuls(relax_lowering.to_relax(graph), target)
@@ -251,5 +222,5 @@ def test_o3_does_not_tune_amx_kernels(reccc_cli, tmp_path, monkeypatch):
     result = reccc_cli(model_path("dlrm"), "-O3", "--fc-precision=bf16", "--embedding-quant=none", "--tune-trials", "0",
                        "--tune-db", tmp_path / "db", AMX_TARGET, "-o", library)
     assert result.code == 0, result.stderr
-    assert len(_kernels(library, "matmul_amx_bf16")) == 4 and "tdpbf16ps" in _disassembly(library)
+    assert len(kernels(library, "matmul_amx_bf16")) == 4 and "tdpbf16ps" in disassembly(library)
     assert given["keep"] is cpu_amx_schedules.is_amx_kernel

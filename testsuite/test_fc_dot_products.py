@@ -8,7 +8,6 @@ The targets are Intel CPUs without AMX whose code runs on any CPU with the instr
 needs such a host, and those tests skip elsewhere."""
 
 import re
-import subprocess
 
 import numpy as np
 import onnx
@@ -23,6 +22,7 @@ from reccc.reference import agreement, run_reference
 from reccc.sample_inputs import random_inputs
 from reccc.targets import cpu_amx_schedules, cpu_dot_schedules, x86
 from testsuite.conftest import model_path
+from testsuite.fc_kernels import disassembly, kernels, layer_count, library_and_graph, one_layer_model
 
 PRODUCTS = {"int8": cpu_dot_schedules.VNNI, "bf16": cpu_dot_schedules.AVX512_BF16}
 TARGETS = {
@@ -42,27 +42,14 @@ def _needs_host_with(precision: str) -> None:
         pytest.skip(f"this CPU has no {INSTRUCTION[precision]} to run the kernels on")
 
 
-def _compile_both(reccc_cli, tmp_path, source, *flags):
-    library, graph = tmp_path / "m.so", tmp_path / "m.onnx"
-    for output, emit in ((library, "library"), (graph, "onnx")):
-        result = reccc_cli(source, f"--emit={emit}", *flags, "-o", output)
-        assert result.code == 0, result.stderr
-    return library, onnx.load(graph)
 
 
-def _disassembly(library) -> str:
-    return subprocess.run(["objdump", "-d", str(library)], capture_output=True, text=True, check=True).stdout
 
 
 def _dot_kernels(library, precision: str) -> list[str]:
-    symbols = subprocess.run(["nm", "-D", "--defined-only", str(library)], capture_output=True, text=True, check=True).stdout
-    return [line.split()[-1] for line in symbols.splitlines() if PRODUCTS[precision].block in line]
+    return kernels(library, PRODUCTS[precision].block)
 
 
-def _layer_count(graph: onnx.ModelProto, precision: str) -> int:
-    if precision == "int8":
-        return sum(node.op_type == "MatMulInteger" for node in graph.graph.node)
-    return sum(node.name.endswith("__round_input") for node in graph.graph.node)
 
 
 @pytest.mark.parametrize("precision", ["int8", "bf16"])
@@ -71,9 +58,9 @@ def test_layers_run_on_the_dot_product(reccc_cli, tmp_path, precision):
     registers, and the artifact agrees with onnxruntime's run of the rewritten graph (bf16 activations
     rounded as its Casts round them) at batches that are and are not multiples of the row tile."""
     _needs_host_with(precision)
-    library, graph = _compile_both(reccc_cli, tmp_path, model_path("dlrm"), f"--fc-precision={precision}", TARGETS[precision])
-    assert len(_dot_kernels(library, precision)) == _layer_count(graph, precision) == 4
-    assert re.search(rf"\b{INSTRUCTION[precision]}\s+\S*%zmm", _disassembly(library))
+    library, graph = library_and_graph(reccc_cli, tmp_path, model_path("dlrm"), f"--fc-precision={precision}", TARGETS[precision])
+    assert len(_dot_kernels(library, precision)) == layer_count(graph, precision) == 4
+    assert re.search(rf"\b{INSTRUCTION[precision]}\s+\S*%zmm", disassembly(library))
     artifact = reccc.load(library)
     for batch in (1, 6, 64, 257):
         feeds = random_inputs(Model.from_onnx(graph), batch, seed=batch)
@@ -81,20 +68,6 @@ def test_layers_run_on_the_dot_product(reccc_cli, tmp_path, precision):
             assert error <= bound, (batch, output, error, bound)
 
 
-def _one_layer_model(path, fan_in: int, units: int, bias: bool):
-    rng = np.random.default_rng(fan_in * 1000 + units)
-    initializers = [numpy_helper.from_array(rng.standard_normal((fan_in, units)).astype(np.float32), "W")]
-    inputs = ["x", "W"]
-    if bias:
-        initializers.append(numpy_helper.from_array(rng.standard_normal(units).astype(np.float32), "B"))
-        inputs.append("B")
-    graph = helper.make_graph(
-        [helper.make_node("Gemm", inputs, ["h"], name="fc"), helper.make_node("Relu", ["h"], ["y"])], "one_layer",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", fan_in])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", units])], initializers,
-    )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    return path
 
 
 @pytest.mark.parametrize("precision", ["int8", "bf16"])
@@ -109,8 +82,8 @@ def test_layer_of_any_shape(reccc_cli, tmp_path, precision, fan_in, units):
     for bias in (False, True):
         folder = tmp_path / f"bias_{bias}"
         folder.mkdir()
-        source = _one_layer_model(folder / "fc.onnx", fan_in, units, bias)
-        library, graph = _compile_both(reccc_cli, folder, source, f"--fc-precision={precision}", TARGETS[precision])
+        source = one_layer_model(folder / "fc.onnx", fan_in, units, bias)
+        library, graph = library_and_graph(reccc_cli, folder, source, f"--fc-precision={precision}", TARGETS[precision])
         assert len(_dot_kernels(library, precision)) == 1
         artifact = reccc.load(library)
         rng = np.random.default_rng(units)
@@ -133,7 +106,7 @@ def test_random_layers_match_onnxruntime_at_every_batch(tmp_path_factory, precis
     4-row tile (int8 without bias bit for bit)."""
     _needs_host_with(precision)
     folder = tmp_path_factory.mktemp("layer")
-    source = _one_layer_model(folder / "fc.onnx", fan_in, units, bias)
+    source = one_layer_model(folder / "fc.onnx", fan_in, units, bias)
     options = {"target": TARGETS[precision].removeprefix("--target="), "fc_precision": precision}
     reccc.compile(source, folder / "m.so", **options)
     reccc.compile(source, folder / "m.onnx", emit="onnx", **options)
@@ -170,8 +143,8 @@ def test_bf16_rounding_ties_agree(reccc_cli, tmp_path, kernel):
     source = tmp_path / "ties.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), source)
     target = TARGETS["bf16"] if kernel == "dot" else AMX_TARGET
-    library, rewritten = _compile_both(reccc_cli, tmp_path, source, "--fc-precision=bf16", target)
-    assert _dot_kernels(library, "bf16") if kernel == "dot" else "tdpbf16ps" in _disassembly(library)
+    library, rewritten = library_and_graph(reccc_cli, tmp_path, source, "--fc-precision=bf16", target)
+    assert _dot_kernels(library, "bf16") if kernel == "dot" else "tdpbf16ps" in disassembly(library)
     # 1 + (2m + 1) / 256 lies halfway between two bf16 numbers (7 fraction bits); so do their negatives.
     ties = np.array([1 + (2 * m + 1) / 256 for m in range(fan_in // 2)], np.float32)
     x = np.stack([np.concatenate([ties, -ties]), np.concatenate([ties[::-1], ties])])
@@ -186,8 +159,8 @@ def test_target_without_the_instruction_keeps_the_plain_product(reccc_cli, tmp_p
     """A target without the instruction (int8: Skylake-SP, no VNNI; bf16: Ice Lake-SP, no AVX-512 BF16)
     builds no dot-product kernel and no such instruction; this CPU runs that code too, and it agrees
     with onnxruntime (int8; the bf16 layers' weights-only numbers: test_fc_precision.py)."""
-    library, graph = _compile_both(reccc_cli, tmp_path, model_path("dlrm"), f"--fc-precision={precision}", WITHOUT_INSTRUCTION[precision])
-    assert not _dot_kernels(library, precision) and INSTRUCTION[precision] not in _disassembly(library)
+    library, graph = library_and_graph(reccc_cli, tmp_path, model_path("dlrm"), f"--fc-precision={precision}", WITHOUT_INSTRUCTION[precision])
+    assert not _dot_kernels(library, precision) and INSTRUCTION[precision] not in disassembly(library)
     if precision == "int8":
         feeds = random_inputs(Model.from_onnx(graph), 64, seed=3)
         for output, (error, bound) in agreement(run_reference(graph, feeds), reccc.load(library).run(feeds)).items():
@@ -202,4 +175,4 @@ def test_dot_kernels_at_o3(reccc_cli, tmp_path, precision):
     result = reccc_cli(model_path("dlrm"), "-O3", f"--fc-precision={precision}", "--embedding-quant=none", "--tune-trials", "0",
                        "--tune-db", tmp_path / "db", TARGETS[precision], "-o", library)
     assert result.code == 0, result.stderr
-    assert len(_dot_kernels(library, precision)) == 4 and INSTRUCTION[precision] in _disassembly(library)
+    assert len(_dot_kernels(library, precision)) == 4 and INSTRUCTION[precision] in disassembly(library)
