@@ -1,12 +1,16 @@
 """What the tests of the FC layers' CPU kernels (test_fc_amx.py, test_fc_dot_products.py) share: a
-one-layer model, a build's library with the graph --fc-precision rewrote, and a library's code and
-kernel symbols."""
+one-layer model, a build's library with the graph --fc-precision rewrote, a library's code and kernel
+symbols, and the artifact's agreement with onnxruntime's run of the rewritten graph."""
 
 import subprocess
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from reccc.ir import Model
+from reccc.reference import agreement, run_reference
+from reccc.sample_inputs import random_inputs
 
 
 def one_layer_model(path, fan_in: int, units: int, bias: bool):
@@ -50,3 +54,26 @@ def layer_count(graph: onnx.ModelProto, precision: str) -> int:
     if precision == "int8":
         return sum(node.op_type == "MatMulInteger" for node in graph.graph.node)
     return sum(node.name.endswith("__round_input") for node in graph.graph.node)
+
+
+def assert_agrees_with_graph(graph: onnx.ModelProto, run, batches) -> None:
+    """`run(feeds)` agrees with onnxruntime's run of `graph` (fp32 bound) on random valid inputs at each batch."""
+    for batch in batches:
+        feeds = random_inputs(Model.from_onnx(graph), batch, seed=batch)
+        for output, (error, bound) in agreement(run_reference(graph, feeds), run(feeds)).items():
+            assert error <= bound, (batch, output, error, bound)
+
+
+def assert_layer_agrees(artifact, graph: onnx.ModelProto, fan_in: int, batches, exact: bool) -> None:
+    """A one-layer artifact's output y on random x (scaled by 4, past the unit range) equals
+    onnxruntime's run of `graph` bit for bit (`exact`) or within the fp32 bound, at each batch."""
+    rng = np.random.default_rng(fan_in)
+    for batch in batches:
+        x = (rng.standard_normal((batch, fan_in)) * 4).astype(np.float32)
+        actual, expected = np.asarray(artifact.run({"x": x})["y"]), run_reference(graph, {"x": x})["y"]
+        assert actual.shape == expected.shape
+        if exact:
+            np.testing.assert_array_equal(actual, expected)
+        else:
+            for _, (error, bound) in agreement({"y": expected}, {"y": actual}).items():
+                assert error <= bound, (batch, error, bound)

@@ -15,13 +15,13 @@ from onnx import TensorProto, helper, numpy_helper
 import reccc
 from reccc import host_cpu
 from reccc.errors import UsageError
-from reccc.ir import Model
 from reccc.manifest import read_manifest
-from reccc.reference import agreement, run_reference
-from reccc.sample_inputs import random_inputs
+from reccc.reference import run_reference
 from reccc.targets import cpu_amx_schedules, x86
 from testsuite.conftest import model_path
-from testsuite.fc_kernels import disassembly, kernels, layer_count, library_and_graph, one_layer_model
+from testsuite.fc_kernels import (
+    assert_agrees_with_graph, assert_layer_agrees, disassembly, kernels, layer_count, library_and_graph, one_layer_model,
+)
 
 AMX_TARGET = '--target={"kind": "llvm", "mcpu": "sapphirerapids"}'
 NO_AMX_TARGET = '--target={"kind": "llvm", "mcpu": "icelake-server"}'  # AVX-512 VNNI, no AMX, no AVX-512 BF16
@@ -32,14 +32,6 @@ FLAGS = {"bf16": ["amx_bf16", "amx_tile"], "int8": ["amx_int8", "amx_tile"]}
 def _host_has_amx(precision: str) -> bool:
     product = cpu_amx_schedules.BF16 if precision == "bf16" else cpu_amx_schedules.INT8
     return cpu_amx_schedules.has_amx(x86.host_cpu().tvm_target(), product)
-
-
-
-
-
-
-
-
 
 
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
@@ -91,13 +83,7 @@ def test_amx_artifact_matches_onnxruntime_of_rewritten_graph(reccc_cli, tmp_path
         pytest.skip(f"this CPU (or its kernel) has no AMX-{precision.upper()} to run the kernels on")
     library, graph = library_and_graph(reccc_cli, tmp_path, model_path(name), f"--fc-precision={precision}")
     assert INSTRUCTION[precision] in disassembly(library)
-    artifact = reccc.load(library)
-    for batch in (1, 7, 32, 257):
-        feeds = random_inputs(Model.from_onnx(graph), batch, seed=batch)
-        for output, (error, bound) in agreement(run_reference(graph, feeds), artifact.run(feeds)).items():
-            assert error <= bound, (batch, output, error, bound)
-
-
+    assert_agrees_with_graph(graph, reccc.load(library).run, (1, 7, 32, 257))
 
 
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
@@ -114,16 +100,7 @@ def test_amx_layer_of_any_shape(reccc_cli, tmp_path, precision, fan_in, units):
         folder.mkdir()
         library, graph = library_and_graph(reccc_cli, folder, one_layer_model(folder / "fc.onnx", fan_in, units, bias), f"--fc-precision={precision}")
         assert len(kernels(library, f"matmul_amx_{precision}")) == 1
-        artifact = reccc.load(library)
-        rng = np.random.default_rng(units)
-        for batch in (1, 7, 33, 257):
-            x = (rng.standard_normal((batch, fan_in)) * 4).astype(np.float32)
-            actual, expected = np.asarray(artifact.run({"x": x})["y"]), run_reference(graph, {"x": x})["y"]
-            if precision == "int8" and not bias:
-                np.testing.assert_array_equal(actual, expected)
-            else:
-                for output, (error, bound) in agreement({"y": expected}, {"y": actual}).items():
-                    assert error <= bound, (bias, batch, error, bound)
+        assert_layer_agrees(reccc.load(library), graph, fan_in, (1, 7, 33, 257), exact=precision == "int8" and not bias)
 
 
 def test_int8_kernel_reads_codes_given_as_they_are(reccc_cli, tmp_path):

@@ -17,12 +17,12 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import reccc
-from reccc.ir import Model
-from reccc.reference import agreement, run_reference
-from reccc.sample_inputs import random_inputs
+from reccc.reference import run_reference
 from reccc.targets import cpu_amx_schedules, cpu_dot_schedules, x86
 from testsuite.conftest import model_path
-from testsuite.fc_kernels import disassembly, kernels, layer_count, library_and_graph, one_layer_model
+from testsuite.fc_kernels import (
+    assert_agrees_with_graph, assert_layer_agrees, disassembly, kernels, layer_count, library_and_graph, one_layer_model,
+)
 
 PRODUCTS = {"int8": cpu_dot_schedules.VNNI, "bf16": cpu_dot_schedules.AVX512_BF16}
 TARGETS = {
@@ -42,14 +42,8 @@ def _needs_host_with(precision: str) -> None:
         pytest.skip(f"this CPU has no {INSTRUCTION[precision]} to run the kernels on")
 
 
-
-
-
-
 def _dot_kernels(library, precision: str) -> list[str]:
     return kernels(library, PRODUCTS[precision].block)
-
-
 
 
 @pytest.mark.parametrize("precision", ["int8", "bf16"])
@@ -61,13 +55,7 @@ def test_layers_run_on_the_dot_product(reccc_cli, tmp_path, precision):
     library, graph = library_and_graph(reccc_cli, tmp_path, model_path("dlrm"), f"--fc-precision={precision}", TARGETS[precision])
     assert len(_dot_kernels(library, precision)) == layer_count(graph, precision) == 4
     assert re.search(rf"\b{INSTRUCTION[precision]}\s+\S*%zmm", disassembly(library))
-    artifact = reccc.load(library)
-    for batch in (1, 6, 64, 257):
-        feeds = random_inputs(Model.from_onnx(graph), batch, seed=batch)
-        for output, (error, bound) in agreement(run_reference(graph, feeds), artifact.run(feeds)).items():
-            assert error <= bound, (batch, output, error, bound)
-
-
+    assert_agrees_with_graph(graph, reccc.load(library).run, (1, 6, 64, 257))
 
 
 @pytest.mark.parametrize("precision", ["int8", "bf16"])
@@ -85,16 +73,7 @@ def test_layer_of_any_shape(reccc_cli, tmp_path, precision, fan_in, units):
         source = one_layer_model(folder / "fc.onnx", fan_in, units, bias)
         library, graph = library_and_graph(reccc_cli, folder, source, f"--fc-precision={precision}", TARGETS[precision])
         assert len(_dot_kernels(library, precision)) == 1
-        artifact = reccc.load(library)
-        rng = np.random.default_rng(units)
-        for batch in (1, 3, 4, 5, 33):
-            x = (rng.standard_normal((batch, fan_in)) * 4).astype(np.float32)
-            actual, expected = np.asarray(artifact.run({"x": x})["y"]), run_reference(graph, {"x": x})["y"]
-            if precision == "int8" and not bias:
-                np.testing.assert_array_equal(actual, expected)
-            else:
-                for output, (error, bound) in agreement({"y": expected}, {"y": actual}).items():
-                    assert error <= bound, (bias, batch, error, bound)
+        assert_layer_agrees(reccc.load(library), graph, fan_in, (1, 3, 4, 5, 33), exact=precision == "int8" and not bias)
 
 
 @pytest.mark.parametrize("precision", ["int8", "bf16"])
@@ -111,17 +90,8 @@ def test_random_layers_match_onnxruntime_at_every_batch(tmp_path_factory, precis
     reccc.compile(source, folder / "m.so", **options)
     reccc.compile(source, folder / "m.onnx", emit="onnx", **options)
     assert len(_dot_kernels(folder / "m.so", precision)) == 1
-    artifact, graph = reccc.load(folder / "m.so"), onnx.load(folder / "m.onnx")
-    rng = np.random.default_rng(fan_in * units)
-    for batch in (0, 1, 2, 3, 4, 5, 67):
-        x = (rng.standard_normal((batch, fan_in)) * 4).astype(np.float32)
-        actual, expected = np.asarray(artifact.run({"x": x})["y"]), run_reference(graph, {"x": x})["y"]
-        assert actual.shape == expected.shape == (batch, units)
-        if precision == "int8" and not bias:
-            np.testing.assert_array_equal(actual, expected)
-        else:
-            for output, (error, bound) in agreement({"y": expected}, {"y": actual}).items():
-                assert error <= bound, (batch, error, bound)
+    assert_layer_agrees(reccc.load(folder / "m.so"), onnx.load(folder / "m.onnx"), fan_in, (0, 1, 2, 3, 4, 5, 67),
+                        exact=precision == "int8" and not bias)
 
 
 @pytest.mark.parametrize("kernel", ["dot", "amx"])
@@ -162,9 +132,7 @@ def test_target_without_the_instruction_keeps_the_plain_product(reccc_cli, tmp_p
     library, graph = library_and_graph(reccc_cli, tmp_path, model_path("dlrm"), f"--fc-precision={precision}", WITHOUT_INSTRUCTION[precision])
     assert not _dot_kernels(library, precision) and INSTRUCTION[precision] not in disassembly(library)
     if precision == "int8":
-        feeds = random_inputs(Model.from_onnx(graph), 64, seed=3)
-        for output, (error, bound) in agreement(run_reference(graph, feeds), reccc.load(library).run(feeds)).items():
-            assert error <= bound, (output, error, bound)
+        assert_agrees_with_graph(graph, reccc.load(library).run, (64,))
 
 
 @pytest.mark.parametrize("precision", ["int8", "bf16"])
