@@ -234,8 +234,9 @@ def group_lookups(module: tvm.IRModule, _context) -> tvm.IRModule:
 
 def fuse_operators() -> tvm.transform.Pass:
     """TVM's zero pipeline (legalize, annotate op patterns, fold constants, fuse, merge the fused
-    PrimFuncs), with the lookups grouped after constant folding (which turns the tables' row counts,
-    read through shape_of in the id wrap-around, into constants)."""
+    PrimFuncs), with the lookups grouped after constant folding (which turns what is left of the
+    tables' row counts, read through shape_of in the id wrap-around, into constants: the build folds
+    the static ones first, relax_lowering.fold_static_dim_reads)."""
     return tvm.transform.Sequential(
         [
             relax.transform.LegalizeOps(),

@@ -49,6 +49,47 @@ def _relu_propagating_nan(block_builder: relax.BlockBuilder, call: relax.Call) -
     return block_builder.call_te(relu, call.args[0], primfunc_name_hint="relu")
 
 
+@relax.expr_functor.mutator
+class _StaticDimReads(relax.PyExprMutator):
+    """take(shape_to_tensor(shape_of(x)), k) of an x whose shape is static, as the constant dim k.
+
+    TVM's importer writes Gather's negative-index wrap-around so, reading the table's row count; left
+    to FoldConstant, each table costs two kernels built and run at compile time (about 40 ms: 1.1 s of
+    a 26-table DLRM's build)."""
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        if not call.op.same_as(tvm.ir.Op.get("relax.take")) or not isinstance(call.args[1], tvm.ir.GenericConst):
+            return call
+        dims = self._static_shape(call.args[0])
+        index = call.args[1].value.numpy()
+        if dims is None or index.ndim != 0 or not 0 <= int(index) < len(dims):  # every take mode agrees there
+            return call
+        return relax.const(dims[int(index)], call.ty.dtype)
+
+    def _static_shape(self, expr) -> list[int] | None:
+        """The dims of x when `expr` is bound to shape_to_tensor(shape_of(x)) and they are all static."""
+        tensor = self._bound(expr, "relax.shape_to_tensor")
+        shape = None if tensor is None else self._bound(tensor.args[0], "relax.shape_of")
+        if shape is None:
+            return None
+        dims = shape.args[0].ty.shape
+        return [int(dim) for dim in dims] if dims is not None and all(isinstance(dim, tirx.IntImm) for dim in dims) else None
+
+    def _bound(self, expr, op: str):
+        if not isinstance(expr, relax.Var):
+            return None
+        value = self.lookup_binding(expr)
+        return value if isinstance(value, relax.Call) and value.op.same_as(tvm.ir.Op.get(op)) else None
+
+
+def fold_static_dim_reads(module: tvm.IRModule) -> tvm.IRModule:
+    """A copy of the module with _StaticDimReads' dims as constants, and what only they read removed."""
+    folded = module.clone()
+    folded["main"] = _StaticDimReads(module).visit_expr(module["main"])
+    return relax.transform.DeadCodeElimination(["main"])(folded)
+
+
 # Legalizations that replace TVM's where its numerics differ from ONNX's (checked against onnxruntime).
 _ONNX_EXACT_LEGALIZATIONS = {"relax.nn.relu": _relu_propagating_nan}
 
@@ -128,6 +169,8 @@ def build(
     module = to_relax(model)
     try:
         with target:
+            if opt_level >= 1:
+                module = fold_static_dim_reads(module)
             if opt_level >= 2 and select_kernels is not None:
                 module = select_kernels(module, target)
             module = relax.transform.LegalizeOps(_ONNX_EXACT_LEGALIZATIONS)(module)

@@ -14,7 +14,7 @@ import reccc
 from reccc.targets import cpu_schedules, lookup_fusion, relax_lowering
 from reccc.targets.x86 import host_cpu
 
-from conftest import assert_matches_onnxruntime, model_path
+from conftest import TESTSUITE_MODELS, assert_matches_onnxruntime, model_path
 
 
 def _fused_module(name: str) -> tvm.IRModule:
@@ -57,6 +57,30 @@ def test_lookup_and_concatenation_kernels_are_scheduled_and_others_left_alone():
     for name, function in functions.items():
         if "matmul" not in name and name not in lookups + concatenations:
             assert scheduled[name].same_as(function), name
+
+
+def _static_shape_reads(module: tvm.IRModule) -> int:
+    """How many shape_of calls of a tensor with a static shape the module's main function makes."""
+    calls = []
+
+    def visit(node):
+        if isinstance(node, tvm.relax.Call) and node.op.same_as(tvm.ir.Op.get("relax.shape_of")):
+            dims = node.args[0].ty.shape
+            if dims is not None and all(isinstance(dim, tvm.tirx.IntImm) for dim in dims):
+                calls.append(node)
+
+    tvm.relax.analysis.post_order_visit(module["main"], visit)
+    return len(calls)
+
+
+@pytest.mark.parametrize("name", TESTSUITE_MODELS)
+def test_tables_row_counts_are_constants_before_constant_folding(name):
+    """TVM's importer reads each table's row count through shape_of (Gather's negative-id wrap-around);
+    fold_static_dim_reads makes them constants, so that FoldConstant builds and runs no kernel for
+    them. (The bundled models' outputs are checked against onnxruntime elsewhere.)"""
+    imported = relax_lowering.to_relax(onnx.load(model_path(name)))
+    assert _static_shape_reads(imported) > 0
+    assert _static_shape_reads(relax_lowering.fold_static_dim_reads(imported)) == 0
 
 
 def test_every_kernel_keeps_its_noalias_pointers():
