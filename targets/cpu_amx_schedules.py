@@ -41,7 +41,7 @@ from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 from tvm.target import codegen
 
-from reccc.targets.cpu_dot_schedules import FcOperands, bf16_bits, inline_into_output, vectorize_columns, widened, zero_padded
+from reccc.targets.cpu_dot_schedules import FcOperands, bf16_bits, inline_into_output, sums_and_rows_per, vectorize_columns, widened, zero_padded
 
 TILE_ROWS, TILE_BYTES = 16, 64  # the largest tile: 16 rows of 64 bytes
 TILE_UNITS = TILE_BYTES // 4  # 16 fp32 / int32 sums in a row of an accumulator tile
@@ -430,14 +430,7 @@ def _amx_rule(schedule: s_tir.Schedule, product: AmxProduct, lanes: int) -> None
     inputs = int(schedule.get(reduction).extent)
     panels = int(schedule.get(columns).extent) // (column_tiles * TILE_UNITS)
     row_tiles, row = schedule.split(rows, factors=[None, BLOCK_ROWS])
-    accumulators = schedule.cache_write(block, 0, "local")
-    schedule.compute_inline(accumulators)  # the epilogue reads the row tile's local sums
-    for output in outputs:
-        schedule.reverse_compute_at(output, row_tiles)
-        vectorize_columns(schedule, schedule.get_loops(output)[-1], lanes)
-    pad = schedule.get_sblock(PAD_BLOCK)
-    schedule.compute_at(pad, row_tiles)
-    vectorize_columns(schedule, schedule.get_loops(pad)[-1], lanes)
+    sums_and_rows_per(schedule, block, row_tiles, outputs, PAD_BLOCK, lanes)
     for stage in reversed(row_stages):  # each before its reader: the zero point reads the scale
         schedule.compute_at(schedule.get_sblock(stage), row_tiles)
     schedule.parallel(row_tiles)

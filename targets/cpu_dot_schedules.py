@@ -57,6 +57,7 @@ from tvm.script import tirx as T
 from tvm.target import codegen
 
 from reccc.targets.cpu_schedules import default_tile, vector_lanes
+from reccc.targets.relax_lowering import BoundCalls
 
 DOT_BLOCK = "matmul_dot_{}"  # by product: matmul_dot_int8, matmul_dot_bf16
 PAD_BLOCK = "matmul_dot_rows"
@@ -285,21 +286,12 @@ def _dot_matmul(x: te.Tensor, packed: te.Tensor, *correction: te.Tensor, units: 
         ),
         name=product.block,
     )
-    if correction:
-        return te.compute((rows, units), lambda i, j: sums[i, j] + correction[0][j], name="matmul_dot_result")
-    return te.compute((rows, units), lambda i, j: sums[i, j], name="matmul_dot_result")
+    return te.compute((rows, units), lambda i, j: sums[i, j] + correction[0][j] if correction else sums[i, j], name="matmul_dot_result")
 
 
-class FcOperands:
+class FcOperands(BoundCalls):
     """The operands of the FC layers passes/fc_quantization.py writes, as the importer writes them,
     found from a Relax matmul call: for the layer-selecting mutators (a PyExprMutator's lookup_binding)."""
-
-    def _bound(self, expr, op: str):
-        """The call of `op` that `expr` is bound to, else None."""
-        if not isinstance(expr, relax.Var):
-            return None
-        value = self.lookup_binding(expr)
-        return value if isinstance(value, relax.Call) and value.op.same_as(tvm.ir.Op.get(op)) else None
 
     def _narrowed(self, expr, wide: str, narrow: str):
         """The `narrow` 2-D tensor that `expr` (`wide`) is an astype of, else None."""
@@ -410,6 +402,20 @@ def inline_into_output(schedule: s_tir.Schedule, keep: tuple[str, ...]) -> None:
             continue
 
 
+def sums_and_rows_per(schedule: s_tir.Schedule, block, loop, outputs: list, pad_block: str, lanes: int) -> None:
+    """`block`'s sums kept in a local buffer that the epilogue (`outputs`) reads, and the epilogue and
+    the padded activation rows (`pad_block`) computed per iteration of `loop`, vectorized along their
+    rows: each tile's rows are padded (rounded, quantized) just before its product and its sums leave
+    through the epilogue while in registers or L1."""
+    schedule.compute_inline(schedule.cache_write(block, 0, "local"))
+    for output in outputs:
+        schedule.reverse_compute_at(output, loop)
+        vectorize_columns(schedule, schedule.get_loops(output)[-1], lanes)
+    pad = schedule.get_sblock(pad_block)
+    schedule.compute_at(pad, loop)
+    vectorize_columns(schedule, schedule.get_loops(pad)[-1], lanes)
+
+
 def vectorize_columns(schedule: s_tir.Schedule, loop, lanes: int) -> None:
     extent = schedule.get(loop).extent
     if isinstance(extent, tirx.IntImm):
@@ -452,14 +458,7 @@ def _dot_rule(schedule: s_tir.Schedule, lanes: int, products: tuple[DotProduct, 
     # One parallel loop over (panel, row tile), panel-major: each thread takes a contiguous range, so
     # it runs a panel's weights (K x 64 bytes a vector) over many row tiles while they stay in L1.
     tiles = schedule.fuse(panels, row_tiles)
-    accumulators = schedule.cache_write(block, 0, "local")
-    schedule.compute_inline(accumulators)  # the epilogue reads the local tile
-    for output in outputs:
-        schedule.reverse_compute_at(output, tiles)
-        vectorize_columns(schedule, schedule.get_loops(output)[-1], lanes)
-    pad = schedule.get_sblock(PAD_BLOCK)
-    schedule.compute_at(pad, tiles)
-    vectorize_columns(schedule, schedule.get_loops(pad)[-1], lanes)
+    sums_and_rows_per(schedule, block, tiles, outputs, PAD_BLOCK, lanes)
     schedule.parallel(tiles)  # before tensorize: the tensorized update is no longer a reduction block
     init = schedule.decompose_reduction(block, steps)
     schedule.vectorize(schedule.get_loops(init)[-1])

@@ -49,8 +49,19 @@ def _relu_propagating_nan(block_builder: relax.BlockBuilder, call: relax.Call) -
     return block_builder.call_te(relu, call.args[0], primfunc_name_hint="relu")
 
 
+class BoundCalls:
+    """For a PyExprMutator: the operator call a variable is bound to (its lookup_binding)."""
+
+    def _bound(self, expr, op: str):
+        """The call of `op` that `expr` is bound to, else None."""
+        if not isinstance(expr, relax.Var):
+            return None
+        value = self.lookup_binding(expr)
+        return value if isinstance(value, relax.Call) and value.op.same_as(tvm.ir.Op.get(op)) else None
+
+
 @relax.expr_functor.mutator
-class _StaticDimReads(relax.PyExprMutator):
+class _StaticDimReads(relax.PyExprMutator, BoundCalls):
     """take(shape_to_tensor(shape_of(x)), k) of an x whose shape is static, as the constant dim k.
 
     TVM's importer writes Gather's negative-index wrap-around so, reading the table's row count; left
@@ -75,12 +86,6 @@ class _StaticDimReads(relax.PyExprMutator):
             return None
         dims = shape.args[0].ty.shape
         return [int(dim) for dim in dims] if dims is not None and all(isinstance(dim, tirx.IntImm) for dim in dims) else None
-
-    def _bound(self, expr, op: str):
-        if not isinstance(expr, relax.Var):
-            return None
-        value = self.lookup_binding(expr)
-        return value if isinstance(value, relax.Call) and value.op.same_as(tvm.ir.Op.get(op)) else None
 
 
 def fold_static_dim_reads(module: tvm.IRModule) -> tvm.IRModule:
