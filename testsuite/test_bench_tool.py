@@ -62,3 +62,15 @@ def test_a_lossy_build_is_allowed_its_accuracy_budget_and_a_lossless_one_fp32s_t
     assert set(errors) == set(allowed) == {"reccc_O2", "reccc_O3"}
     assert allowed["reccc_O3"] == {"ctr": 0.01} and errors["reccc_O3"]["ctr"] == pytest.approx(0.005, abs=1e-6)
     assert 0 < allowed["reccc_O2"]["ctr"] < 1e-4 and errors["reccc_O2"]["ctr"] == 0
+
+
+def test_fc_precision_results_of_another_target_go_to_their_own_file():
+    """tools/bench_fc_precision.py --target: this CPU's results keep fc_precision.json, a target's go
+    beside them under its CPU's (or its own) name, so that a run for a CPU without AMX overwrites none."""
+    sys.path.insert(0, str(REPO / "tools"))
+    from bench_fc_precision import _suffix
+
+    assert _suffix("x86") == ""
+    assert _suffix('{"kind": "llvm", "mcpu": "cooperlake"}') == "-cooperlake"
+    assert _suffix('{"kind": "llvm", "mtriple": "x86_64-linux-gnu"}') == "-llvm"
+    assert _suffix("arm:raspberry-pi/4b-aarch64") == "-arm-raspberry-pi-4b-aarch64"
