@@ -41,7 +41,8 @@ from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 from tvm.target import codegen
 
-from reccc.targets.cpu_dot_schedules import FcOperands, bf16_bits, inline_into_output, sums_and_rows_per, vectorize_columns, widened, zero_padded
+from reccc.targets.cpu_dot_schedules import bf16_bits, inline_into_output, sums_and_rows_per, vectorize_columns, widened, zero_padded
+from reccc.targets.fc_operands import FcOperands
 
 TILE_ROWS, TILE_BYTES = 16, 64  # the largest tile: 16 rows of 64 bytes
 TILE_UNITS = TILE_BYTES // 4  # 16 fp32 / int32 sums in a row of an accumulator tile
