@@ -19,7 +19,7 @@ import tvm
 
 from reccc.errors import CompileError, UsageError, one_line
 from reccc.target import Target, TuningOptions, register_target, register_tvm_kind
-from reccc.targets import cuda_toolchain, gpu_schedules, relax_lowering
+from reccc.targets import cuda_toolchain, gpu_fc_schedules, gpu_schedules, relax_lowering
 from reccc.targets.cuda_device_code import find_fatbins
 from reccc.targets.x86 import HOST_TRIPLE
 
@@ -64,7 +64,8 @@ class CudaTarget(Target):
             print(f"reccc: -O3: {_why_not_tuned(tuning)}; keeping the -O2 schedules", file=tuning.progress)
         with _nvcc_compile_mode():
             return relax_lowering.build(
-                model, self._target, opt_level, gpu_schedules.apply_default_schedules, gpu_schedules.bind_unscheduled
+                model, self._target, opt_level, gpu_schedules.apply_default_schedules, gpu_schedules.bind_unscheduled,
+                select_kernels=gpu_fc_schedules.select_tensor_core_matmuls,
             )
 
     def export(self, executable: tvm.runtime.Executable, path: Path, addons: list[Path]) -> None:

@@ -1,4 +1,5 @@
-"""Shared fixtures: the bundled models, compiled artifacts of them, and an in-process CLI runner."""
+"""Shared fixtures: the bundled models, compiled artifacts of them, an in-process CLI runner, and the
+CUDA tools (cuda_code.py)."""
 
 import os
 from dataclasses import dataclass
@@ -6,6 +7,7 @@ from pathlib import Path
 
 import onnx
 import pytest
+from cuda_code import cuobjdump, nvcc  # noqa: F401  (fixtures of the CUDA tests)
 from hypothesis import settings
 
 import reccc

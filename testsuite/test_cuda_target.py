@@ -4,11 +4,9 @@ No GPU is needed to build; running needs one (tools/check_cuda.py compares with 
 Tests that need nvcc skip without it, except under CI (env CI set), whose machine has it.
 """
 
-import importlib.metadata
 import json
 import os
 import re
-import shutil
 import struct
 import subprocess
 import sys
@@ -19,6 +17,7 @@ import pytest
 import tvm
 import tvm_ffi
 from conftest import TESTSUITE_MODELS, model_path
+from cuda_code import extract_fatbin, objdump
 from onnx import TensorProto, helper
 from tvm import te
 from tvm.s_tir import dlight
@@ -29,33 +28,6 @@ from reccc.targets import gpu_schedules
 from reccc.targets.cuda_device_code import find_fatbins
 
 ARCHS = ("sm_80", "sm_90")
-
-
-def _missing(what: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"{what} is missing on CI, whose machine must have it")
-    pytest.skip(f"{what} is not installed")
-
-
-@pytest.fixture(scope="session")
-def nvcc() -> str:
-    path = shutil.which("nvcc")
-    if path is None:
-        _missing("nvcc (the CUDA toolkit, on PATH)")
-    return path
-
-
-@pytest.fixture(scope="session")
-def cuobjdump() -> Path:
-    """cuobjdump from the PyPI package nvidia-cuda-cuobjdump (reccc's test extra)."""
-    try:
-        files = importlib.metadata.files("nvidia-cuda-cuobjdump") or []
-    except importlib.metadata.PackageNotFoundError:
-        files = []
-    found = [Path(file.locate()) for file in files if file.name == "cuobjdump"]
-    if not found:
-        _missing("cuobjdump (pip package nvidia-cuda-cuobjdump)")
-    return found[0]
 
 
 @pytest.fixture(scope="session")
@@ -73,10 +45,6 @@ def cuda_artifacts(tmp_path_factory, nvcc):
     return get
 
 
-def _objdump(cuobjdump: Path, fatbin: Path, *flags: str) -> str:
-    return subprocess.run([str(cuobjdump), *flags, str(fatbin)], capture_output=True, text=True, check=True).stdout
-
-
 def _launch_table(artifact: Path) -> set[str]:
     """The kernels the host code launches by name: the function table TVM stores with the CUDA module,
     where each entry is the name twice (map key and FunctionInfo.name), each as u64 length + bytes."""
@@ -87,14 +55,6 @@ def _launch_table(artifact: Path) -> set[str]:
     return names
 
 
-def _extract_fatbin(artifact: Path, into: Path) -> Path:
-    fatbins = find_fatbins(artifact.read_bytes())
-    assert len(fatbins) == 1, f"{artifact.name}: {len(fatbins)} fatbins"
-    path = into / f"{artifact.stem}.fatbin"
-    path.write_bytes(fatbins[0].data)
-    return path
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("name", TESTSUITE_MODELS)
 def test_artifact_carries_machine_code_for_the_arch(reccc_cli, nvcc, cuobjdump, tmp_path, name, arch):
@@ -103,10 +63,10 @@ def test_artifact_carries_machine_code_for_the_arch(reccc_cli, nvcc, cuobjdump, 
     assert (result.code, result.stdout, result.stderr) == (0, "", "")
     assert read_manifest(artifact).target["arch"] == arch
 
-    fatbin = _extract_fatbin(artifact, tmp_path)
-    assert re.findall(r"ELF file\s+\d+: \S+\.(sm_\d+)\.cubin", _objdump(cuobjdump, fatbin, "-lelf")) == [arch]
-    assert "PTX file" not in _objdump(cuobjdump, fatbin, "-lptx")
-    symbols = _objdump(cuobjdump, fatbin, "-symbols")
+    fatbin = extract_fatbin(artifact, tmp_path)
+    assert re.findall(r"ELF file\s+\d+: \S+\.(sm_\d+)\.cubin", objdump(cuobjdump, fatbin, "-lelf")) == [arch]
+    assert "PTX file" not in objdump(cuobjdump, fatbin, "-lptx")
+    symbols = objdump(cuobjdump, fatbin, "-symbols")
     assert set(re.findall(r"^arch = (\S+)$", symbols, flags=re.MULTILINE)) == {arch}
     kernels = set(re.findall(r"^FUNC\s+GLOBAL\s+\S+\s+ENTRY\s+(\w+)$", symbols, flags=re.MULTILINE))
     launched = _launch_table(artifact)
@@ -326,3 +286,16 @@ def test_a_dlight_rule_that_fails_on_a_pooled_gather_declines_instead_of_ending_
         with pytest.raises(AssertionError):
             dlight.ApplyDefaultSchedule(dlight.gpu.GEMV())(module)
     assert _loops(_scheduled([ids, table, pooled]))[:2] == [("blockIdx.x", None), ("threadIdx.x", 1024)]
+
+
+@pytest.mark.parametrize("reduce", [te.max, te.min, te.sum])
+def test_row_reduction_rule_gives_each_row_a_warp_stepping_along_it(reduce):
+    """An int8 layer's per-row activation range: a warp per row (8 rows a block), its lanes reading
+    consecutive elements, combined across the warp, instead of Fallback's one thread per row."""
+    batch = tvm.tirx.Var("batch", "int64")
+    x = te.placeholder((batch, 576), "float32", name="x")
+    k = te.reduce_axis((0, 576), name="k")
+    row = te.compute((batch, 1), lambda i, _: reduce(x[i, k], axis=k), name="row")
+    assert _loops(_scheduled([x, row])) == [
+        ("blockIdx.x", None), ("threadIdx.y", 8), ("serial", 576 // 32), ("threadIdx.x", 32)
+    ]

@@ -3,6 +3,7 @@
     python tools/check_cuda.py                                   # GPU machine with nvcc: build for its GPU, check
     python tools/check_cuda.py --build-only DIR --arch sm_90     # build host (nvcc, no GPU): artifacts into DIR
     python tools/check_cuda.py --artifacts DIR                   # GPU machine: check what --build-only wrote
+    python tools/check_cuda.py --fc-precision fp32,int8,bf16 ...  # also the models' int8 / bf16 FC builds
 
 Models: the bundled testsuite models and GPU_DLRM (the standard DLRM's layers, tools/bench.py, with
 small tables so its artifact travels), or the .onnx paths given. Building needs nvcc, not a GPU, as
@@ -14,7 +15,14 @@ one process, medians after warm-ups:
   reccc_on_gpu        the artifact's VM entry on inputs already on the GPU, outputs left there (kernels and launches)
   onnxruntime_cpu     onnxruntime, CPU provider, ORT_ENABLE_ALL, all cores
   onnxruntime_cuda    onnxruntime's CUDA provider (numpy in and out), where the installed onnxruntime has it
-Writes bench-results/check-cuda.json; exits 0 when every output agrees, 1 when any does not, 2 when no
+With --fc-precision int8 or bf16 (reccc's --fc-precision, FC layers on the tensor cores), the
+artifact is checked against onnxruntime's run of the graph --fc-precision rewrote (which the build
+writes beside it), and its outputs' deviation from the fp32 model is reported beside that graph's;
+onnxruntime's timings are of the fp32 model, the baseline. Such a build agrees when each output is
+within reccc's fp32 tolerance of that run, or within half of the graph's own deviation from the fp32
+model (RE_ROUNDING_SHARE): the GPU's fused multiply-adds and the tensor cores' summation order move
+intermediate values by an ulp, and where one crosses a rounding boundary of a later layer's bf16
+activation or int8 code, the output moves by that rounding, which is the quantization's own error. Writes bench-results/check-cuda.json; exits 0 when every output agrees, 1 when any does not, 2 when no
 CUDA GPU is visible (or the artifacts folder is not a --build-only one).
 """
 
@@ -35,10 +43,13 @@ from bench import STANDARD_MODEL, Engine, batch_list, machine_info, onnxruntime_
 
 REPO_ROOT = TOOLS.parent
 BUNDLED_MODELS = sorted((REPO_ROOT / "testsuite" / "models").glob("*.onnx"))
-# The standard DLRM's MLPs with 4096-row tables (8 MB instead of 205 MB): GPU time at batch 64 and up
-# is the MLPs', and the artifact (weights embedded) stays small enough to copy to a GPU machine.
-GPU_DLRM = {**STANDARD_MODEL, "rows": 4096}
+# The standard DLRM's MLPs with 1024-row tables (2 MB instead of 205 MB): GPU time at batch 64 and up
+# is the MLPs', and its artifacts (weights embedded) in three FC precisions, with their models, stay
+# small enough to copy to a GPU machine.
+GPU_DLRM = {**STANDARD_MODEL, "rows": 1024}
 BUILD_INDEX = "build.json"
+PRECISIONS = ("fp32", "int8", "bf16")
+RE_ROUNDING_SHARE = 0.5
 INPUT_SEED = 0
 
 
@@ -49,6 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("-O", dest="opt_level", type=int, default=2, help="reccc optimization level (default: 2)")
     parser.add_argument("--build-only", type=Path, metavar="DIR", help="only build: write the artifacts and their models into DIR")
     parser.add_argument("--artifacts", type=Path, metavar="DIR", help="check the artifacts a --build-only run wrote into DIR")
+    parser.add_argument("--fc-precision", type=precision_list, default=["fp32"], metavar="LIST",
+                        help="comma-separated FC precisions to build each model in: fp32, int8, bf16 (default: fp32)")
     parser.add_argument("--batches", type=batch_list, default=[1, 64, 2048], help="comma-separated batch sizes (default: 1,64,2048)")
     parser.add_argument("--repeat", type=int, default=50, help="timed runs per engine and batch (default: 50)")
     parser.add_argument("--json", type=Path, default=REPO_ROOT / "bench-results" / "check-cuda.json", help="where to write the results")
@@ -57,9 +70,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--build-only and --artifacts are the two halves of one check: give one")
     if args.build_only and not args.arch:
         parser.error("--build-only needs --arch (no GPU to read it from)")
-    if args.artifacts and (args.models or args.arch):
-        parser.error("--artifacts checks what was built: models and --arch were given to --build-only")
+    if args.artifacts and (args.models or args.arch or args.fc_precision != ["fp32"]):
+        parser.error("--artifacts checks what was built: models, --arch and --fc-precision were given to --build-only")
     return args
+
+
+def precision_list(text: str) -> list[str]:
+    precisions = text.split(",")
+    unknown = sorted(set(precisions) - set(PRECISIONS))
+    if unknown or not precisions:
+        raise argparse.ArgumentTypeError(f"precisions must be among {', '.join(PRECISIONS)}, not {text!r}")
+    return precisions
 
 
 def local_gpu() -> dict | None:
@@ -76,8 +97,9 @@ def local_gpu() -> dict | None:
     return {"name": device.device_name, "arch": "sm_" + device.compute_version.replace(".", "")}
 
 
-def build(models: list[Path], arch: str, opt_level: int, folder: Path) -> dict:
-    """Compile each model for `arch` into `folder` beside a copy of the model; returns the build index."""
+def build(models: list[Path], arch: str, opt_level: int, precisions: list[str], folder: Path) -> dict:
+    """Compile each model for `arch` in each FC precision into `folder`, beside a copy of the model and,
+    for int8 / bf16, the graph --fc-precision rewrote (the reference); returns the build index."""
     import reccc
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -87,14 +109,21 @@ def build(models: list[Path], arch: str, opt_level: int, folder: Path) -> dict:
         generated = folder / "dlrm_gpu.onnx"
         onnx.save(testmodels.dlrm(**GPU_DLRM), str(generated))
         models = [*BUNDLED_MODELS, generated]
+    target = json.dumps({"kind": "cuda", "arch": arch})
     built = []
     for path in models:
-        model, artifact = folder / path.name, folder / f"{path.stem}.so"
+        model = folder / path.name
         if path.resolve() != model.resolve():
             shutil.copyfile(path, model)
-        reccc.compile(str(path), str(artifact), target=json.dumps({"kind": "cuda", "arch": arch}), opt_level=opt_level)
-        print(f"built {artifact} ({artifact.stat().st_size / 1e6:.1f} MB)")
-        built.append({"model": model.name, "artifact": artifact.name})
+        for precision in precisions:
+            artifact, reference = folder / f"{path.stem}.{precision}.so", model
+            options = {} if precision == "fp32" else {"fc_precision": precision}
+            if options:
+                reference = folder / f"{path.stem}.{precision}.onnx"
+                reccc.compile(str(path), str(reference), emit="onnx", opt_level=opt_level, **options)
+            reccc.compile(str(path), str(artifact), target=target, opt_level=opt_level, **options)
+            print(f"built {artifact} ({artifact.stat().st_size / 1e6:.1f} MB)")
+            built.append({"model": model.name, "precision": precision, "reference": reference.name, "artifact": artifact.name})
     index = {"arch": arch, "opt_level": opt_level, "models": built}
     (folder / BUILD_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return index
@@ -133,7 +162,7 @@ def on_gpu_engine(artifact: Path, compiled, feeds: dict[str, np.ndarray]) -> Eng
     return Engine("reccc_on_gpu", call, returns_outputs=False)
 
 
-def check_batch(artifact: Path, compiled, proto: onnx.ModelProto, ir_model, sessions: dict, batch: int, repeat: int) -> dict:
+def check_batch(artifact: Path, compiled, fp32_model: onnx.ModelProto, reference: onnx.ModelProto, ir_model, sessions: dict, batch: int, repeat: int) -> dict:
     from reccc.reference import agreement, run_reference
     from reccc.sample_inputs import random_inputs
 
@@ -141,37 +170,55 @@ def check_batch(artifact: Path, compiled, proto: onnx.ModelProto, ir_model, sess
     engines = [Engine("reccc", lambda: compiled.run(feeds)), on_gpu_engine(artifact, compiled, feeds)]
     engines += [session_engine(name, session, feeds) for name, session in sessions.items() if session is not None]
     results = {engine.name: warm_up(engine) for engine in engines}
-    checked = agreement(run_reference(proto, feeds), results["reccc"])
+    expected = run_reference(reference, feeds)
+    checked = agreement(expected, results["reccc"])
+    fp32_outputs = run_reference(fp32_model, feeds) if reference is not fp32_model else None
+    if fp32_outputs is not None:
+        # See the module's docstring: a lossy build may also differ by half its graph's own error.
+        checked = {name: (error, max(bound, RE_ROUNDING_SHARE * _max_difference(expected[name], fp32_outputs[name])))
+                   for name, (error, bound) in checked.items()}
     time_interleaved(engines, repeat)
     medians = {engine.name: 1e3 * statistics.median(engine.seconds) for engine in engines}
-    return {
+    result = {
         "batch": batch,
         "median_ms": medians,
         "max_abs_error": {name: error for name, (error, _) in checked.items()},
         "allowed_error": {name: bound for name, (_, bound) in checked.items()},
         "agrees": all(error <= bound for error, bound in checked.values()),
     }
+    if fp32_outputs is not None:
+        result["max_abs_deviation_from_fp32"] = {name: _max_difference(results["reccc"][name], fp32) for name, fp32 in fp32_outputs.items()}
+        result["graph_deviation_from_fp32"] = {name: _max_difference(expected[name], fp32) for name, fp32 in fp32_outputs.items()}
+    return result
 
 
-def check_model(model: Path, artifact: Path, args: argparse.Namespace) -> dict:
+def _max_difference(actual, expected) -> float:
+    return float(np.max(np.abs(np.asarray(actual, np.float64) - expected), initial=0.0))
+
+
+def check_model(folder: Path, entry: dict, args: argparse.Namespace) -> dict:
     import reccc
     from reccc.ir import Model
 
+    model, artifact = folder / entry["model"], folder / entry["artifact"]
     compiled = reccc.load(artifact)
     proto = onnx.load(str(model))
+    reference = onnx.load(str(folder / entry["reference"])) if entry["reference"] != entry["model"] else proto
     ir_model = Model.from_onnx(proto, str(model))
     sessions = {"onnxruntime_cpu": onnxruntime_session(proto, threads=0), "onnxruntime_cuda": onnxruntime_cuda_session(proto)}
-    batches = [check_batch(artifact, compiled, proto, ir_model, sessions, batch, args.repeat) for batch in args.batches]
-    return {"model": model.name, "artifact_bytes": artifact.stat().st_size, "batches": batches}
+    batches = [check_batch(artifact, compiled, proto, reference, ir_model, sessions, batch, args.repeat) for batch in args.batches]
+    return {"model": model.name, "precision": entry["precision"], "artifact_bytes": artifact.stat().st_size, "batches": batches}
 
 
 def print_model(result: dict) -> None:
-    print(f"\n{result['model']}")
+    print(f"\n{result['model']}, FC layers {result['precision']}")
     for batch in result["batches"]:
         timings = ", ".join(f"{name} {ms:.3f} ms" for name, ms in batch["median_ms"].items())
         errors = ", ".join(f"{name} {error:.3g} (allowed {batch['allowed_error'][name]:.3g})" for name, error in batch["max_abs_error"].items())
         verdict = "agrees" if batch["agrees"] else "DIFFERS from onnxruntime"
-        print(f"  batch {batch['batch']:>5}: {verdict}; max abs error {errors}; median {timings}")
+        deviation = batch.get("max_abs_deviation_from_fp32")
+        lossy = f"; deviation from fp32 {max(deviation.values()):.3g}" if deviation else ""
+        print(f"  batch {batch['batch']:>5}: {verdict}; max abs error {errors}{lossy}; median {timings}")
 
 
 def check(folder: Path, index: dict, gpu: dict, args: argparse.Namespace) -> int:
@@ -181,7 +228,7 @@ def check(folder: Path, index: dict, gpu: dict, args: argparse.Namespace) -> int
         print("check_cuda: onnxruntime has no CUDA provider here (pip install onnxruntime-gpu); timing the CPU provider only")
     results = []
     for entry in index["models"]:
-        results.append(check_model(folder / entry["model"], folder / entry["artifact"], args))
+        results.append(check_model(folder, entry, args))
         print_model(results[-1])
     report = {"machine": machine_info(), "gpu": gpu, "versions": versions(), "arch": index["arch"],
               "opt_level": index["opt_level"], "repeat": args.repeat, "models": results}
@@ -194,7 +241,7 @@ def check(folder: Path, index: dict, gpu: dict, args: argparse.Namespace) -> int
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.build_only:
-        build(args.models, args.arch, args.opt_level, args.build_only)
+        build(args.models, args.arch, args.opt_level, args.fc_precision, args.build_only)
         return 0
     gpu = local_gpu()
     if gpu is None:
@@ -211,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     arch = args.arch or gpu["arch"]
     print(f"GPU 0: {gpu['name']} ({gpu['arch']}); compiling for {arch}")
     with tempfile.TemporaryDirectory(prefix="reccc-check-cuda-") as scratch:
-        index = build(args.models, arch, args.opt_level, Path(scratch))
+        index = build(args.models, arch, args.opt_level, args.fc_precision, Path(scratch))
         return check(Path(scratch), index, gpu, args)
 
 

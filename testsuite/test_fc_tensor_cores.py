@@ -1,0 +1,102 @@
+"""--fc-precision=int8|bf16 layers on NVIDIA tensor cores (targets/gpu_fc_schedules.py), without a GPU:
+the artifacts' machine code (IMMA for int8, HMMA on bf16 operands), one tensor-core kernel per
+layer, and what the kernels compute: the selected kernels, built for this CPU instead of the GPU,
+against onnxruntime's run of the rewritten graph. Running the CUDA artifacts against onnxruntime
+needs a GPU: tools/check_cuda.py --fc-precision does it (README)."""
+
+import re
+
+import hypothesis.strategies as st
+import numpy as np
+import onnx
+import pytest
+import tvm
+from conftest import model_path
+from fc_kernels import assert_agrees_with_graph, layer_count, library_and_graph, one_layer_model
+from hypothesis import HealthCheck, given, settings
+from cuda_code import extract_fatbin, objdump
+from tvm.runtime.vm import VirtualMachine
+
+from reccc.reference import run_reference
+from reccc.targets import gpu_fc_schedules, relax_lowering
+from reccc.targets.x86 import host_cpu
+
+# The tensor-core instruction each precision's kernels must use: IMMA on int8 x int8, HMMA on bf16.
+INSTRUCTIONS = {"int8": r"IMMA\.\w+\.S8\.S8", "bf16": r"HMMA\.\w+\.F32\.BF16"}
+SM_90 = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host={"kind": "llvm"})
+
+
+def _sass_by_kernel(cuobjdump_path, library, folder) -> dict[str, str]:
+    """Each kernel's SASS in the library's fatbin."""
+    sass = objdump(cuobjdump_path, extract_fatbin(library, folder), "-sass")
+    kernels = re.split(r"^\s*Function : (\w+)\s*$", sass, flags=re.MULTILINE)
+    return dict(zip(kernels[1::2], kernels[2::2]))
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
+def test_fc_layers_run_on_tensor_cores(reccc_cli, nvcc, cuobjdump, tmp_path, precision, arch):
+    source = one_layer_model(tmp_path / "fc.onnx", 100, 40, bias=True)
+    for name, path in (("fc", source), ("dlrm", model_path("dlrm"))):
+        folder = tmp_path / name
+        folder.mkdir()
+        library, graph = library_and_graph(reccc_cli, folder, path, f"--target=cuda:{arch}", f"--fc-precision={precision}")
+        sass = _sass_by_kernel(cuobjdump, library, folder)
+        tensor_core_kernels = [kernel for kernel in sass if f"matmul_tensor_core_{precision}" in kernel]
+        assert len(tensor_core_kernels) == layer_count(graph, precision) > 0, (name, sorted(sass))
+        for kernel in tensor_core_kernels:
+            assert re.search(INSTRUCTIONS[precision], sass[kernel]), (name, kernel)
+        # Only those kernels use tensor cores: the rest of the model stays as it was.
+        assert not any(re.search(r"\b[IH]MMA\b", code) for kernel, code in sass.items() if kernel not in tensor_core_kernels)
+
+
+def test_without_bf16_tensor_cores_bf16_layers_stay_on_cuda_cores(reccc_cli, nvcc, cuobjdump, tmp_path):
+    """sm_75 (Turing) has int8 tensor cores but no bf16 ones: its bf16 layers keep TVM's own kernels."""
+    source = one_layer_model(tmp_path / "fc.onnx", 100, 40, bias=True)
+    for precision, expected in (("bf16", False), ("int8", True)):
+        folder = tmp_path / precision
+        folder.mkdir()
+        library, _ = library_and_graph(reccc_cli, folder, source, "--target=cuda:sm_75", f"--fc-precision={precision}")
+        sass = _sass_by_kernel(cuobjdump, library, folder)
+        assert any(f"matmul_tensor_core_{precision}" in kernel for kernel in sass) == expected
+        assert any(re.search(INSTRUCTIONS[precision], code) for code in sass.values()) == expected
+
+
+def _selected_for_this_cpu(graph: onnx.ModelProto):
+    """The graph's build with its FC layers selected as for an sm_90 GPU, compiled for this CPU (the
+    kernels' computation, not their GPU schedule), as a function of the feeds."""
+    executable = relax_lowering.build(
+        graph, host_cpu().tvm_target(), 2, select_kernels=lambda module, _: gpu_fc_schedules.select_tensor_core_matmuls(module, SM_90)
+    )
+    main = VirtualMachine(executable, tvm.cpu())["main"]
+    inputs = [value.name for value in graph.graph.input]
+    outputs = [value.name for value in graph.graph.output]
+
+    def run(feeds):
+        result = main(*(tvm.runtime.tensor(feeds[name]) for name in inputs))
+        values = [result] if len(outputs) == 1 else list(result)
+        return {name: value.numpy() for name, value in zip(outputs, values)}
+
+    return run
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fan_in=st.integers(1, 80), units=st.integers(8, 100), bias=st.booleans())
+def test_int8_tensor_core_kernels_compute_the_rewritten_layer_bit_for_bit(reccc_cli, tmp_path_factory, fan_in, units, bias):
+    """The shifted codes (c - 128 as int8) times the transposed weight plus 128 x its unit sums are the
+    uint8 x int8 product exactly, whatever the shape: the layer's output equals onnxruntime's."""
+    folder = tmp_path_factory.mktemp("int8")
+    source = one_layer_model(folder / "fc.onnx", fan_in, units, bias)
+    assert reccc_cli(source, "--emit=onnx", "--fc-precision-layer", "fc=int8", "-o", folder / "m.onnx").code == 0
+    graph = onnx.load(folder / "m.onnx")
+    run = _selected_for_this_cpu(graph)
+    rng = np.random.default_rng(fan_in * 1000 + units)
+    for batch in (1, 5, 67):
+        x = (rng.standard_normal((batch, fan_in)) * 4).astype(np.float32)
+        np.testing.assert_array_equal(run({"x": x})["y"], run_reference(graph, {"x": x})["y"])
+
+
+def test_tensor_core_kernels_agree_on_the_dlrm(reccc_cli, tmp_path):
+    assert reccc_cli(model_path("dlrm"), "--emit=onnx", "--fc-precision=int8", "-o", tmp_path / "m.onnx").code == 0
+    graph = onnx.load(tmp_path / "m.onnx")
+    assert_agrees_with_graph(graph, _selected_for_this_cpu(graph), batches=(1, 7, 64))
