@@ -7,9 +7,13 @@
 TVM's importer widens both MatMulInteger operands to int32, and a bf16 layer is an fp32 matmul of
 widened operands: dlight then schedules both as CUDA-core loops (IMAD, FFMA). Two steps replace them:
 - `select_tensor_core_matmuls` (on the imported Relax module, before legalization) replaces each
-  - int8 layer, matmul(astype(x: uint8, int32), astype(W: constant int8, int32)), by a kernel that
-    reads each uint8 code c as the int8 c - 128 (its top bit flipped: the tensor cores' int8 wmma
-    multiplies two signed operands) and adds 128 x each unit's weight sum back, which is exact;
+  - int8 layer, matmul(astype(codes: uint8, int32), astype(W: constant int8, int32)), by a kernel
+    that takes each uint8 code c as the int8 c - 128 (its top bit flipped: the tensor cores' int8
+    wmma multiplies two signed operands) and adds 128 x each unit's weight sum back, which is exact.
+    Where the codes are fc_quantization's quantization of an fp32 input (FcOperands.quantized_input),
+    the kernel computes them from the input and its rows' max and min, as the graph does: the
+    quantization's scale, zero point and codes kernels (about 10 us a launch each, more than a
+    layer's product at batch 2048) are gone;
   - bf16 layer, matmul(astype(astype(x, bfloat16), float32), W) with W a constant of bf16 numbers,
     by a kernel that reads the fp32 x and rounds it to bf16 itself (to nearest even, as onnxruntime's
     Cast);
@@ -42,10 +46,11 @@ from tvm.s_tir import TensorIntrin, dlight
 from tvm.s_tir.dlight.gpu.matmul import auto_inline_consumer_chain, auto_inline_producers
 from tvm.s_tir.tensor_intrin import cuda as cuda_intrinsics
 
-from reccc.targets.cpu_dot_schedules import shifted_codes_correction
-from reccc.targets.fc_operands import FcOperands
+from reccc.targets.cpu_dot_schedules import inline_into_output, shifted_codes_correction
+from reccc.targets.fc_operands import FcOperands, uint8_codes
 
 FRAGMENT = 16  # wmma's m, n and k
+ACTIVATIONS, WEIGHTS = "tensor_core_activations", "tensor_core_weights"  # the operands' stages
 WARP = 32
 COPY_LANES = 4  # the most elements per vector load and store of the operands' copies into shared memory
 
@@ -112,21 +117,31 @@ def target_products(target: tvm.target.Target) -> tuple[TensorCoreProduct, ...]:
     return tuple(product for product in PRODUCTS if sm_version(target) >= product.min_sm)
 
 
-def _operand(x: te.Tensor, product: TensorCoreProduct):
-    """(i, k) -> the tensor cores' activation operand: the uint8 code as the int8 code - 128, or the fp32
-    x rounded to bf16 (TVM's cast rounds to nearest even, as onnxruntime's Cast)."""
-    if product.precision == "int8":
-        return lambda i, k: tirx.reinterpret("int8", x[i, k] ^ tirx.const(0x80, "uint8"))
-    return lambda i, k: x[i, k].astype("bfloat16")
+def _operand(activations: list[te.Tensor], product: TensorCoreProduct):
+    """(i, k) -> the tensor cores' activation operand: an int8 layer's uint8 code c as the int8 c - 128,
+    the code computed here from [x, row max, row min] where the selector found them (as the graph
+    computes it: fc_operands.uint8_codes), else read; or the fp32 x rounded to bf16 (TVM's cast rounds
+    to nearest even, as onnxruntime's Cast)."""
+    if product.precision == "bf16":
+        (x,) = activations
+        return lambda i, k: x[i, k].astype("bfloat16")
+    if len(activations) == 3:
+        code = uint8_codes(*activations, stage_prefix="tensor_core_row_")
+    else:
+        (codes,) = activations
+        code = lambda i, k: codes[i, k]  # noqa: E731
+    return lambda i, k: tirx.reinterpret("int8", code(i, k) ^ tirx.const(0x80, "uint8"))
 
 
-def _tensor_core_matmul(x: te.Tensor, weight: te.Tensor, *correction: te.Tensor, product: TensorCoreProduct) -> te.Tensor:
-    """[rows, units] sums of x's operand times `weight` ([units, inputs]: int8, or bf16's uint16 bits),
-    plus `correction` per unit for shifted codes."""
-    rows, inputs = x.shape
+def _tensor_core_matmul(*operands: te.Tensor, product: TensorCoreProduct, activation_count: int) -> te.Tensor:
+    """[rows, units] sums of the activations' operand (`activation_count` operands, see _operand) times
+    `weight` ([units, inputs]: int8, or bf16's uint16 bits), plus `correction` per unit for shifted
+    codes: operands = *activations, weight, *correction."""
+    activation_operands, (weight, *correction) = operands[:activation_count], operands[activation_count:]
+    rows, inputs = activation_operands[0].shape
     units = weight.shape[0]
-    activations = te.compute((rows, inputs), _operand(x, product), name="tensor_core_activations")
-    weights = te.compute((units, inputs), lambda j, k: tirx.reinterpret(product.operand, weight[j, k]), name="tensor_core_weights")
+    activations = te.compute((rows, inputs), _operand(list(activation_operands), product), name=ACTIVATIONS)
+    weights = te.compute((units, inputs), lambda j, k: tirx.reinterpret(product.operand, weight[j, k]), name=WEIGHTS)
     k = te.reduce_axis((0, inputs), name="k")
     accumulator = product.accumulator
     sums = te.compute(
@@ -155,12 +170,14 @@ class _SelectTensorCoreMatmuls(relax.PyExprMutator, FcOperands):
                 continue
             x, weight = layer
             if product.precision == "bf16":
+                activations = [x]
                 constants = [relax.const(np.ascontiguousarray(weight.view(np.uint16).T), "uint16")]
             else:
+                activations = self.quantized_input(x) or [x]
                 constants = [relax.const(np.ascontiguousarray(weight.T), "int8"), relax.const(shifted_codes_correction(weight), "int32")]
             self.replaced += 1
-            kernel = functools.partial(_tensor_core_matmul, product=product)
-            return self.builder_.call_te(kernel, x, *constants, primfunc_name_hint=product.block)
+            kernel = functools.partial(_tensor_core_matmul, product=product, activation_count=len(activations))
+            return self.builder_.call_te(kernel, *activations, *constants, primfunc_name_hint=product.block)
         return super().visit_call_(call)
 
 
@@ -233,6 +250,10 @@ class TensorCoreFc(dlight.ScheduleRule):
             return None
         product, block = found
         intrinsics = product.intrinsics()
+        # The per-row stages (the graph's scale and zero point read by the epilogue, the kernel's own
+        # for the codes) are recomputed where they are read: a few operations an element, against a
+        # loop of their own over the rows that no thread would run.
+        inline_into_output(schedule, keep=(ACTIVATIONS, WEIGHTS))
         _, columns, inputs = schedule.get_loops(block)
         tile = warp_tile(int(schedule.get(columns).extent))
         # Operand rows are `inputs` elements long: a vector copy must not straddle a row's end, and its

@@ -46,6 +46,8 @@ def test_fc_layers_run_on_tensor_cores(reccc_cli, nvcc, cuobjdump, tmp_path, pre
         assert len(tensor_core_kernels) == layer_count(graph, precision) > 0, (name, sorted(sass))
         for kernel in tensor_core_kernels:
             assert re.search(INSTRUCTIONS[precision], sass[kernel]), (name, kernel)
+        if name == "fc":  # int8: the input rows' max and min, then one kernel quantizing, multiplying, scaling
+            assert len(sass) == {"int8": 3, "bf16": 1}[precision], sorted(sass)
         # Only those kernels use tensor cores: the rest of the model stays as it was.
         assert not any(re.search(r"\b[IH]MMA\b", code) for kernel, code in sass.items() if kernel not in tensor_core_kernels)
 
