@@ -11,9 +11,9 @@ widened operands: dlight then schedules both as CUDA-core loops (IMAD, FFMA). Tw
     that takes each uint8 code c as the int8 c - 128 (its top bit flipped: the tensor cores' int8
     wmma multiplies two signed operands) and adds 128 x each unit's weight sum back, which is exact.
     Where the codes are fc_quantization's quantization of an fp32 input (FcOperands.quantized_input),
-    the kernel computes them from the input and its rows' max and min, as the graph does: the
-    quantization's scale, zero point and codes kernels (about 10 us a launch each, more than a
-    layer's product at batch 2048) are gone;
+    the kernel computes them from the input and its rows' max and min, as the graph does: a layer
+    is 3 kernels instead of 7 (launches dominate GPU time at these sizes), at the cost of each
+    element recomputing its row's scale and zero point;
   - bf16 layer, matmul(astype(astype(x, bfloat16), float32), W) with W a constant of bf16 numbers,
     by a kernel that reads the fp32 x and rounds it to bf16 itself (to nearest even, as onnxruntime's
     Cast);
@@ -24,8 +24,9 @@ widened operands: dlight then schedules both as CUDA-core loops (IMAD, FFMA). Tw
   computes a tile of rows x units in warps of 16 x 16 fragments; per step of 16 (int8) or 32 (bf16) inputs,
   the block's threads copy the tile's activation rows (int8: shifted; bf16: rounded) and weight rows into
   shared memory, zero-padded to whole tiles (a batch of 1 runs as 32 rows), the warps load them into
-  fragments and multiply-accumulate; the sums leave through shared memory, the epilogue computed on
-  the way to the output.
+  fragments and multiply-accumulate; the sums leave through dynamic shared memory (in static shared
+  memory beside the operand tiles, TVM 0.27 may merge a bf16 and an fp32 buffer and fail in
+  LowerIntrin), the epilogue computed on the way to the output.
 The int8 products are exact and their int32 sums too, so an int8 layer agrees with onnxruntime's run
 of the rewritten graph bit for bit before its fp32 epilogue; bf16 products are exact in fp32 and
 summed in fp32 in the tensor core's order (the fp32 bound of the summation order).
