@@ -87,17 +87,25 @@ def _vector_lanes(block: s_tir.SBlock, width: int) -> int:
     return math.gcd(lanes, width)
 
 
+def _inlined_blocks(func, target: tvm.target.Target) -> tuple[s_tir.Schedule | None, list]:
+    """A GPU kernel's schedule with its data-parallel producers inlined, and its blocks left (None, []
+    for a function that is not a kernel dlight can analyze)."""
+    if not isinstance(func, tirx.PrimFunc) or "gpu" not in target.keys:
+        return None, []
+    schedule = s_tir.Schedule(func)
+    blocks = normalize_prim_func(schedule)
+    if blocks is None:
+        return None, []
+    return schedule, dlight.try_inline(schedule, blocks)
+
+
 class GatherRows(dlight.ScheduleRule):
     """One thread block per chunk of rows; threads along the embedding dim, vector loads."""
 
     def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, _tunable: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or "gpu" not in target.keys:
+        schedule, blocks = _inlined_blocks(func, target)
+        if schedule is None:
             return None
-        schedule = s_tir.Schedule(func)
-        blocks = normalize_prim_func(schedule)
-        if blocks is None:
-            return None
-        blocks = dlight.try_inline(schedule, blocks)
         if len(blocks) != 1 or not blocks[0].is_injective():
             return None
         block = blocks[0].block_rv
@@ -131,13 +139,9 @@ class RowReduction(dlight.ScheduleRule):
     global memory (an int8 DLRM spent 2 ms of its 2.2 at batch 2048 in them on an H200)."""
 
     def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, _tunable: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or "gpu" not in target.keys:
+        schedule, blocks = _inlined_blocks(func, target)
+        if schedule is None:
             return None
-        schedule = s_tir.Schedule(func)
-        blocks = normalize_prim_func(schedule)
-        if blocks is None:
-            return None
-        blocks = dlight.try_inline(schedule, blocks)
         if len(blocks) != 1 or not re.fullmatch(r"S+R", blocks[0].dom_kind()):
             return None
         block = blocks[0].block_rv
