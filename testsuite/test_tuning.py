@@ -6,6 +6,7 @@ Each tuning build pays MetaSchedule's one-time start (about 30 s here: it parses
 intrinsics), so the builds are few and each checks several things."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -51,18 +52,22 @@ def test_concurrent_builds_share_the_database_and_rebuilds_reuse_it(tmp_path, re
     builds = [
         _reccc_process(MODEL, "-O3", *TINY, "--tune-db", database, "-o", tmp_path / f"concurrent{i}.so", "-v") for i in range(2)
     ]
+    measured = 0
     for build in builds:
         _, stderr = build.communicate(timeout=600)
         assert build.returncode == 0, stderr[-2000:]
-        assert "reccc: tuning: " in stderr
+        measured += int(re.search(r"reccc: tuning: .*; measured (\d+) candidates", stderr).group(1))
 
-    # Both builds measured candidates and merged them: nothing lost, every line whole.
+    # The builds' records were merged into whole lines. How many there are depends on timing: a build
+    # that starts after the other has published finds its trial there and measures none, and two
+    # builds whose same first candidate fails store that one record once. (test_tuning_db.py checks
+    # that concurrent merges lose nothing.)
     workloads = (database / WORKLOADS).read_text().splitlines()
     records = _records(database)
     assert all(json.loads(line) for line in workloads)
     assert all(0 <= number < len(workloads) for number, _ in records)
-    assert len(records) == 2  # each build's one trial, neither lost in the merge
-    assert _measured(records)  # and at least one candidate ran (one may fail to build)
+    assert 1 <= len(records) <= measured
+    assert _measured(records)  # at least one candidate ran (one may fail to build)
     verdicts = json.loads((database / VERDICTS).read_text())
     assert verdicts
     for verdict in verdicts.values():
