@@ -13,7 +13,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from reccc.errors import CompileError, UsageError, one_line
+from reccc.errors import CompileError, UsageError
 from reccc.external_data import MappedValues, is_mapped
 from reccc.shape_inference import inferred
 

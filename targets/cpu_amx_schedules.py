@@ -41,8 +41,9 @@ from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 from tvm.target import codegen
 
-from reccc.targets.cpu_dot_schedules import bf16_bits, inline_into_output, sums_and_rows_per, vectorize_columns, widened, zero_padded
-from reccc.targets.fc_operands import FcOperands, uint8_codes
+from reccc.targets.cpu_dot_schedules import bf16_bits, sums_and_rows_per, vectorize_columns, widened, zero_padded
+from reccc.targets.fc_operands import FcLayerSelector, row_quantization, select_fc_layers
+from reccc.targets.kernel_blocks import inline_into_output
 
 TILE_ROWS, TILE_BYTES = 16, 64  # the largest tile: 16 rows of 64 bytes
 TILE_UNITS = TILE_BYTES // 4  # 16 fp32 / int32 sums in a row of an accumulator tile
@@ -60,7 +61,7 @@ CPU_FLAGS = {"bf16": ("amx_tile", "amx_bf16"), "int8": ("amx_tile", "amx_int8")}
 class AmxProduct:
     """One of AMX's dot products: operand and accumulator types, inputs per 32-bit group, instruction."""
 
-    name: str
+    precision: str
     activation_bits: str  # the kernel's copy of the activations: TVM would widen a bfloat16 one to fp32
     weight: str
     accumulator: str
@@ -106,7 +107,7 @@ def _intrinsic(product: AmxProduct, inputs: int, panels: int, column_tiles: int)
     its description is the row tile's reduction, its implementation the tile program (the tiles
     configured once; per block, sums loaded from the row tile's accumulators, inputs / step
     instructions per tile, sums stored back)."""
-    name = f"reccc_amx_{product.name}_{panels}x{ROW_TILES}x{column_tiles}_k{inputs}"
+    name = f"reccc_amx_{product.precision}_{panels}x{ROW_TILES}x{column_tiles}_k{inputs}"
     try:
         TensorIntrin.get(name)
         return name
@@ -200,8 +201,8 @@ def _bf16_bits(activations: list[te.Tensor]):
 
 
 def _uint8_codes(activations: list[te.Tensor]):
-    """x's uint8 codes from [x, row max, row min] (fc_operands.uint8_codes), its per-row stages named ROW_STAGE..."""
-    return uint8_codes(*activations, stage_prefix=ROW_STAGE)
+    """x's uint8 codes from [x, row max, row min] (fc_operands.row_quantization), its per-row stages named ROW_STAGE..."""
+    return row_quantization(*activations, stage_prefix=ROW_STAGE).code
 
 
 def _as_it_is(activations: list[te.Tensor]):
@@ -226,73 +227,39 @@ def _amx_matmul(*operands: te.Tensor, units: int, product: AmxProduct, element) 
             * packed[j // TILE_UNITS, k // group, j % TILE_UNITS, k % group].astype(product.accumulator),
             axis=k,
         ),
-        name=AMX_BLOCK.format(product.name),
+        name=AMX_BLOCK.format(product.precision),
     )
     return te.compute((rows, units), lambda i, j: sums[i, j], name="matmul_amx_result")
 
 
 @relax.expr_functor.mutator
-class _SelectAmxMatmuls(relax.PyExprMutator, FcOperands):
-    def __init__(self, module: tvm.IRModule, products: tuple[AmxProduct, ...]):
-        super().__init__(module)
-        self.products = products
-        self.used: set[str] = set()
-
-    def _bf16_operands(self, call):
-        """([fp32 x], its element function, the bf16 weight) of a bf16 layer (FcOperands.bf16_layer)."""
-        layer = self.bf16_layer(call)
-        return None if layer is None else ([layer[0]], _bf16_bits, layer[1])
-
-    def _int8_operands(self, call):
-        """The activations, their element function and the int8 weight of matmul(astype(codes: uint8,
-        int32), astype(W: constant int8, int32)): the fp32 input, scale and zero point where the codes
-        are fc_quantization's, so that the kernel quantizes the input itself, else the codes."""
-        layer = self.int8_layer(call)
-        if layer is None:
-            return None
-        codes, weight = layer
-        quantized = self.quantized_input(codes)
-        return (quantized, _uint8_codes, weight) if quantized else ([codes], _as_it_is, weight)
-
-    def visit_call_(self, call):
-        if not call.op.same_as(tvm.ir.Op.get("relax.matmul")):
-            return super().visit_call_(call)
-        for product in self.products:
-            if call.ty.dtype != product.accumulator:
-                continue
-            operands = (self._bf16_operands if product is BF16 else self._int8_operands)(call)
-            if operands is None:
-                continue
-            activations, element, weight = operands
-            self.used.add(product.name)
-            packed = relax.const(pack_weight(weight, product), product.weight)
-            kernel = functools.partial(_amx_matmul, units=weight.shape[1], product=product, element=element)
-            return self.builder_.call_te(kernel, *activations, packed, primfunc_name_hint=f"matmul_amx_{product.name}")
-        return super().visit_call_(call)
+class _SelectAmxMatmuls(FcLayerSelector):
+    def kernel_call(self, product: AmxProduct, x, weight: np.ndarray) -> relax.Expr:
+        """The kernel of a bf16 layer rounds the fp32 x itself; that of an int8 layer quantizes its fp32
+        input itself from the input and its rows' max and min where the codes are fc_quantization's,
+        else reads the codes."""
+        if product is BF16:
+            activations, element = [x], _bf16_bits
+        else:
+            quantized = self.quantized_input(x)
+            activations, element = ([quantized.x, quantized.row_max, quantized.row_min], _uint8_codes) if quantized else ([x], _as_it_is)
+        packed = relax.const(pack_weight(weight, product), product.weight)
+        kernel = functools.partial(_amx_matmul, units=weight.shape[1], product=product, element=element)
+        return self.builder_.call_te(kernel, *activations, packed, primfunc_name_hint=f"matmul_amx_{product.precision}")
 
 
 def select_amx_matmuls(module: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.IRModule, list[str]]:
     """The imported module with its bf16 and int8 layers as AMX kernels where the target has the
     product (see above), and the CPU flags those kernels need (none if none was selected)."""
-    products = tuple(product for product in (BF16, INT8) if has_amx(target, product))
-    if not products:
-        return module, []
-    mutator = _SelectAmxMatmuls(module, products)
-    main = mutator.visit_expr(module["main"])
-    if not mutator.used:
-        return module, []
-    module = mutator.builder_.get()
-    module["main"] = main
-    flags = sorted({flag for name in mutator.used for flag in CPU_FLAGS[name]})
-    # The widened copies of the operands are read by nothing now.
-    return relax.transform.DeadCodeElimination(["main"])(module), flags
+    module, selected = select_fc_layers(_SelectAmxMatmuls, module, tuple(product for product in (BF16, INT8) if has_amx(target, product)))
+    return module, sorted({flag for product in selected for flag in CPU_FLAGS[product.precision]})
 
 
 def _amx_product(schedule: s_tir.Schedule) -> AmxProduct | None:
     """The product of the schedule's AMX kernel, None if it is no such kernel."""
     for product in (BF16, INT8):
         try:
-            schedule.get_sblock(AMX_BLOCK.format(product.name))
+            schedule.get_sblock(AMX_BLOCK.format(product.precision))
             return product
         except s_tir.ScheduleError:
             continue
@@ -306,7 +273,7 @@ def is_amx_kernel(function: tirx.PrimFunc) -> bool:
 def _amx_rule(schedule: s_tir.Schedule, product: AmxProduct, lanes: int) -> None:
     """A fused AMX kernel, per row tile of BLOCK_ROWS rows: the padded activation rows, one tile program
     (tensorized) for all its sums (in a local buffer of the row tile), then its epilogue."""
-    name = AMX_BLOCK.format(product.name)
+    name = AMX_BLOCK.format(product.precision)
     block = schedule.get_sblock(name)
     root = schedule.get_sblock("root")
     row_stages = [schedule.get(b).name_hint for b in schedule.get_child_blocks(root) if schedule.get(b).name_hint.startswith(ROW_STAGE)]

@@ -56,11 +56,11 @@ from tvm.script import tirx as T
 from tvm.target import codegen
 
 from reccc.targets.cpu_schedules import default_tile, vector_lanes
-from reccc.targets.fc_operands import FcOperands
+from reccc.targets.fc_operands import FcLayerSelector, select_fc_layers, shifted_codes_correction
+from reccc.targets.kernel_blocks import COMM_REDUCE, DATA_PARALLEL, inline_into_output, root_blocks
 
 DOT_BLOCK = "matmul_dot_{}"  # by product: matmul_dot_int8, matmul_dot_bf16
 PAD_BLOCK = "matmul_dot_rows"
-DATA_PARALLEL, COMM_REDUCE = 0, 2  # IterVar.iter_type of a spatial and of a reduction block var
 
 
 @dataclass(frozen=True)
@@ -224,12 +224,6 @@ def pack_weight(weight: np.ndarray, product: DotProduct) -> np.ndarray:
     return np.ascontiguousarray(padded.reshape(-1, group, padded.shape[1] // lanes, lanes).transpose(2, 0, 3, 1))
 
 
-def shifted_codes_correction(weight: np.ndarray) -> np.ndarray:
-    """What a product of codes taken as signed bytes (code - 128) lacks, per unit: 128 x the unit's
-    weight sum (int32, exact)."""
-    return 128 * weight.astype(np.int32).sum(axis=0, dtype=np.int32)
-
-
 def bf16_bits(x: te.Tensor):
     """(i, k) -> the bits of x[i, k] rounded to bfloat16 to nearest even, as onnxruntime's Cast rounds
     (a NaN stays a NaN). Written out: TVM's BF16 legalization would keep the fp32 value."""
@@ -289,28 +283,14 @@ def _dot_matmul(x: te.Tensor, packed: te.Tensor, *correction: te.Tensor, units: 
 
 
 @relax.expr_functor.mutator
-class _SelectDotMatmuls(relax.PyExprMutator, FcOperands):
-    def __init__(self, module: tvm.IRModule, products: tuple[DotProduct, ...]):
-        super().__init__(module)
-        self.products = products
-        self.replaced = 0
-
-    def visit_call_(self, call):
-        if not call.op.same_as(tvm.ir.Op.get("relax.matmul")):
-            return super().visit_call_(call)
-        for product in self.products:
-            layer = (self.bf16_layer if product.precision == "bf16" else self.int8_layer)(call)
-            if layer is None:
-                continue
-            x, weight = layer
-            bits = weight.view(np.uint16) if product.precision == "bf16" else weight
-            constants = [relax.const(pack_weight(bits, product), product.weight)]
-            if product.shifts_codes:
-                constants.append(relax.const(shifted_codes_correction(weight), "int32"))
-            self.replaced += 1
-            kernel = functools.partial(_dot_matmul, units=weight.shape[1], product=product)
-            return self.builder_.call_te(kernel, x, *constants, primfunc_name_hint=product.block)
-        return super().visit_call_(call)
+class _SelectDotMatmuls(FcLayerSelector):
+    def kernel_call(self, product: DotProduct, x, weight: np.ndarray) -> relax.Expr:
+        bits = weight.view(np.uint16) if product.precision == "bf16" else weight
+        constants = [relax.const(pack_weight(bits, product), product.weight)]
+        if product.shifts_codes:
+            constants.append(relax.const(shifted_codes_correction(weight), "int32"))
+        kernel = functools.partial(_dot_matmul, units=weight.shape[1], product=product)
+        return self.builder_.call_te(kernel, x, *constants, primfunc_name_hint=product.block)
 
 
 def target_products(target: tvm.target.Target) -> tuple[DotProduct, ...]:
@@ -321,30 +301,7 @@ def target_products(target: tvm.target.Target) -> tuple[DotProduct, ...]:
 def select_dot_matmuls(module: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """The imported module with its int8 and bf16 layers as dot-product kernels where the target has the
     instruction (see above); unchanged on a target with neither."""
-    products = target_products(target)
-    if not products:
-        return module
-    mutator = _SelectDotMatmuls(module, products)
-    main = mutator.visit_expr(module["main"])
-    if not mutator.replaced:
-        return module
-    module = mutator.builder_.get()
-    module["main"] = main
-    # The widened copies of the operands are read by nothing now.
-    return relax.transform.DeadCodeElimination(["main"])(module)
-
-
-def inline_into_output(schedule: s_tir.Schedule, keep: tuple[str, ...]) -> None:
-    """Every data-parallel block but those named in `keep` inlined into its reader (the epilogue
-    becomes one expression per output element; per-row values are loop-invariant there)."""
-    for block in reversed(schedule.get_child_blocks(schedule.get_sblock("root"))):
-        stmt = schedule.get(block)
-        if stmt.name_hint in keep or any(var.iter_type != DATA_PARALLEL for var in stmt.iter_vars):
-            continue
-        try:
-            schedule.compute_inline(block)
-        except s_tir.ScheduleError:  # the output block
-            continue
+    return select_fc_layers(_SelectDotMatmuls, module, target_products(target))[0]
 
 
 def sums_and_rows_per(schedule: s_tir.Schedule, block, loop, outputs: list, pad_block: str, lanes: int) -> None:
@@ -391,7 +348,7 @@ def _dot_rule(schedule: s_tir.Schedule, lanes: int, products: tuple[DotProduct, 
         return False
     product, block = found
     inline_into_output(schedule, keep=(product.block, PAD_BLOCK))
-    outputs = [b for b in schedule.get_child_blocks(schedule.get_sblock("root")) if schedule.get(b).name_hint not in (product.block, PAD_BLOCK)]
+    outputs = [b for b in root_blocks(schedule) if schedule.get(b).name_hint not in (product.block, PAD_BLOCK)]
     rows, columns, reduction = schedule.get_loops(block)
     # The packed weight's units are whole tiles of the layer's own tile (see pack_weight), and so that
     # tile is also theirs.
@@ -417,7 +374,7 @@ def _row_range_rule(schedule: s_tir.Schedule, lanes: int) -> bool:
     """A kernel that is one max or min over the last axis of a [rows, K] input (an activation's range,
     per row): `lanes` partial results per row, each over every lanes-th element (a vector max / min
     per step), then reduced. Single-threaded, as the codes kernel: see _codes_rule."""
-    blocks = schedule.get_child_blocks(schedule.get_sblock("root"))
+    blocks = root_blocks(schedule)
     if len(blocks) != 1:
         return False
     block = blocks[0]
@@ -445,13 +402,13 @@ def _codes_rule(schedule: s_tir.Schedule, lanes: int) -> bool:
     narrowed) from [rows, K] float32: one loop nest, vectorized along the rows. Single-threaded: these
     kernels stream a few hundred KB at batch 2048, and on the shared 2-core machine waking the second
     thread cost more than it saved at batch 64 and 2048 alike (whole-model medians, README)."""
-    output = schedule.get(schedule.get_child_blocks(schedule.get_sblock("root"))[-1])
+    output = schedule.get(root_blocks(schedule)[-1])
     if not (isinstance(output.body, tirx.BufferStore) and output.body.buffer.dtype == "uint8" and len(output.iter_vars) == 2):
         return False
-    if any(var.iter_type != DATA_PARALLEL for block in schedule.get_child_blocks(schedule.get_sblock("root")) for var in schedule.get(block).iter_vars):
+    if any(var.iter_type != DATA_PARALLEL for block in root_blocks(schedule) for var in schedule.get(block).iter_vars):
         return False
     inline_into_output(schedule, keep=())
-    (block,) = schedule.get_child_blocks(schedule.get_sblock("root"))
+    (block,) = root_blocks(schedule)
     _, columns = schedule.get_loops(block)
     vectorize_columns(schedule, columns, lanes)
     return True

@@ -28,6 +28,7 @@ import tvm
 from tvm import s_tir
 from tvm.target import codegen
 
+from reccc.targets.kernel_blocks import DATA_PARALLEL, inline_into_output, root_blocks
 from reccc.targets.lookup_fusion import reads_at_loaded_index
 
 
@@ -59,7 +60,6 @@ GEMV_TILE = MatmulTile(1, 8)
 # layer here, 4x4 fastest at batch 1): no one tile is best for every layer, batch and machine, so -O3
 # measures these on the hot kernels (targets/tuning.py).
 ALTERNATIVE_MATMUL_TILES = (MatmulTile(6, 4), MatmulTile(8, 2), MatmulTile(12, 2), MatmulTile(4, 2))
-DATA_PARALLEL = 0  # IterVar.iter_type of a spatial block var
 # A kernel whose parallel loop runs fewer innermost statements than this (about 2 us on one core here)
 # runs on the calling thread: waking the other threads costs 0.5-0.9 us a kernel. Measured one-row FC
 # layers, one thread against two: 96 x 256 1.0 us against 1.7, 256 x 64 0.7 against 1.2, 512 x 256
@@ -123,8 +123,8 @@ def _matmul_rule(schedule: s_tir.Schedule, lanes: int, tile: MatmulTile | None =
     padded_rows = [b for b in _input_pads(schedule, matmul) if schedule.get(b).writes[0].source.same_as(rows_source)]
     other_pads = [b for b in _input_pads(schedule, matmul) if not schedule.get(b).writes[0].source.same_as(rows_source)]
     kept = {schedule.get(b).name_hint for b in [block, *padded_rows, *other_pads]}
-    _inline_epilogue(schedule, kept)
-    outputs = [b for b in _root_blocks(schedule) if schedule.get(b).name_hint not in kept]
+    inline_into_output(schedule, kept)
+    outputs = [b for b in root_blocks(schedule) if schedule.get(b).name_hint not in kept]
     rows, columns, reduction = schedule.get_loops(block)
     row_tiles, row = schedule.split(rows, factors=[None, tile.rows])
     panels, column = schedule.split(columns, factors=[None, panel])
@@ -162,31 +162,14 @@ def _padded_columns(columns: int, lanes: int, tile: MatmulTile) -> int:
     return -(-columns // panel) * panel
 
 
-def _root_blocks(schedule: s_tir.Schedule) -> list:
-    return schedule.get_child_blocks(schedule.get_sblock("root"))
-
-
 def _input_pads(schedule: s_tir.Schedule, matmul) -> list:
     """pad_einsum's copies of the matmul's inputs into padded buffers (not the copy of its padded
     result back, which the epilogue inlines)."""
     padded_result = matmul.writes[0].source
     return [
-        block for block in _root_blocks(schedule)
+        block for block in root_blocks(schedule)
         if schedule.get(block).name_hint.endswith("_pad") and not any(read.source.same_as(padded_result) for read in schedule.get(block).reads)
     ]
-
-
-def _inline_epilogue(schedule: s_tir.Schedule, kept: set[str]) -> None:
-    """Every data-parallel block but those named in `kept` inlined into its reader (pad_einsum's copy
-    of the padded result back into C included): the epilogue becomes one expression per output element."""
-    for block in reversed(_root_blocks(schedule)):
-        stmt = schedule.get(block)
-        if stmt.name_hint in kept or any(var.iter_type != DATA_PARALLEL for var in stmt.iter_vars):
-            continue
-        try:
-            schedule.compute_inline(block)
-        except s_tir.ScheduleError:  # it writes the function's output
-            continue
 
 
 def _with_gemv_branch(function: tvm.tirx.PrimFunc, scheduled: tvm.tirx.PrimFunc, lanes: int, tile: MatmulTile, parallel: bool,
@@ -218,7 +201,7 @@ def _lookup_rule(schedule: s_tir.Schedule, lanes: int, parallel: bool = True) ->
     stored row is read once, straight into it. The output runs parallel over its outermost loop and
     vectorized over the innermost spatial one (the row's columns), with any pooling reduction moved
     outside the columns so that each step reads a whole row into the output row."""
-    blocks = schedule.get_child_blocks(schedule.get_sblock("root"))
+    blocks = root_blocks(schedule)
     if not any(reads_at_loaded_index(schedule.get(block)) for block in blocks):
         return False
     for block in reversed(blocks):
@@ -226,7 +209,7 @@ def _lookup_rule(schedule: s_tir.Schedule, lanes: int, parallel: bool = True) ->
             schedule.compute_inline(block)
         except s_tir.ScheduleError:  # it writes an output, or it is a reduction
             continue
-    for block in schedule.get_child_blocks(schedule.get_sblock("root")):
+    for block in root_blocks(schedule):
         loops = schedule.get_loops(block)
         kinds = [var.iter_type for var in schedule.get(block).iter_vars]
         if len(loops) != len(kinds) or len(loops) < 2:
@@ -249,7 +232,7 @@ def _concatenation_rule(schedule: s_tir.Schedule, symbol: str, parallel: bool = 
     """A concatenation picks its source by column: partitioned at the boundaries, each segment of a row is a plain copy loop."""
     if not symbol.startswith("concatenate"):
         return False
-    for block in schedule.get_child_blocks(schedule.get_sblock("root")):
+    for block in root_blocks(schedule):
         outer, *inner = schedule.get_loops(block)
         if parallel:
             schedule.parallel(outer)

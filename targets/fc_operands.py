@@ -1,11 +1,18 @@
 """Finding the FC layers that passes/fc_quantization.py writes in a module TVM's importer made, with
-their operands, for the targets' selectors of their own FC kernels (cpu_dot_schedules,
-cpu_amx_schedules, gpu_fc_schedules):
+their operands, and replacing them by a target's own FC kernels (FcLayerSelector, the base of the
+selectors in cpu_dot_schedules, cpu_amx_schedules and gpu_fc_schedules):
   int8  matmul(astype(codes: uint8, int32), astype(W: constant int8, int32))
   bf16  matmul(astype(astype(x: float32, bfloat16), float32), W), W a constant of bf16 numbers
 and, for kernels that quantize their own input, the fp32 input an int8 layer's codes quantize
-(FcOperands.quantized_input) and the codes computed from it as that graph does (uint8_codes).
+(FcOperands.quantized_input) with the int8 layer dequantizing their products
+(FcOperands.dequantized_int8_layer), and the codes computed as that graph does (row_quantization,
+uint8_code); and
+for kernels whose products take the uint8 codes c as the signed bytes c - 128, what those products
+lack (shifted_codes_correction).
 """
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
@@ -13,6 +20,19 @@ import tvm
 from tvm import relax, te, tirx
 
 from reccc.targets.relax_lowering import BoundCalls
+
+
+@dataclass(frozen=True)
+class QuantizedInput:
+    """fc_quantization's per-row quantization of a float32 x [rows, K], as the importer writes it: the
+    Relax expressions of x, its rows' max and min, and the scale and (float) zero point computed from
+    them."""
+
+    x: relax.Expr
+    row_max: relax.Expr
+    row_min: relax.Expr
+    scale: relax.Expr
+    zero_point: relax.Expr
 
 
 class FcOperands(BoundCalls):
@@ -68,21 +88,23 @@ class FcOperands(BoundCalls):
             return None
         return codes, weight.value.numpy()
 
-    # The imported Cast of clip(v, 0, 255) to uint8 (its NaN / wrap-around handling): by op, the
-    # argument holding v.
-    _CAST_CHAIN = {"relax.astype": 0, "relax.bitwise_and": 0, "relax.where": 2}
+    # The imported Cast of a float v to an integer type (its NaN and infinity handling, its
+    # wrap-around): by op, the argument holding v.
+    _CAST_CHAIN = {"relax.astype": 0, "relax.bitwise_and": 0, "relax.floor_mod": 0, "relax.where": 2}
 
-    def quantized_input(self, codes) -> list | None:
-        """[x, row max, row min] when `codes` are fc_quantization's quantization of a float32 x [rows, K]
-        (its _quantize_rows, as the importer writes it), so that the kernel can compute them, and the
-        row's scale and zero point with them, by the same operations: scale = max((relu(max) +
-        relu(-min)) / 255, tiny), zero point = round(clip(relu(-min) / scale, 0, 255)), codes =
-        clip(round(x / scale) + zero point, 0, 255). TVM then fuses what is left of the graph's own
-        scale and zero point (read by the layer's epilogue) into the kernel."""
-        expr = codes
+    def _cast_source(self, expr):
+        """v when `expr` is the imported Cast of v (or v itself)."""
         while (name := self._op_name(expr)) in self._CAST_CHAIN:
             expr = self.lookup_binding(expr).args[self._CAST_CHAIN[name]]
-        shifted = self._clipped(expr, 0.0, 255.0)
+        return expr
+
+    def quantized_input(self, codes) -> QuantizedInput | None:
+        """The quantization of x when `codes` are fc_quantization's codes of a float32 x [rows, K] (its
+        _quantize_rows, as the importer writes it), so that a kernel can compute them, and the row's
+        scale and zero point with them, by the same operations: scale = max((relu(max) + relu(-min)) /
+        255, tiny), zero point = round(clip(relu(-min) / scale, 0, 255)), codes = clip(round(x /
+        scale) + zero point, 0, 255)."""
+        shifted = self._clipped(self._cast_source(codes), 0.0, 255.0)
         if self._bound(shifted, "relax.add") is None:
             return None
         rounded, zero_point = self.lookup_binding(shifted).args
@@ -97,7 +119,45 @@ class FcOperands(BoundCalls):
         rows, inputs = dims(x)
         if dims(codes) != (rows, inputs) or not float_matrix(x):
             return None
-        return [x, ranges[0], ranges[1]]
+        return QuantizedInput(x, ranges[0], ranges[1], scale, zero_point)
+
+    def dequantized_int8_layer(self, call) -> tuple[QuantizedInput, np.ndarray, np.ndarray] | None:
+        """(x's quantization, int8 weight [K, N], weight scales [N]) when `call` is the dequantized
+        output (before the bias) of an int8 layer as fc_quantization writes it:
+            multiply(multiply(astype(subtract(M, multiply(int32(zero point), column sums)), float32),
+                   scale), weight scales)
+        where M is the layer's matmul (int8_layer) of codes that are x's quantization (quantized_input)
+        with that scale and zero point, and the column sums are the weight's."""
+        if not (isinstance(call, relax.Call) and call.op.same_as(tvm.ir.Op.get("relax.multiply"))):
+            return None
+        scaled = self._bound(call.args[0], "relax.multiply")
+        widened = None if scaled is None else self._bound(scaled.args[0], "relax.astype")
+        exact = None if widened is None or widened.ty.dtype != "float32" else self._bound(widened.args[0], "relax.subtract")
+        matmul = None if exact is None else self._bound(exact.args[0], "relax.matmul")
+        layer = None if matmul is None else self.int8_layer(matmul)
+        correction = None if layer is None else self._bound(exact.args[1], "relax.multiply")
+        if correction is None:
+            return None
+        codes, weight = layer
+        quantized = self.quantized_input(codes)
+        zero_point = correction.args[0]
+        units = weight.shape[1]
+        column_sums, weight_scales = self._vector(correction.args[1], "int32", units), self._vector(call.args[1], "float32", units)
+        if quantized is None or column_sums is None or weight_scales is None or zero_point.ty.dtype != "int32":
+            return None
+        if not self._cast_source(zero_point).same_as(quantized.zero_point) or not scaled.args[1].same_as(quantized.scale):
+            return None
+        if not np.array_equal(column_sums, weight.astype(np.int32).sum(axis=0, dtype=np.int32)):
+            return None
+        return quantized, weight, weight_scales
+
+    @staticmethod
+    def _vector(expr, dtype: str, length: int) -> np.ndarray | None:
+        """The values of a constant 1-D operand of `dtype` and `length`."""
+        if not isinstance(expr, tvm.ir.GenericConst):
+            return None
+        value = expr.value.numpy()
+        return value if value.dtype == np.dtype(dtype) and value.shape == (length,) else None
 
     def _op_name(self, expr) -> str | None:
         value = self.lookup_binding(expr) if isinstance(expr, relax.Var) else None
@@ -155,6 +215,57 @@ class FcOperands(BoundCalls):
         return division is not None and division.args[0].same_as(below) and division.args[1].same_as(scale)
 
 
+class FcLayerSelector(relax.PyExprMutator, FcOperands):
+    """Replaces each FC layer of a precision among `products` (objects with a `precision`, "int8" or
+    "bf16", tried in order) by `kernel_call(product, x, weight)`, x and weight as int8_layer and
+    bf16_layer give them. A target's selector subclasses it with its kernel_call, decorated by
+    @relax.expr_functor.mutator, and runs through `select_fc_layers`."""
+
+    def __init__(self, module: tvm.IRModule, products: tuple):
+        super().__init__(module)
+        self.products = products
+        self.selected: list = []  # the product of each replacement
+        # FcOperands matches the bindings of main as written: the builder's lookup_binding would give
+        # this mutator's replacements of the layers it has visited.
+        self._written = {binding.var: binding.value for block in module["main"].body.blocks for binding in block.bindings}
+
+    def lookup_binding(self, var: relax.Var) -> relax.Expr | None:
+        return self._written.get(var)
+
+    def kernel_call(self, product, x, weight: np.ndarray) -> relax.Expr:
+        raise NotImplementedError
+
+    def visit_call_(self, call):
+        if call.op.same_as(tvm.ir.Op.get("relax.matmul")):
+            for product in self.products:
+                layer = (self.bf16_layer if product.precision == "bf16" else self.int8_layer)(call)
+                if layer is not None:
+                    self.selected.append(product)
+                    return self.kernel_call(product, *layer)
+        return super().visit_call_(call)
+
+
+def select_fc_layers(selector: type, module: tvm.IRModule, products: tuple) -> tuple[tvm.IRModule, list]:
+    """`module` with its FC layers replaced by `selector` (an FcLayerSelector) for `products`, and the
+    product of each layer replaced; the module unchanged where none was."""
+    if not products:
+        return module, []
+    mutator = selector(module, products)
+    main = mutator.visit_expr(module["main"])
+    if not mutator.selected:
+        return module, []
+    module = mutator.builder_.get()
+    module["main"] = main
+    # The widened copies of the operands are read by nothing now.
+    return relax.transform.DeadCodeElimination(["main"])(module), mutator.selected
+
+
+def shifted_codes_correction(weight: np.ndarray) -> np.ndarray:
+    """What a product of codes taken as signed bytes (code - 128) lacks, per unit: 128 x the unit's
+    weight sum (int32, exact)."""
+    return 128 * weight.astype(np.int32).sum(axis=0, dtype=np.int32)
+
+
 def dims(expr) -> tuple[int | str, ...]:
     return tuple(int(dim) if isinstance(dim, tirx.IntImm) else str(dim) for dim in expr.ty.shape)
 
@@ -164,24 +275,44 @@ def float_matrix(expr) -> bool:
     return isinstance(info, relax.TensorType) and info.dtype == "float32" and info.ndim == 2
 
 
-def uint8_codes(x: te.Tensor, row_max: te.Tensor, row_min: te.Tensor, stage_prefix: str):
-    """x's uint8 codes in its rows' quantization, the rows' scale and zero point computed from their
-    max and min, with the operations of fc_quantization's graph in its order (see
-    FcOperands.quantized_input); a NaN's code is 0, as the imported Cast's. Scale and zero
-    point are stages of their own, one value per row, named `stage_prefix` + scale / zero_point."""
-    zero, levels = tirx.const(0, "float32"), tirx.const(255, "float32")
+@dataclass(frozen=True)
+class RowQuantization:
+    """x's rows' quantization in a kernel: per-row stages of scale and (float) zero point, and the
+    function (i, k) -> x[i, k]'s uint8 code."""
+
+    scale: te.Tensor
+    zero_point: te.Tensor
+    code: Callable
+
+
+_ZERO, _LEVELS = tirx.const(0, "float32"), tirx.const(255, "float32")
+
+
+def _clipped_to_levels(value):
+    """clip(value, 0, 255), a NaN to 0 (as the imported Cast of a NaN gives)."""
+    return tirx.Select(value >= _ZERO, tirx.Select(value <= _LEVELS, value, _LEVELS), _ZERO)
+
+
+def uint8_code(value, scale, zero_point):
+    """An fp32 value's uint8 code in its row's quantization: clip(round(value / scale) + zero point, 0,
+    255), as fc_quantization's graph computes it."""
+    return _clipped_to_levels(tirx.round(value / scale) + zero_point).astype("uint8")
+
+
+def row_quantization(x: te.Tensor, row_max: te.Tensor, row_min: te.Tensor, stage_prefix: str) -> RowQuantization:
+    """x's rows' quantization, their scale and zero point computed from their max and min ([rows, 1])
+    with the operations of fc_quantization's graph in its order (see FcOperands.quantized_input). Scale
+    and zero point are stages of their own, one value per row, named `stage_prefix` + scale /
+    zero_point."""
 
     def relu(value):
-        return tirx.Select(value < zero, zero, value)
-
-    def clip(value):
-        return tirx.Select(value >= zero, tirx.Select(value <= levels, value, levels), zero)
+        return tirx.Select(value < _ZERO, _ZERO, value)
 
     def below(i):
         return relu(-row_min[i, 0])
 
     tiny = tirx.const(np.finfo(np.float32).tiny, "float32")
     rows = x.shape[0]
-    scale = te.compute((rows,), lambda i: tirx.max((relu(row_max[i, 0]) + below(i)) / levels, tiny), name=stage_prefix + "scale")
-    zero_point = te.compute((rows,), lambda i: tirx.round(clip(below(i) / scale[i])), name=stage_prefix + "zero_point")
-    return lambda i, k: clip(tirx.round(x[i, k] / scale[i]) + zero_point[i]).astype("uint8")
+    scale = te.compute((rows,), lambda i: tirx.max((relu(row_max[i, 0]) + below(i)) / _LEVELS, tiny), name=stage_prefix + "scale")
+    zero_point = te.compute((rows,), lambda i: tirx.round(_clipped_to_levels(below(i) / scale[i])), name=stage_prefix + "zero_point")
+    return RowQuantization(scale, zero_point, lambda i, k: uint8_code(x[i, k], scale[i], zero_point[i]))

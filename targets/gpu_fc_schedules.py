@@ -10,16 +10,20 @@ widened operands: dlight then schedules both as CUDA-core loops (IMAD, FFMA). Tw
   - int8 layer, matmul(astype(codes: uint8, int32), astype(W: constant int8, int32)), by a kernel
     that takes each uint8 code c as the int8 c - 128 (its top bit flipped: the tensor cores' int8
     wmma multiplies two signed operands) and adds 128 x each unit's weight sum back, which is exact.
-    Where the codes are fc_quantization's quantization of an fp32 input (FcOperands.quantized_input),
-    the kernel computes them from the input and its rows' max and min, as the graph does: a layer
-    is 3 kernels instead of 7 (launches dominate GPU time at these sizes), at the cost of each
-    element recomputing its row's scale and zero point;
+    An fc_quantization layer, whose codes quantize an fp32 input per row and whose int32 sums are
+    then dequantized (FcOperands.dequantized_int8_layer), is replaced whole, from its fp32 input to
+    its dequantized output, by two kernels instead of the graph's seven (launches dominate GPU time
+    at these sizes): one computes each row's scale and zero point from its max and min (a warp a
+    row: RowParameters), the other quantizes the input as it copies it into shared memory, multiplies
+    on the tensor cores and dequantizes on the way out, with the graph's operations in its order.
+    (In one kernel, the dequantizing epilogue would read per-row values computed in the kernel,
+    which TVM's reverse_compute_inline refuses and compute_at / reverse_compute_at cannot order.)
   - bf16 layer, matmul(astype(astype(x, bfloat16), float32), W) with W a constant of bf16 numbers,
     by a kernel that reads the fp32 x and rounds it to bf16 itself (to nearest even, as onnxruntime's
     Cast);
   with the weight stored transposed, [units, inputs] (int8, or bf16 as its uint16 bits): wmma's
   column-major B operand, so each unit's inputs are contiguous. TVM's fusion then fuses the layer's
-  epilogue (zero-point correction, scales, bias, activation) into the kernel, as for a matmul.
+  epilogue (the rest of the dequantization, bias, activation) into the kernel, as for a matmul.
 - `TensorCoreFc`, a dlight rule tried before dlight's own, schedules those kernels: each thread block
   computes a tile of rows x units in warps of 16 x 16 fragments; per step of 16 (int8) or 32 (bf16) inputs,
   the block's threads copy the tile's activation rows (int8: shifted; bf16: rounded) and weight rows into
@@ -45,13 +49,15 @@ import tvm
 from tvm import relax, s_tir, te, tirx
 from tvm.s_tir import TensorIntrin, dlight
 from tvm.s_tir.dlight.gpu.matmul import auto_inline_consumer_chain, auto_inline_producers
-from tvm.s_tir.tensor_intrin import cuda as cuda_intrinsics
 
-from reccc.targets.cpu_dot_schedules import inline_into_output, shifted_codes_correction
-from reccc.targets.fc_operands import FcOperands, uint8_codes
+from reccc.targets.fc_operands import FcLayerSelector, row_quantization, select_fc_layers, shifted_codes_correction, uint8_code
+from reccc.targets.kernel_blocks import inline_into_output
 
 FRAGMENT = 16  # wmma's m, n and k
 ACTIVATIONS, WEIGHTS = "tensor_core_activations", "tensor_core_weights"  # the operands' stages
+# The kernel of an int8 layer's per-row quantization parameters: its output block and stages.
+ROW_PARAMETERS, ROW_STAGE = "tensor_core_row_parameters", "tensor_core_row_"
+ROWS_PER_BLOCK = 8  # rows of the parameters' kernel a thread block computes, a warp each
 WARP = 32
 COPY_LANES = 4  # the most elements per vector load and store of the operands' copies into shared memory
 
@@ -82,6 +88,10 @@ class TensorCoreProduct:
     def intrinsics(self) -> dict[str, str]:
         """The wmma intrinsics' names (A row-major, B column-major, both from shared memory; the sums
         stored to shared memory), registered on first use."""
+        # Imported here: importing TVM's tensor intrinsics parses every target's (about 15 s), which
+        # only a build with tensor-core layers needs, not every process that imports the targets.
+        from tvm.s_tir.tensor_intrin import cuda as cuda_intrinsics
+
         names = {
             "load_a": f"wmma_load_16x16x16_{self.operand_name}_a_shared",
             "load_b": f"wmma_load_16x16x16_{self.operand_name}_b_trans_shared",
@@ -118,84 +128,100 @@ def target_products(target: tvm.target.Target) -> tuple[TensorCoreProduct, ...]:
     return tuple(product for product in PRODUCTS if sm_version(target) >= product.min_sm)
 
 
-def _operand(activations: list[te.Tensor], product: TensorCoreProduct):
-    """(i, k) -> the tensor cores' activation operand: an int8 layer's uint8 code c as the int8 c - 128,
-    the code computed here from [x, row max, row min] where the selector found them (as the graph
-    computes it: fc_operands.uint8_codes), else read; or the fp32 x rounded to bf16 (TVM's cast rounds
-    to nearest even, as onnxruntime's Cast)."""
-    if product.precision == "bf16":
-        (x,) = activations
-        return lambda i, k: x[i, k].astype("bfloat16")
-    if len(activations) == 3:
-        code = uint8_codes(*activations, stage_prefix="tensor_core_row_")
-    else:
-        (codes,) = activations
-        code = lambda i, k: codes[i, k]  # noqa: E731
-    return lambda i, k: tirx.reinterpret("int8", code(i, k) ^ tirx.const(0x80, "uint8"))
+def _shifted(code):
+    """The tensor cores' int8 operand for a uint8 code c: the int8 c - 128 (its top bit flipped)."""
+    return tirx.reinterpret("int8", code ^ tirx.const(0x80, "uint8"))
 
 
-def _tensor_core_matmul(*operands: te.Tensor, product: TensorCoreProduct, activation_count: int) -> te.Tensor:
-    """[rows, units] sums of the activations' operand (`activation_count` operands, see _operand) times
-    `weight` ([units, inputs]: int8, or bf16's uint16 bits), plus `correction` per unit for shifted
-    codes: operands = *activations, weight, *correction."""
-    activation_operands, (weight, *correction) = operands[:activation_count], operands[activation_count:]
-    rows, inputs = activation_operands[0].shape
+def _tensor_core_sums(operand, rows, inputs, weight: te.Tensor, product: TensorCoreProduct) -> te.Tensor:
+    """[rows, units] sums of the activation operand ((i, k) -> value, staged as ACTIVATIONS) times
+    `weight` ([units, inputs]: int8, or bf16's uint16 bits), on the tensor cores (`product.block`)."""
     units = weight.shape[0]
-    activations = te.compute((rows, inputs), _operand(list(activation_operands), product), name=ACTIVATIONS)
+    activations = te.compute((rows, inputs), operand, name=ACTIVATIONS)
     weights = te.compute((units, inputs), lambda j, k: tirx.reinterpret(product.operand, weight[j, k]), name=WEIGHTS)
     k = te.reduce_axis((0, inputs), name="k")
     accumulator = product.accumulator
-    sums = te.compute(
+    return te.compute(
         (rows, units),
         lambda i, j: te.sum(activations[i, k].astype(accumulator) * weights[j, k].astype(accumulator), axis=k),
         name=product.block,
     )
-    if not correction:
-        return sums
-    return te.compute((rows, units), lambda i, j: sums[i, j] + correction[0][j], name="tensor_core_corrected")
+
+
+def _tensor_core_matmul(x: te.Tensor, weight: te.Tensor, *correction: te.Tensor, product: TensorCoreProduct) -> te.Tensor:
+    """The layer's matmul: bf16, the fp32 x rounded to bf16 (TVM's cast rounds to nearest even, as
+    onnxruntime's Cast); int8, uint8 codes x as they are, shifted, and `correction` added back per unit."""
+    rows, inputs = x.shape
+    if product.precision == "bf16":
+        return _tensor_core_sums(lambda i, k: x[i, k].astype("bfloat16"), rows, inputs, weight, product)
+    sums = _tensor_core_sums(lambda i, k: _shifted(x[i, k]), rows, inputs, weight, product)
+    return te.compute((rows, weight.shape[0]), lambda i, j: sums[i, j] + correction[0][j], name="tensor_core_corrected")
+
+
+def _row_parameters(x: te.Tensor) -> te.Tensor:
+    """[rows, 2]: each row's scale and (float) zero point in fc_quantization's quantization of x, from
+    its max and min (fc_operands.row_quantization)."""
+    rows, inputs = x.shape
+
+    def reduced(combine, name: str) -> te.Tensor:
+        k = te.reduce_axis((0, inputs), name="k")
+        return te.compute((rows, 1), lambda i, _: combine(x[i, k], axis=k), name=ROW_STAGE + name)
+
+    quantization = row_quantization(x, reduced(te.max, "max"), reduced(te.min, "min"), stage_prefix=ROW_STAGE)
+    return te.compute(
+        (rows, 2), lambda i, c: tirx.Select(c == 0, quantization.scale[i], quantization.zero_point[i]), name=ROW_PARAMETERS
+    )
+
+
+def _quantizing_int8_layer(x: te.Tensor, parameters: te.Tensor, weight: te.Tensor, column_sums: te.Tensor, weight_scales: te.Tensor) -> te.Tensor:
+    """fc_quantization's int8 layer from its fp32 input x to its dequantized output (before the bias),
+    given its rows' scale and zero point (`parameters`, _row_parameters): x's codes as the graph computes
+    them, their products with `weight` ([units, inputs]) on the tensor cores, then the graph's
+    dequantization in its order: (MatMulInteger's sums - zero point x column sum) as fp32, times the
+    row's scale, times the unit's. MatMulInteger's sums are the shifted codes' sums + 128 x column
+    sum, so the int32 correction is (128 - zero point) x column sum: exact (int32 sums wrap around
+    alike in any order)."""
+    rows, inputs = x.shape
+    sums = _tensor_core_sums(lambda i, k: _shifted(uint8_code(x[i, k], parameters[i, 0], parameters[i, 1])), rows, inputs, weight, INT8)
+    shift = tirx.const(128, "int32")
+    return te.compute(
+        (rows, weight.shape[0]),
+        lambda i, j: (sums[i, j] + (shift - parameters[i, 1].astype("int32")) * column_sums[j]).astype("float32")
+        * parameters[i, 0] * weight_scales[j],
+        name="tensor_core_dequantized",
+    )
 
 
 @relax.expr_functor.mutator
-class _SelectTensorCoreMatmuls(relax.PyExprMutator, FcOperands):
-    def __init__(self, module: tvm.IRModule, products: tuple[TensorCoreProduct, ...]):
-        super().__init__(module)
-        self.products = products
-        self.replaced = 0
-
+class _SelectTensorCoreMatmuls(FcLayerSelector):
     def visit_call_(self, call):
-        if not call.op.same_as(tvm.ir.Op.get("relax.matmul")):
+        """fc_quantization's int8 layers replaced whole, from their fp32 input: a kernel of its rows'
+        quantization parameters, then the layer's (their matmul, replaced when visited, and the graph's
+        quantization of the input are then read by nothing); other layers at their matmul."""
+        layer = self.dequantized_int8_layer(call) if INT8 in self.products else None
+        if layer is None:
             return super().visit_call_(call)
-        for product in self.products:
-            layer = (self.bf16_layer if product.precision == "bf16" else self.int8_layer)(call)
-            if layer is None:
-                continue
-            x, weight = layer
-            if product.precision == "bf16":
-                activations = [x]
-                constants = [relax.const(np.ascontiguousarray(weight.view(np.uint16).T), "uint16")]
-            else:
-                activations = self.quantized_input(x) or [x]
-                constants = [relax.const(np.ascontiguousarray(weight.T), "int8"), relax.const(shifted_codes_correction(weight), "int32")]
-            self.replaced += 1
-            kernel = functools.partial(_tensor_core_matmul, product=product, activation_count=len(activations))
-            return self.builder_.call_te(kernel, *activations, *constants, primfunc_name_hint=product.block)
-        return super().visit_call_(call)
+        quantized, weight, weight_scales = layer
+        self.selected.append(INT8)
+        parameters = self.builder_.emit(self.builder_.call_te(_row_parameters, quantized.x, primfunc_name_hint=ROW_PARAMETERS))
+        constants = [np.ascontiguousarray(weight.T), weight.astype(np.int32).sum(axis=0, dtype=np.int32), weight_scales]
+        return self.builder_.call_te(
+            _quantizing_int8_layer, quantized.x, parameters, *map(relax.const, constants), primfunc_name_hint=f"{INT8.block}_quantizing"
+        )
+
+    def kernel_call(self, product: TensorCoreProduct, x, weight: np.ndarray) -> relax.Expr:
+        if product.precision == "bf16":
+            constants = [relax.const(np.ascontiguousarray(weight.view(np.uint16).T), "uint16")]
+        else:
+            constants = [relax.const(np.ascontiguousarray(weight.T), "int8"), relax.const(shifted_codes_correction(weight), "int32")]
+        kernel = functools.partial(_tensor_core_matmul, product=product)
+        return self.builder_.call_te(kernel, x, *constants, primfunc_name_hint=product.block)
 
 
 def select_tensor_core_matmuls(module: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """The imported module with its int8 and bf16 layers as tensor-core kernels where the target's SM
     has the product (see above); unchanged otherwise."""
-    products = target_products(target)
-    if not products:
-        return module
-    mutator = _SelectTensorCoreMatmuls(module, products)
-    main = mutator.visit_expr(module["main"])
-    if not mutator.replaced:
-        return module
-    module = mutator.builder_.get()
-    module["main"] = main
-    # The widened copies of the operands are read by nothing now.
-    return relax.transform.DeadCodeElimination(["main"])(module)
+    return select_fc_layers(_SelectTensorCoreMatmuls, module, target_products(target))[0]
 
 
 @dataclass(frozen=True)
@@ -237,6 +263,35 @@ def _product_of(schedule: s_tir.Schedule) -> tuple[TensorCoreProduct, s_tir.sche
         except s_tir.ScheduleError:
             continue
     return None
+
+
+class RowParameters(dlight.ScheduleRule):
+    """The kernel of an int8 layer's row quantization parameters (_row_parameters): a warp per row,
+    ROWS_PER_BLOCK rows a block; its max and its min, each with the warp's threads stepping along the
+    row together (coalesced reads) and a warp-shuffle reduction, then the row's scale and zero point."""
+
+    def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, _tunable: bool) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "cuda":
+            return None
+        schedule = s_tir.Schedule(func)
+        try:
+            output = schedule.get_sblock(ROW_PARAMETERS)
+        except s_tir.ScheduleError:
+            return None
+        inline_into_output(schedule, keep=(ROW_PARAMETERS,))
+        rows, parameters = schedule.get_loops(output)
+        row_blocks, row = schedule.split(rows, factors=[None, ROWS_PER_BLOCK])
+        _, lane = schedule.split(parameters, factors=[None, WARP])
+        schedule.bind(row_blocks, "blockIdx.x")
+        schedule.bind(row, "threadIdx.y")
+        schedule.bind(lane, "threadIdx.x")
+        for name in ("min", "max"):
+            reduction = schedule.get_sblock(ROW_STAGE + name)
+            schedule.compute_at(reduction, row)
+            schedule.set_scope(reduction, 0, "local")
+            _, lane = schedule.split(schedule.get_loops(reduction)[-1], factors=[None, WARP])
+            schedule.bind(lane, "threadIdx.x")
+        return schedule
 
 
 class TensorCoreFc(dlight.ScheduleRule):

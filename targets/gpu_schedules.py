@@ -1,5 +1,5 @@
-"""reccc's default GPU schedules (-O2 and up): reccc's tensor-core rule for the int8 and bf16 FC layers
-(gpu_fc_schedules), dlight's rules for matmuls, matrix-vector products and reductions, reccc's own
+"""reccc's default GPU schedules (-O2 and up): reccc's rules for the int8 and bf16 FC layers
+(gpu_fc_schedules: the tensor-core kernels, the int8 layers' row quantization parameters), dlight's rules for matmuls, matrix-vector products and reductions, reccc's own
 rules for embedding gathers and for the row reductions dlight's decline, and dlight's Fallback for
 the rest. dlight tries
 the rules in this order on every kernel and keeps the first that applies.
@@ -23,7 +23,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir import dlight
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 
-from reccc.targets.gpu_fc_schedules import TensorCoreFc
+from reccc.targets.gpu_fc_schedules import RowParameters, TensorCoreFc
 
 THREADS_PER_BLOCK = 256
 ROWS_PER_BLOCK = 8  # of a row reduction: a warp each
@@ -132,8 +132,8 @@ class GatherRows(dlight.ScheduleRule):
 
 
 class RowReduction(dlight.ScheduleRule):
-    """A reduction along the last axis of the rows it reads, at least a warp long (an int8 layer's per-row
-    activation range: its max and its min): a warp per row, its threads stepping along the row together (coalesced reads), then a
+    """A reduction along the last axis of the rows it reads, at least a warp long (a row's max, min or
+    sum: the activation range of an int8 layer quantized by the graph's own operations): a warp per row, its threads stepping along the row together (coalesced reads), then a
     shuffle across the warp; ROWS_PER_BLOCK rows a block. dlight's reduction rules decline these
     kernels, and Fallback gave each thread a whole row: serial, uncoalesced reads, accumulated in
     global memory (an int8 DLRM spent 2 ms of its 2.2 at batch 2048 in them on an H200)."""
@@ -180,7 +180,7 @@ class Declining(dlight.ScheduleRule):
 
 def apply_default_schedules(module: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     dlight_rules = [dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction()]
-    rules = [TensorCoreFc(), *map(Declining, dlight_rules), GatherRows(), RowReduction(), dlight.gpu.Fallback()]
+    rules = [TensorCoreFc(), RowParameters(), *map(Declining, dlight_rules), GatherRows(), RowReduction(), dlight.gpu.Fallback()]
     return dlight.ApplyDefaultSchedule(*rules)(module)
 
 

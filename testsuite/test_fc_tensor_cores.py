@@ -37,7 +37,7 @@ def _sass_by_kernel(cuobjdump_path, library, folder) -> dict[str, str]:
 @pytest.mark.parametrize("precision", ["int8", "bf16"])
 def test_fc_layers_run_on_tensor_cores(reccc_cli, nvcc, cuobjdump, tmp_path, precision, arch):
     source = one_layer_model(tmp_path / "fc.onnx", 100, 40, bias=True)
-    # The DLRM once: its int8 build takes nvcc about a minute (the quantization inlined per element).
+    # The DLRM for one arch: it is the slowest build of the suite's CUDA tests.
     models = [("fc", source)] + ([("dlrm", model_path("dlrm"))] if arch == "sm_90" else [])
     for name, path in models:
         folder = tmp_path / name
@@ -48,8 +48,8 @@ def test_fc_layers_run_on_tensor_cores(reccc_cli, nvcc, cuobjdump, tmp_path, pre
         assert len(tensor_core_kernels) == layer_count(graph, precision) > 0, (name, sorted(sass))
         for kernel in tensor_core_kernels:
             assert re.search(INSTRUCTIONS[precision], sass[kernel]), (name, kernel)
-        if name == "fc":  # int8: the input rows' max and min, then one kernel quantizing, multiplying, scaling
-            assert len(sass) == {"int8": 3, "bf16": 1}[precision], sorted(sass)
+        if name == "fc":  # int8: the input rows' scale and zero point, then one kernel quantizing, multiplying, scaling
+            assert len(sass) == {"int8": 2, "bf16": 1}[precision], sorted(sass)
         # Only those kernels use tensor cores: the rest of the model stays as it was.
         assert not any(re.search(r"\b[IH]MMA\b", code) for kernel, code in sass.items() if kernel not in tensor_core_kernels)
 
@@ -68,10 +68,17 @@ def test_without_bf16_tensor_cores_bf16_layers_stay_on_cuda_cores(reccc_cli, nvc
 
 def _selected_for_this_cpu(graph: onnx.ModelProto):
     """The graph's build with its FC layers selected as for an sm_90 GPU, compiled for this CPU (the
-    kernels' computation, not their GPU schedule), as a function of the feeds."""
-    executable = relax_lowering.build(
-        graph, host_cpu().tvm_target(), 2, select_kernels=lambda module, _: gpu_fc_schedules.select_tensor_core_matmuls(module, SM_90)
-    )
+    kernels' computation, not their GPU schedule), as a function of the feeds. Each int8 layer must
+    have become one quantizing kernel."""
+    kernels = []
+
+    def select(module, _):
+        module = gpu_fc_schedules.select_tensor_core_matmuls(module, SM_90)
+        kernels.extend(function.name_hint for function in module.functions)
+        return module
+
+    executable = relax_lowering.build(graph, host_cpu().tvm_target(), 2, select_kernels=select)
+    assert sum(name.startswith("matmul_tensor_core_int8_quantizing") for name in kernels) == layer_count(graph, "int8") > 0, kernels
     main = VirtualMachine(executable, tvm.cpu())["main"]
     inputs = [value.name for value in graph.graph.input]
     outputs = [value.name for value in graph.graph.output]
