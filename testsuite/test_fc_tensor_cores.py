@@ -10,6 +10,7 @@ import hypothesis.strategies as st
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 import tvm
 from conftest import model_path
 from fc_kernels import assert_agrees_with_graph, layer_count, library_and_graph, one_layer_model
@@ -66,10 +67,10 @@ def test_without_bf16_tensor_cores_bf16_layers_stay_on_cuda_cores(reccc_cli, nvc
         assert any(re.search(INSTRUCTIONS[precision], code) for code in sass.values()) == expected
 
 
-def _selected_for_this_cpu(graph: onnx.ModelProto):
+def _selected_for_this_cpu(graph: onnx.ModelProto, kernel: str = "matmul_tensor_core_int8_quantizing"):
     """The graph's build with its FC layers selected as for an sm_90 GPU, compiled for this CPU (the
     kernels' computation, not their GPU schedule), as a function of the feeds. Each int8 layer must
-    have become one quantizing kernel."""
+    have become one `kernel` (fc_quantization's: a quantizing one)."""
     kernels = []
 
     def select(module, _):
@@ -78,7 +79,7 @@ def _selected_for_this_cpu(graph: onnx.ModelProto):
         return module
 
     executable = relax_lowering.build(graph, host_cpu().tvm_target(), 2, select_kernels=select)
-    assert sum(name.startswith("matmul_tensor_core_int8_quantizing") for name in kernels) == layer_count(graph, "int8") > 0, kernels
+    assert sum(bool(re.fullmatch(rf"{kernel}\d*", name)) for name in kernels) == layer_count(graph, "int8") > 0, kernels
     main = VirtualMachine(executable, tvm.cpu())["main"]
     inputs = [value.name for value in graph.graph.input]
     outputs = [value.name for value in graph.graph.output]
@@ -111,3 +112,23 @@ def test_tensor_core_kernels_agree_on_the_dlrm(reccc_cli, tmp_path):
     assert reccc_cli(model_path("dlrm"), "--emit=onnx", "--fc-precision=int8", "-o", tmp_path / "m.onnx").code == 0
     graph = onnx.load(tmp_path / "m.onnx")
     assert_agrees_with_graph(graph, _selected_for_this_cpu(graph), batches=(1, 7, 64))
+
+
+def test_int8_kernel_reads_codes_given_as_they_are(tmp_path):
+    """A MatMulInteger of uint8 codes that are no quantization of fc_quantization's (here a model input)
+    runs on the tensor cores reading the codes themselves; the int32 sums equal onnxruntime's."""
+    rng = np.random.default_rng(4)
+    weight = rng.integers(-128, 128, (70, 24)).astype(np.int8)
+    graph = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("MatMulInteger", ["x", "W"], ["y"], name="fc")], "codes",
+            [helper.make_tensor_value_info("x", TensorProto.UINT8, ["batch", 70])],
+            [helper.make_tensor_value_info("y", TensorProto.INT32, ["batch", 24])],
+            [numpy_helper.from_array(weight, "W")],
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    run = _selected_for_this_cpu(graph, kernel="matmul_tensor_core_int8")
+    for batch in (1, 40):
+        x = rng.integers(0, 256, (batch, 70)).astype(np.uint8)
+        np.testing.assert_array_equal(run({"x": x})["y"], run_reference(graph, {"x": x})["y"])
