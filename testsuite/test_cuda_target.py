@@ -18,6 +18,7 @@ import tvm
 import tvm_ffi
 from conftest import TESTSUITE_MODELS, model_path
 from cuda_code import extract_fatbin, objdump
+from fc_kernels import one_layer_model
 from onnx import TensorProto, helper
 from tvm import te
 from tvm.s_tir import dlight
@@ -190,6 +191,29 @@ def test_check_cuda_tool_says_it_needs_a_gpu():
     result = subprocess.run([sys.executable, str(tool)], capture_output=True, text=True)
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr == "check_cuda: this process sees no CUDA GPU (and its driver); run it on a machine with one\n"
+
+
+def test_check_cuda_builds_each_precision_beside_its_reference_graph(nvcc, tmp_path):
+    """tools/check_cuda.py --build-only, which prepares what a GPU machine checks: an artifact per FC
+    precision, each lossy one beside the graph --fc-precision rewrote (its reference), in build.json."""
+    tool = Path(__file__).resolve().parent.parent / "tools" / "check_cuda.py"
+    source = tmp_path / "fc.onnx"
+    one_layer_model(source, 40, 24, bias=True)
+    folder = tmp_path / "built"
+    command = [sys.executable, str(tool), "--build-only", str(folder), "--arch", "sm_90", str(source)]
+    result = subprocess.run([*command, "--fc-precision", "fp32,int8"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    index = json.loads((folder / "build.json").read_text())
+    assert (index["arch"], index["opt_level"]) == ("sm_90", 2)
+    assert index["models"] == [
+        {"model": "fc.onnx", "precision": "fp32", "reference": "fc.onnx", "artifact": "fc.fp32.so"},
+        {"model": "fc.onnx", "precision": "int8", "reference": "fc.int8.onnx", "artifact": "fc.int8.so"},
+    ]
+    assert [node.op_type for node in onnx.load(folder / "fc.int8.onnx").graph.node].count("MatMulInteger") == 1
+    for artifact in ("fc.fp32.so", "fc.int8.so"):
+        assert read_manifest(folder / artifact).target["arch"] == "sm_90"
+    wrong = subprocess.run([*command, "--fc-precision", "fp16"], capture_output=True, text=True)
+    assert wrong.returncode == 2 and "precisions must be among fp32, int8, bf16, not 'fp16'" in wrong.stderr
 
 
 @pytest.mark.skipif(tvm.cuda(0).exist, reason="this machine has a CUDA GPU")
