@@ -43,7 +43,7 @@ from tvm.target import codegen
 
 from reccc.targets.cpu_dot_schedules import bf16_bits, sums_and_rows_per, vectorize_columns, widened, zero_padded
 from reccc.targets.fc_operands import FcLayerSelector, row_quantization, select_fc_layers
-from reccc.targets.kernel_blocks import inline_into_output
+from reccc.targets.kernel_blocks import find_block, inline_into_output
 
 TILE_ROWS, TILE_BYTES = 16, 64  # the largest tile: 16 rows of 64 bytes
 TILE_UNITS = TILE_BYTES // 4  # 16 fp32 / int32 sums in a row of an accumulator tile
@@ -257,13 +257,7 @@ def select_amx_matmuls(module: tvm.IRModule, target: tvm.target.Target) -> tuple
 
 def _amx_product(schedule: s_tir.Schedule) -> AmxProduct | None:
     """The product of the schedule's AMX kernel, None if it is no such kernel."""
-    for product in (BF16, INT8):
-        try:
-            schedule.get_sblock(AMX_BLOCK.format(product.precision))
-            return product
-        except s_tir.ScheduleError:
-            continue
-    return None
+    return next((product for product in (BF16, INT8) if find_block(schedule, AMX_BLOCK.format(product.precision)) is not None), None)
 
 
 def is_amx_kernel(function: tirx.PrimFunc) -> bool:

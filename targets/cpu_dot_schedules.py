@@ -57,7 +57,7 @@ from tvm.target import codegen
 
 from reccc.targets.cpu_schedules import default_tile, vector_lanes
 from reccc.targets.fc_operands import FcLayerSelector, select_fc_layers, shifted_codes_correction
-from reccc.targets.kernel_blocks import COMM_REDUCE, DATA_PARALLEL, inline_into_output, root_blocks
+from reccc.targets.kernel_blocks import COMM_REDUCE, DATA_PARALLEL, find_block, inline_into_output, root_blocks
 
 DOT_BLOCK = "matmul_dot_{}"  # by product: matmul_dot_int8, matmul_dot_bf16
 PAD_BLOCK = "matmul_dot_rows"
@@ -330,12 +330,7 @@ def vectorize_columns(schedule: s_tir.Schedule, loop, lanes: int) -> None:
 def _dot_product(schedule: s_tir.Schedule, products: tuple[DotProduct, ...]) -> tuple[DotProduct, s_tir.schedule.SBlockRV] | None:
     """The product (of `products`, the target's) and block of the schedule's dot-product kernel, None
     if it is no such kernel."""
-    for product in products:
-        try:
-            return product, schedule.get_sblock(product.block)
-        except s_tir.ScheduleError:
-            continue
-    return None
+    return next(((product, block) for product in products if (block := find_block(schedule, product.block)) is not None), None)
 
 
 def _dot_rule(schedule: s_tir.Schedule, lanes: int, products: tuple[DotProduct, ...]) -> bool:

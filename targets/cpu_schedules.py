@@ -28,7 +28,7 @@ import tvm
 from tvm import s_tir
 from tvm.target import codegen
 
-from reccc.targets.kernel_blocks import DATA_PARALLEL, inline_into_output, root_blocks
+from reccc.targets.kernel_blocks import DATA_PARALLEL, find_block, inline_into_output, root_blocks
 from reccc.targets.lookup_fusion import reads_at_loaded_index
 
 
@@ -92,9 +92,8 @@ def vector_lanes(target: tvm.target.Target) -> int:
 
 def _matmul_block(schedule: s_tir.Schedule):
     """The block C[i, j] += A[i, k] * W[k, j] of a matmul kernel (3 loops, the columns static), or None."""
-    try:
-        block = schedule.get_sblock("matmul")
-    except s_tir.ScheduleError:
+    block = find_block(schedule, "matmul")
+    if block is None:
         return None
     loops = schedule.get_loops(block)
     if len(loops) != 3 or not isinstance(schedule.get(loops[1]).extent, tvm.tirx.IntImm):

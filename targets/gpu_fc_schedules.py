@@ -51,13 +51,13 @@ from tvm.s_tir import TensorIntrin, dlight
 from tvm.s_tir.dlight.gpu.matmul import auto_inline_consumer_chain, auto_inline_producers
 
 from reccc.targets.fc_operands import FcLayerSelector, row_quantization, select_fc_layers, shifted_codes_correction, uint8_code
-from reccc.targets.kernel_blocks import inline_into_output
+from reccc.targets.kernel_blocks import find_block, inline_into_output
 
 FRAGMENT = 16  # wmma's m, n and k
 ACTIVATIONS, WEIGHTS = "tensor_core_activations", "tensor_core_weights"  # the operands' stages
 # The kernel of an int8 layer's per-row quantization parameters: its output block and stages.
 ROW_PARAMETERS, ROW_STAGE = "tensor_core_row_parameters", "tensor_core_row_"
-ROWS_PER_BLOCK = 8  # rows of the parameters' kernel a thread block computes, a warp each
+ROWS_PER_BLOCK = 8  # rows a thread block reduces, a warp each (RowParameters; gpu_schedules.RowReduction)
 WARP = 32
 COPY_LANES = 4  # the most elements per vector load and store of the operands' copies into shared memory
 
@@ -262,12 +262,7 @@ def warp_tile(units: int) -> WarpTile:
 
 
 def _product_of(schedule: s_tir.Schedule) -> tuple[TensorCoreProduct, s_tir.schedule.SBlockRV] | None:
-    for product in PRODUCTS:
-        try:
-            return product, schedule.get_sblock(product.block)
-        except s_tir.ScheduleError:
-            continue
-    return None
+    return next(((product, block) for product in PRODUCTS if (block := find_block(schedule, product.block)) is not None), None)
 
 
 class RowParameters(dlight.ScheduleRule):
@@ -279,9 +274,8 @@ class RowParameters(dlight.ScheduleRule):
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "cuda":
             return None
         schedule = s_tir.Schedule(func)
-        try:
-            output = schedule.get_sblock(ROW_PARAMETERS)
-        except s_tir.ScheduleError:
+        output = find_block(schedule, ROW_PARAMETERS)
+        if output is None:
             return None
         inline_into_output(schedule, keep=(ROW_PARAMETERS,))
         rows, parameters = schedule.get_loops(output)

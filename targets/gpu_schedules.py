@@ -23,11 +23,9 @@ from tvm import s_tir, tirx
 from tvm.s_tir import dlight
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 
-from reccc.targets.gpu_fc_schedules import RowParameters, TensorCoreFc
+from reccc.targets.gpu_fc_schedules import ROWS_PER_BLOCK, WARP, RowParameters, TensorCoreFc
 
 THREADS_PER_BLOCK = 256
-ROWS_PER_BLOCK = 8  # of a row reduction: a warp each
-WARP = 32
 LOAD_BYTES = 16  # the widest load a CUDA thread issues
 
 

@@ -1,5 +1,6 @@
-"""A fused kernel's blocks as the targets' schedule rules see them: the blocks under its root, their
-iteration kinds, and its data-parallel stages inlined into the block that writes the output."""
+"""A fused kernel's blocks as the targets' schedule rules see them: the blocks under its root, a block
+found by name, their iteration kinds, and its data-parallel stages inlined into the block that writes
+the output."""
 
 from collections.abc import Collection
 
@@ -10,6 +11,14 @@ DATA_PARALLEL, COMM_REDUCE = 0, 2  # IterVar.iter_type of a spatial and of a red
 
 def root_blocks(schedule: s_tir.Schedule) -> list:
     return schedule.get_child_blocks(schedule.get_sblock("root"))
+
+
+def find_block(schedule: s_tir.Schedule, name: str):
+    """The block named `name`, None if the kernel has none (the rules' test of what a kernel is)."""
+    try:
+        return schedule.get_sblock(name)
+    except s_tir.ScheduleError:
+        return None
 
 
 def inline_into_output(schedule: s_tir.Schedule, keep: Collection[str]) -> None:

@@ -193,6 +193,14 @@ def test_check_cuda_tool_says_it_needs_a_gpu():
     assert result.stderr == "check_cuda: this process sees no CUDA GPU (and its driver); run it on a machine with one\n"
 
 
+def test_importing_the_targets_leaves_tvms_tensor_intrinsics_unloaded():
+    """Importing them parses every target's intrinsics (about 15 s); only a build with tensor-core
+    layers needs them, not every process that registers the targets."""
+    script = "import sys, reccc.targets\nprint(sorted(m for m in sys.modules if m.startswith('tvm.s_tir.tensor_intrin')))"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout == "[]\n"
+
+
 def test_check_cuda_builds_each_precision_beside_its_reference_graph(nvcc, tmp_path):
     """tools/check_cuda.py --build-only, which prepares what a GPU machine checks: an artifact per FC
     precision, each lossy one beside the graph --fc-precision rewrote (its reference), in build.json."""
