@@ -8,14 +8,21 @@ Two steps, as for the dot-product kernels (cpu_dot_schedules.py), on targets wit
     bf16 numbers, by a kernel that reads the fp32 x and rounds it to bf16 itself, and W packed as
     [N/16, K/2, 16, 2] bf16;
   - int8 layer, matmul(astype(codes: uint8, int32), astype(W: constant int8, int32)), by a kernel that
-    reads W packed as [N/16, K/4, 16, 4] int8 and, where the codes are fc_quantization's
-    clip(round(x / scale) + zero point), the fp32 x with its rows' scale and zero point, computing the
-    codes itself (else it reads the codes);
+    reads the codes and W packed as [N/16, K/4, 16, 4] int8; and an fc_quantization layer, whose codes
+    quantize an fp32 input per row and whose int32 sums are then dequantized, whole, from its fp32
+    input to its dequantized output (fc_operands.FcLayerSelector), by two kernels: one computes each
+    row's scale and zero point from its max and min (fc_operands.row_parameters, one pass over the
+    input), the other quantizes the input as it pads it, multiplies, and dequantizes, with the graph's
+    operations in its order. (Where the kernel computed the row parameters itself and fusion put the
+    graph's dequantization in its epilogue, inlining the importer's float-to-int32 Cast of the zero
+    point, whose selects each repeat their operand, made an expression that took TVM's simplifier
+    16 s a layer: the bundled DLRM took 95 s to build in int8, and takes 4 s.)
   that layout is AMX's for the second operand (a tile row holds 16 units x one 32-bit group of
   inputs), zero-padded to whole 64-byte rows of inputs and 16 units. Rounding or quantizing inside the
-  kernel saves a kernel per layer and a pass over its input. TVM's fusion fuses the layer's epilogue
-  into the kernel.
-- `apply_amx_schedules` (on the fused module) runs each such kernel parallel over 32-row tiles. A row
+  kernel saves a kernel per layer and a pass over its input. TVM's fusion fuses the rest of the
+  layer's epilogue (bias, activation) into the kernel.
+- `apply_amx_schedules` (on the fused module) runs the row-parameters kernels row by row (a vector
+  max and min along each), and each AMX kernel parallel over 32-row tiles. A row
   tile's activation rows are rounded or quantized into a zero-padded copy, then one tensor intrinsic
   configures the tiles (once: ldtilecfg is costly) and, block by block of 32 units (2 x 2
   accumulator tiles, 2 activation and 2 weight tiles: AMX's 8 tile registers), runs the block's
@@ -41,9 +48,11 @@ from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 from tvm.target import codegen
 
-from reccc.targets.cpu_dot_schedules import bf16_bits, sums_and_rows_per, vectorize_columns, widened, zero_padded
-from reccc.targets.fc_operands import FcLayerSelector, row_quantization, select_fc_layers
-from reccc.targets.kernel_blocks import find_block, inline_into_output
+from reccc.targets.cpu_dot_schedules import (
+    bf16_bits, sums_and_rows_per, vectorize_columns, vectorized_reduction, widened, zero_padded,
+)
+from reccc.targets.fc_operands import ROW_PARAMETERS, ROW_STAGE, FcLayerSelector, dequantized, select_fc_layers, uint8_code
+from reccc.targets.kernel_blocks import find_block, inline_into_output, root_blocks
 
 TILE_ROWS, TILE_BYTES = 16, 64  # the largest tile: 16 rows of 64 bytes
 TILE_UNITS = TILE_BYTES // 4  # 16 fp32 / int32 sums in a row of an accumulator tile
@@ -190,37 +199,15 @@ def _intrinsic(product: AmxProduct, inputs: int, panels: int, column_tiles: int)
     return name
 
 
-# The element functions: from the kernel's activation operands, a function (i, k) -> the bits of the
-# activation tile's element, and the per-row stages it reads (named ROW_STAGE...).
-ROW_STAGE = "matmul_amx_row_"
-
-
-def _bf16_bits(activations: list[te.Tensor]):
-    """The bits of x rounded to bfloat16 (cpu_dot_schedules.bf16_bits)."""
-    return bf16_bits(activations[0])
-
-
-def _uint8_codes(activations: list[te.Tensor]):
-    """x's uint8 codes from [x, row max, row min] (fc_operands.row_quantization), its per-row stages named ROW_STAGE..."""
-    return row_quantization(*activations, stage_prefix=ROW_STAGE).code
-
-
-def _as_it_is(activations: list[te.Tensor]):
-    return lambda i, k: activations[0][i, k]
-
-
-def _amx_matmul(*operands: te.Tensor, units: int, product: AmxProduct, element) -> te.Tensor:
-    """[rows, units] sums of the activations times the weight `packed` (the last operand) holds. The
-    first operand is [rows, K]; `element` (see _bf16_bits) makes the function giving an activation's
-    bits from the operands (the tensor, or the fp32 input it is rounded or quantized from). Rows are
-    padded to BLOCK_ROWS and inputs to the packed weight's (zeros, which its zero padding multiplies)."""
-    *activations, packed = operands
-    rows, inputs = activations[0].shape
+def _amx_sums(bits_of, rows, inputs, packed: te.Tensor, product: AmxProduct) -> te.Tensor:
+    """The sums of a [rows, inputs] activation operand (element (i, k) given by `bits_of`: its bits, or
+    the fp32 input's code) times the weight `packed` holds, on rows padded to BLOCK_ROWS and inputs
+    padded to the packed weight's (zeros, which its zero padding multiplies): [rows', units']."""
     shape = (_round_up(rows, BLOCK_ROWS), int(packed.shape[1]) * product.group)
-    padded = zero_padded(element(activations), rows, inputs, shape, product.activation_bits, PAD_BLOCK)
+    padded = zero_padded(bits_of, rows, inputs, shape, product.activation_bits, PAD_BLOCK)
     k = te.reduce_axis((0, shape[1]), name="k")
     group = product.group
-    sums = te.compute(
+    return te.compute(
         (shape[0], int(packed.shape[0]) * TILE_UNITS),
         lambda i, j: te.sum(
             widened(padded[i, k], product.activation_bits, product.accumulator)
@@ -229,30 +216,50 @@ def _amx_matmul(*operands: te.Tensor, units: int, product: AmxProduct, element) 
         ),
         name=AMX_BLOCK.format(product.precision),
     )
+
+
+def _amx_matmul(x: te.Tensor, packed: te.Tensor, units: int, product: AmxProduct) -> te.Tensor:
+    """[rows, units] sums of x (bf16: fp32, rounded to bf16 here; int8: uint8 codes) times the weight
+    `packed` holds."""
+    rows, inputs = x.shape
+    sums = _amx_sums(bf16_bits(x) if product is BF16 else lambda i, k: x[i, k], rows, inputs, packed, product)
     return te.compute((rows, units), lambda i, j: sums[i, j], name="matmul_amx_result")
+
+
+def _quantizing_amx_layer(x: te.Tensor, parameters: te.Tensor, packed: te.Tensor, column_sums: te.Tensor, weight_scales: te.Tensor) -> te.Tensor:
+    """fc_quantization's int8 layer from its fp32 input x to its dequantized output (before the bias),
+    given its rows' scale and zero point (`parameters`, fc_operands.row_parameters): x's codes as the
+    graph computes them, their products with the weight `packed` holds, then the graph's
+    dequantization (fc_operands.dequantized)."""
+    rows, inputs = x.shape
+    sums = _amx_sums(lambda i, k: uint8_code(x[i, k], parameters[i, 0], parameters[i, 1]), rows, inputs, packed, INT8)
+    return dequantized(sums, parameters, column_sums, weight_scales, code_shift=0)
 
 
 @relax.expr_functor.mutator
 class _SelectAmxMatmuls(FcLayerSelector):
+    """A bf16 layer's kernel rounds the fp32 x itself; an int8 layer's reads its codes, and an
+    fc_quantization layer's quantizes its fp32 input itself (see FcLayerSelector)."""
+
+    replaces_quantizing_layers = True
+
     def kernel_call(self, product: AmxProduct, x, weight: np.ndarray) -> relax.Expr:
-        """The kernel of a bf16 layer rounds the fp32 x itself; that of an int8 layer quantizes its fp32
-        input itself from the input and its rows' max and min where the codes are fc_quantization's,
-        else reads the codes."""
-        if product is BF16:
-            activations, element = [x], _bf16_bits
-        else:
-            quantized = self.quantized_input(x)
-            activations, element = ([quantized.x, quantized.row_max, quantized.row_min], _uint8_codes) if quantized else ([x], _as_it_is)
         packed = relax.const(pack_weight(weight, product), product.weight)
-        kernel = functools.partial(_amx_matmul, units=weight.shape[1], product=product, element=element)
-        return self.builder_.call_te(kernel, *activations, packed, primfunc_name_hint=f"matmul_amx_{product.precision}")
+        kernel = functools.partial(_amx_matmul, units=weight.shape[1], product=product)
+        return self.builder_.call_te(kernel, x, packed, primfunc_name_hint=AMX_BLOCK.format(product.precision))
+
+    def quantizing_int8_call(self, product: AmxProduct, x, parameters, weight: np.ndarray, weight_scales: np.ndarray) -> relax.Expr:
+        constants = [pack_weight(weight, product), weight.astype(np.int32).sum(axis=0, dtype=np.int32), weight_scales]
+        return self.builder_.call_te(
+            _quantizing_amx_layer, x, parameters, *map(relax.const, constants), primfunc_name_hint=AMX_BLOCK.format(product.precision) + "_quantizing"
+        )
 
 
 def select_amx_matmuls(module: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.IRModule, list[str]]:
     """The imported module with its bf16 and int8 layers as AMX kernels where the target has the
     product (see above), and the CPU flags those kernels need (none if none was selected)."""
-    module, selected = select_fc_layers(_SelectAmxMatmuls, module, tuple(product for product in (BF16, INT8) if has_amx(target, product)))
-    return module, sorted({flag for product in selected for flag in CPU_FLAGS[product.precision]})
+    module, products = select_fc_layers(_SelectAmxMatmuls, module, tuple(product for product in (BF16, INT8) if has_amx(target, product)))
+    return module, sorted({flag for product in products for flag in CPU_FLAGS[product.precision]})
 
 
 def _amx_product(schedule: s_tir.Schedule) -> AmxProduct | None:
@@ -269,22 +276,32 @@ def _amx_rule(schedule: s_tir.Schedule, product: AmxProduct, lanes: int) -> None
     (tensorized) for all its sums (in a local buffer of the row tile), then its epilogue."""
     name = AMX_BLOCK.format(product.precision)
     block = schedule.get_sblock(name)
-    root = schedule.get_sblock("root")
-    row_stages = [schedule.get(b).name_hint for b in schedule.get_child_blocks(root) if schedule.get(b).name_hint.startswith(ROW_STAGE)]
-    inline_into_output(schedule, keep=(name, PAD_BLOCK, *row_stages))
-    outputs = [b for b in schedule.get_child_blocks(root) if schedule.get(b).name_hint not in (name, PAD_BLOCK, *row_stages)]
+    inline_into_output(schedule, keep=(name, PAD_BLOCK))
+    outputs = [b for b in root_blocks(schedule) if schedule.get(b).name_hint not in (name, PAD_BLOCK)]
     rows, columns, reduction = schedule.get_loops(block)
     column_tiles = _column_tiles(int(schedule.get(columns).extent))
     inputs = int(schedule.get(reduction).extent)
     panels = int(schedule.get(columns).extent) // (column_tiles * TILE_UNITS)
     row_tiles, row = schedule.split(rows, factors=[None, BLOCK_ROWS])
     sums_and_rows_per(schedule, block, row_tiles, outputs, PAD_BLOCK, lanes)
-    for stage in reversed(row_stages):  # each before its reader: the zero point reads the scale
-        schedule.compute_at(schedule.get_sblock(stage), row_tiles)
     schedule.parallel(row_tiles)
     init = schedule.decompose_reduction(block, row)
     vectorize_columns(schedule, schedule.get_loops(init)[-1], lanes)
     schedule.tensorize(row, _intrinsic(product, inputs, panels, column_tiles))
+
+
+def _row_parameters_rule(schedule: s_tir.Schedule, lanes: int) -> None:
+    """The kernel of an int8 layer's row quantization parameters (fc_operands.row_parameters), row by
+    row: the row's max and min, each as a vectorized reduction (cpu_dot_schedules.vectorized_reduction),
+    then its scale and zero point. Single-threaded, as the graph's own quantization kernels (see
+    cpu_dot_schedules._codes_rule)."""
+    output = schedule.get_sblock(ROW_PARAMETERS)
+    inline_into_output(schedule, keep=(ROW_PARAMETERS,))
+    rows = schedule.get_loops(output)[0]
+    for name in ("min", "max"):
+        reduction = schedule.get_sblock(ROW_STAGE + name)
+        if not vectorized_reduction(schedule, reduction, lanes, at=rows):
+            schedule.compute_at(reduction, rows)
 
 
 def apply_amx_schedules(module: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
@@ -300,7 +317,11 @@ def apply_amx_schedules(module: tvm.IRModule, target: tvm.target.Target) -> tvm.
         product = _amx_product(schedule)
         if product is not None:
             _amx_rule(schedule, product, lanes)
-            updates[symbol] = schedule.mod["main"]
+        elif find_block(schedule, ROW_PARAMETERS) is not None:
+            _row_parameters_rule(schedule, lanes)
+        else:
+            continue
+        updates[symbol] = schedule.mod["main"]
     for symbol, function in updates.items():
         module[symbol] = function
     return module

@@ -365,10 +365,32 @@ def _dot_rule(schedule: s_tir.Schedule, lanes: int, products: tuple[DotProduct, 
     return True
 
 
+def vectorized_reduction(schedule: s_tir.Schedule, block, lanes: int, at=None) -> bool:
+    """`block` (at the root: a max or min over its last loop, its first loop the rows) as `lanes` partial
+    results per row, each over every lanes-th element (a vector max / min per step), then reduced;
+    those computed per row, or per iteration of `at` (a loop of the block's reader) where given, with
+    the block. False, and the block left as it is, where the reduction's extent is not a multiple of
+    `lanes`. Max and min are exact in any order, so the results are the graph's."""
+    rows, *_, reduction = schedule.get_loops(block)
+    extent = schedule.get(reduction).extent
+    if not isinstance(extent, tirx.IntImm) or int(extent) % lanes:
+        return False
+    _, lane = schedule.split(reduction, factors=[None, lanes])
+    partial = schedule.rfactor(lane, factor_axis=len(schedule.get(block).iter_vars) - 1)
+    if at is not None:
+        schedule.compute_at(block, at)
+    schedule.compute_at(partial, rows if at is None else at)
+    *_, lane, steps = schedule.get_loops(partial)  # compute_at put the lanes outside
+    schedule.reorder(steps, lane)
+    schedule.vectorize(lane)  # before decompose_reduction: vectorize refuses an update block apart from its init
+    init = schedule.decompose_reduction(partial, steps)
+    schedule.vectorize(schedule.get_loops(init)[-1])
+    return True
+
+
 def _row_range_rule(schedule: s_tir.Schedule, lanes: int) -> bool:
     """A kernel that is one max or min over the last axis of a [rows, K] input (an activation's range,
-    per row): `lanes` partial results per row, each over every lanes-th element (a vector max / min
-    per step), then reduced. Single-threaded, as the codes kernel: see _codes_rule."""
+    per row), vectorized (vectorized_reduction). Single-threaded, as the codes kernel: see _codes_rule."""
     blocks = root_blocks(schedule)
     if len(blocks) != 1:
         return False
@@ -377,19 +399,7 @@ def _row_range_rule(schedule: s_tir.Schedule, lanes: int) -> bool:
     kinds = [var.iter_type for var in stmt.iter_vars]
     if kinds != [DATA_PARALLEL, DATA_PARALLEL, COMM_REDUCE] or not isinstance(stmt.body.value, (tirx.Max, tirx.Min)):
         return False
-    rows, _, reduction = schedule.get_loops(block)
-    extent = schedule.get(reduction).extent
-    if not isinstance(extent, tirx.IntImm) or int(extent) % lanes:
-        return False
-    _, lane = schedule.split(reduction, factors=[None, lanes])
-    partial = schedule.rfactor(lane, factor_axis=2)
-    schedule.compute_at(partial, rows)
-    *_, lane, steps = schedule.get_loops(partial)  # compute_at put the lanes outside
-    schedule.reorder(steps, lane)
-    schedule.vectorize(lane)  # before decompose_reduction: vectorize refuses an update block apart from its init
-    init = schedule.decompose_reduction(partial, steps)
-    schedule.vectorize(schedule.get_loops(init)[-1])
-    return True
+    return vectorized_reduction(schedule, block, lanes)
 
 
 def _codes_rule(schedule: s_tir.Schedule, lanes: int) -> bool:

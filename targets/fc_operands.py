@@ -5,13 +5,12 @@ selectors in cpu_dot_schedules, cpu_amx_schedules and gpu_fc_schedules):
   bf16  matmul(astype(astype(x: float32, bfloat16), float32), W), W a constant of bf16 numbers
 and, for kernels that quantize their own input, the fp32 input an int8 layer's codes quantize
 (FcOperands.quantized_input) with the int8 layer dequantizing their products
-(FcOperands.dequantized_int8_layer), and the codes computed as that graph does (row_quantization,
-uint8_code); and
+(FcOperands.dequantized_int8_layer), and the kernels' parts of that layer as its graph computes them
+(row_parameters, uint8_code, dequantized); and
 for kernels whose products take the uint8 codes c as the signed bytes c - 128, what those products
 lack (shifted_codes_correction).
 """
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -218,13 +217,20 @@ class FcOperands(BoundCalls):
 class FcLayerSelector(relax.PyExprMutator, FcOperands):
     """Replaces each FC layer of a precision among `products` (objects with a `precision`, "int8" or
     "bf16", tried in order) by `kernel_call(product, x, weight)`, x and weight as int8_layer and
-    bf16_layer give them. A target's selector subclasses it with its kernel_call, decorated by
+    bf16_layer give them; and where `replaces_quantizing_layers`, each int8 layer as fc_quantization
+    writes it (dequantized_int8_layer) whole, from its fp32 input x to its dequantized output, by a
+    kernel of its rows' quantization parameters (row_parameters) and
+    `quantizing_int8_call(product, x, parameters, weight, weight_scales)`: a kernel quantizing x
+    itself. (The layer's matmul, replaced when visited, and the graph's quantization of x are then
+    read by nothing.) A target's selector subclasses it with its calls, decorated by
     @relax.expr_functor.mutator, and runs through `select_fc_layers`."""
+
+    replaces_quantizing_layers = False
 
     def __init__(self, module: tvm.IRModule, products: tuple):
         super().__init__(module)
         self.products = products
-        self.selected: list = []  # the product of each replacement
+        self.selected: set = set()  # the products of the replacements
         # FcOperands matches the bindings of main as written: the builder's lookup_binding would give
         # this mutator's replacements of the layers it has visited.
         self._written = {binding.var: binding.value for block in module["main"].body.blocks for binding in block.bindings}
@@ -235,25 +241,35 @@ class FcLayerSelector(relax.PyExprMutator, FcOperands):
     def kernel_call(self, product, x, weight: np.ndarray) -> relax.Expr:
         raise NotImplementedError
 
+    def quantizing_int8_call(self, product, x, parameters: relax.Expr, weight: np.ndarray, weight_scales: np.ndarray) -> relax.Expr:
+        raise NotImplementedError
+
     def visit_call_(self, call):
+        int8 = next((product for product in self.products if product.precision == "int8"), None)
+        layer = self.dequantized_int8_layer(call) if self.replaces_quantizing_layers and int8 is not None else None
+        if layer is not None:
+            quantized, weight, weight_scales = layer
+            self.selected.add(int8)
+            parameters = self.builder_.emit(self.builder_.call_te(row_parameters, quantized.x, primfunc_name_hint=ROW_PARAMETERS))
+            return self.quantizing_int8_call(int8, quantized.x, parameters, weight, weight_scales)
         if call.op.same_as(tvm.ir.Op.get("relax.matmul")):
             for product in self.products:
                 layer = (self.bf16_layer if product.precision == "bf16" else self.int8_layer)(call)
                 if layer is not None:
-                    self.selected.append(product)
+                    self.selected.add(product)
                     return self.kernel_call(product, *layer)
         return super().visit_call_(call)
 
 
-def select_fc_layers(selector: type, module: tvm.IRModule, products: tuple) -> tuple[tvm.IRModule, list]:
+def select_fc_layers(selector: type, module: tvm.IRModule, products: tuple) -> tuple[tvm.IRModule, set]:
     """`module` with its FC layers replaced by `selector` (an FcLayerSelector) for `products`, and the
-    product of each layer replaced; the module unchanged where none was."""
+    products of the replacements; the module unchanged where none was."""
     if not products:
-        return module, []
+        return module, set()
     mutator = selector(module, products)
     main = mutator.visit_expr(module["main"])
     if not mutator.selected:
-        return module, []
+        return module, set()
     module = mutator.builder_.get()
     module["main"] = main
     # The widened copies of the operands are read by nothing now.
@@ -275,16 +291,9 @@ def float_matrix(expr) -> bool:
     return isinstance(info, relax.TensorType) and info.dtype == "float32" and info.ndim == 2
 
 
-@dataclass(frozen=True)
-class RowQuantization:
-    """x's rows' quantization in a kernel: per-row stages of scale and (float) zero point, and the
-    function (i, k) -> x[i, k]'s uint8 code."""
-
-    scale: te.Tensor
-    zero_point: te.Tensor
-    code: Callable
-
-
+# The kernel of an int8 layer's rows' quantization parameters (row_parameters): its output block, and
+# the prefix of its stages' names (max, min, scale, zero_point).
+ROW_PARAMETERS, ROW_STAGE = "fc_row_parameters", "fc_row_"
 _ZERO, _LEVELS = tirx.const(0, "float32"), tirx.const(255, "float32")
 
 
@@ -299,20 +308,40 @@ def uint8_code(value, scale, zero_point):
     return _clipped_to_levels(tirx.round(value / scale) + zero_point).astype("uint8")
 
 
-def row_quantization(x: te.Tensor, row_max: te.Tensor, row_min: te.Tensor, stage_prefix: str) -> RowQuantization:
-    """x's rows' quantization, their scale and zero point computed from their max and min ([rows, 1])
-    with the operations of fc_quantization's graph in its order (see FcOperands.quantized_input). Scale
-    and zero point are stages of their own, one value per row, named `stage_prefix` + scale /
-    zero_point."""
+def row_parameters(x: te.Tensor) -> te.Tensor:
+    """[rows, 2]: each row's scale and (float) zero point in fc_quantization's quantization of x,
+    computed from the row's max and min with the operations of its graph in its order (see
+    FcOperands.quantized_input), in stages named ROW_STAGE + max, min, scale, zero_point."""
+    rows, inputs = x.shape
+
+    def reduced(combine, name: str) -> te.Tensor:
+        k = te.reduce_axis((0, inputs), name="k")
+        return te.compute((rows,), lambda i: combine(x[i, k], axis=k), name=ROW_STAGE + name)
 
     def relu(value):
         return tirx.Select(value < _ZERO, _ZERO, value)
 
-    def below(i):
-        return relu(-row_min[i, 0])
-
+    row_max, row_min = reduced(te.max, "max"), reduced(te.min, "min")
     tiny = tirx.const(np.finfo(np.float32).tiny, "float32")
-    rows = x.shape[0]
-    scale = te.compute((rows,), lambda i: tirx.max((relu(row_max[i, 0]) + below(i)) / _LEVELS, tiny), name=stage_prefix + "scale")
-    zero_point = te.compute((rows,), lambda i: tirx.round(_clipped_to_levels(below(i) / scale[i])), name=stage_prefix + "zero_point")
-    return RowQuantization(scale, zero_point, lambda i, k: uint8_code(x[i, k], scale[i], zero_point[i]))
+    scale = te.compute((rows,), lambda i: tirx.max((relu(row_max[i]) + relu(-row_min[i])) / _LEVELS, tiny), name=ROW_STAGE + "scale")
+    zero_point = te.compute(
+        (rows,), lambda i: tirx.round(_clipped_to_levels(relu(-row_min[i]) / scale[i])), name=ROW_STAGE + "zero_point"
+    )
+    return te.compute((rows, 2), lambda i, c: tirx.Select(c == 0, scale[i], zero_point[i]), name=ROW_PARAMETERS)
+
+
+def dequantized(sums: te.Tensor, parameters: te.Tensor, column_sums: te.Tensor, weight_scales: te.Tensor, code_shift: int) -> te.Tensor:
+    """fc_quantization's dequantization of an int8 layer's products, in its graph's order: (MatMulInteger's
+    sums - zero point x column sum) as fp32, times the row's scale, times the unit's; `sums` (at least
+    [rows, units]) are the products of the codes less `code_shift` (a kernel's products may take the
+    uint8 code c as the signed byte c - 128), so MatMulInteger's are sums + code_shift x column sum, and
+    the int32 correction is (code_shift - zero point) x column sum: exact (int32 sums wrap around alike
+    in any order). `parameters` are the rows' (row_parameters)."""
+    rows, units = parameters.shape[0], column_sums.shape[0]
+    shift = tirx.const(code_shift, "int32")
+    return te.compute(
+        (rows, units),
+        lambda i, j: (sums[i, j] + (shift - parameters[i, 1].astype("int32")) * column_sums[j]).astype("float32")
+        * parameters[i, 0] * weight_scales[j],
+        name="fc_dequantized",
+    )

@@ -50,13 +50,13 @@ from tvm import relax, s_tir, te, tirx
 from tvm.s_tir import TensorIntrin, dlight
 from tvm.s_tir.dlight.gpu.matmul import auto_inline_consumer_chain, auto_inline_producers
 
-from reccc.targets.fc_operands import FcLayerSelector, row_quantization, select_fc_layers, shifted_codes_correction, uint8_code
+from reccc.targets.fc_operands import (
+    ROW_PARAMETERS, ROW_STAGE, FcLayerSelector, dequantized, select_fc_layers, shifted_codes_correction, uint8_code,
+)
 from reccc.targets.kernel_blocks import find_block, inline_into_output
 
 FRAGMENT = 16  # wmma's m, n and k
 ACTIVATIONS, WEIGHTS = "tensor_core_activations", "tensor_core_weights"  # the operands' stages
-# The kernel of an int8 layer's per-row quantization parameters: its output block and stages.
-ROW_PARAMETERS, ROW_STAGE = "tensor_core_row_parameters", "tensor_core_row_"
 ROWS_PER_BLOCK = 8  # rows a thread block reduces, a warp each (RowParameters; gpu_schedules.RowReduction)
 WARP = 32
 COPY_LANES = 4  # the most elements per vector load and store of the operands' copies into shared memory
@@ -163,55 +163,24 @@ def _tensor_core_matmul(x: te.Tensor, weight: te.Tensor, *correction: te.Tensor,
     return te.compute((rows, weight.shape[0]), lambda i, j: sums[i, j] + correction[0][j], name="tensor_core_corrected")
 
 
-def _row_parameters(x: te.Tensor) -> te.Tensor:
-    """[rows, 2]: each row's scale and (float) zero point in fc_quantization's quantization of x, from
-    its max and min (fc_operands.row_quantization)."""
-    rows, inputs = x.shape
-
-    def reduced(combine, name: str) -> te.Tensor:
-        k = te.reduce_axis((0, inputs), name="k")
-        return te.compute((rows, 1), lambda i, _: combine(x[i, k], axis=k), name=ROW_STAGE + name)
-
-    quantization = row_quantization(x, reduced(te.max, "max"), reduced(te.min, "min"), stage_prefix=ROW_STAGE)
-    return te.compute(
-        (rows, 2), lambda i, c: tirx.Select(c == 0, quantization.scale[i], quantization.zero_point[i]), name=ROW_PARAMETERS
-    )
-
-
 def _quantizing_int8_layer(x: te.Tensor, parameters: te.Tensor, weight: te.Tensor, column_sums: te.Tensor, weight_scales: te.Tensor) -> te.Tensor:
     """fc_quantization's int8 layer from its fp32 input x to its dequantized output (before the bias),
-    given its rows' scale and zero point (`parameters`, _row_parameters): x's codes as the graph computes
-    them, their products with `weight` ([units, inputs]) on the tensor cores, then the graph's
-    dequantization in its order: (MatMulInteger's sums - zero point x column sum) as fp32, times the
-    row's scale, times the unit's. MatMulInteger's sums are the shifted codes' sums + 128 x column
-    sum, so the int32 correction is (128 - zero point) x column sum: exact (int32 sums wrap around
-    alike in any order)."""
+    given its rows' scale and zero point (`parameters`, fc_operands.row_parameters): x's codes as the
+    graph computes them, shifted, their products with `weight` ([units, inputs]) on the tensor cores,
+    then the graph's dequantization (fc_operands.dequantized)."""
     rows, inputs = x.shape
     sums = _tensor_core_sums(lambda i, k: _shifted(uint8_code(x[i, k], parameters[i, 0], parameters[i, 1])), rows, inputs, weight, INT8)
-    shift = tirx.const(128, "int32")
-    return te.compute(
-        (rows, weight.shape[0]),
-        lambda i, j: (sums[i, j] + (shift - parameters[i, 1].astype("int32")) * column_sums[j]).astype("float32")
-        * parameters[i, 0] * weight_scales[j],
-        name="tensor_core_dequantized",
-    )
+    return dequantized(sums, parameters, column_sums, weight_scales, code_shift=128)
 
 
 @relax.expr_functor.mutator
 class _SelectTensorCoreMatmuls(FcLayerSelector):
-    def visit_call_(self, call):
-        """fc_quantization's int8 layers replaced whole, from their fp32 input: a kernel of its rows'
-        quantization parameters, then the layer's (their matmul, replaced when visited, and the graph's
-        quantization of the input are then read by nothing); other layers at their matmul."""
-        layer = self.dequantized_int8_layer(call) if INT8 in self.products else None
-        if layer is None:
-            return super().visit_call_(call)
-        quantized, weight, weight_scales = layer
-        self.selected.append(INT8)
-        parameters = self.builder_.emit(self.builder_.call_te(_row_parameters, quantized.x, primfunc_name_hint=ROW_PARAMETERS))
+    replaces_quantizing_layers = True
+
+    def quantizing_int8_call(self, product: TensorCoreProduct, x, parameters, weight: np.ndarray, weight_scales: np.ndarray) -> relax.Expr:
         constants = [np.ascontiguousarray(weight.T), weight.astype(np.int32).sum(axis=0, dtype=np.int32), weight_scales]
         return self.builder_.call_te(
-            _quantizing_int8_layer, quantized.x, parameters, *map(relax.const, constants), primfunc_name_hint=f"{INT8.block}_quantizing"
+            _quantizing_int8_layer, x, parameters, *map(relax.const, constants), primfunc_name_hint=f"{product.block}_quantizing"
         )
 
     def kernel_call(self, product: TensorCoreProduct, x, weight: np.ndarray) -> relax.Expr:
@@ -266,7 +235,7 @@ def _product_of(schedule: s_tir.Schedule) -> tuple[TensorCoreProduct, s_tir.sche
 
 
 class RowParameters(dlight.ScheduleRule):
-    """The kernel of an int8 layer's row quantization parameters (_row_parameters): a warp per row,
+    """The kernel of an int8 layer's row quantization parameters (fc_operands.row_parameters): a warp per row,
     ROWS_PER_BLOCK rows a block; its max and its min, each with the warp's threads stepping along the
     row together (coalesced reads) and a warp-shuffle reduction, then the row's scale and zero point."""
 

@@ -19,8 +19,10 @@ from reccc.targets import cpu_amx_schedules, cpu_dot_schedules, cpu_schedules, r
 HOST_TRIPLE = "x86_64-linux-gnu"
 # The features reccc's kernels are chosen by, as Linux's /proc/cpuinfo and LLVM name them. LLVM names
 # the host's CPU by its model number, which a virtual machine may report for an older CPU than the
-# one it runs on (this project's machine: "rocketlake", a CPU without AMX or AVX-512 BF16, for one
-# with both), so a target for this host adds those of them the host has and the CPU name lacks.
+# one it runs on (one machine of this project read as "rocketlake", a CPU without AMX or AVX-512 BF16,
+# for one with both), or for a CPU whose features its kernel does not enable (another read as
+# "emeraldrapids" without AMX in /proc/cpuinfo: its artifacts' AMX kernels could not run there). So a
+# target for this host has exactly those of them that Linux reports.
 HOST_FEATURES = {"avx512_vnni": "avx512vnni", "avx512_bf16": "avx512bf16", "amx_tile": "amx-tile",
                  "amx_bf16": "amx-bf16", "amx_int8": "amx-int8"}
 
@@ -80,13 +82,14 @@ def _default_schedules(module: tvm.IRModule, target: tvm.target.Target) -> tvm.I
 
 
 def _with_host_features(config: dict, target: tvm.target.Target) -> tvm.target.Target:
-    """`target` (this host's CPU by name) with the HOST_FEATURES the host has and the name lacks."""
+    """`target` (this host's CPU by name) with the HOST_FEATURES that the host has and the name lacks
+    added, and those the name has and the host lacks removed."""
     flags = host_cpu_flags.cpu_flags()
-    missing = [f"+{feature}" for flag, feature in HOST_FEATURES.items()
-               if flag in flags and not tvm.target.codegen.target_has_features(feature, target)]
-    if not missing:
+    changes = [f"{'+' if flag in flags else '-'}{feature}" for flag, feature in HOST_FEATURES.items()
+               if (flag in flags) != bool(tvm.target.codegen.target_has_features(feature, target))]
+    if not changes:
         return target
-    return tvm.target.Target({**config, "mattr": [*config.get("mattr", []), *missing]})
+    return tvm.target.Target({**config, "mattr": [*config.get("mattr", []), *changes]})
 
 
 def host_cpu() -> CpuTarget:

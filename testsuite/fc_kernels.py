@@ -1,16 +1,23 @@
-"""What the tests of the FC layers' CPU kernels (test_fc_amx.py, test_fc_dot_products.py) share: a
-one-layer model, a build's library with the graph --fc-precision rewrote, a library's code and kernel
-symbols, and the artifact's agreement with onnxruntime's run of the rewritten graph."""
+"""What the tests of the FC layers' kernels (test_fc_amx.py, test_fc_dot_products.py,
+test_fc_tensor_cores.py) share: a one-layer model, a build's library with the graph --fc-precision
+rewrote, a library's code and kernel symbols, the artifact's agreement with onnxruntime's run of the
+rewritten graph, and kernels selected for another target run on this CPU."""
 
+import re
 import subprocess
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+import tvm
+from tvm.runtime.vm import VirtualMachine
+
 from reccc.ir import Model
 from reccc.reference import agreement, run_reference
 from reccc.sample_inputs import random_inputs
+from reccc.targets import relax_lowering
+from reccc.targets.x86 import host_cpu
 
 
 def one_layer_model(path, fan_in: int, units: int, bias: bool):
@@ -77,3 +84,29 @@ def assert_layer_agrees(artifact, graph: onnx.ModelProto, fan_in: int, batches, 
         else:
             for _, (error, bound) in agreement({"y": expected}, {"y": actual}).items():
                 assert error <= bound, (batch, error, bound)
+
+
+def selected_for_this_cpu(graph: onnx.ModelProto, select, kernel: str):
+    """The graph's build with its FC layers selected by `select` (module -> module: a target's
+    selector, for that target), compiled for this CPU by TVM's default schedules: the kernels'
+    computation, not their target's schedule, which may need a GPU or an AMX host to run. Each int8
+    layer must have become one `kernel`. As a function of the feeds."""
+    kernels = []
+
+    def selected(module, _):
+        module = select(module)
+        kernels.extend(function.name_hint for function in module.functions)
+        return module
+
+    executable = relax_lowering.build(graph, host_cpu().tvm_target(), 2, select_kernels=selected)
+    assert sum(bool(re.fullmatch(rf"{kernel}\d*", name)) for name in kernels) == layer_count(graph, "int8") > 0, kernels
+    main = VirtualMachine(executable, tvm.cpu())["main"]
+    inputs = [value.name for value in graph.graph.input]
+    outputs = [value.name for value in graph.graph.output]
+
+    def run(feeds):
+        result = main(*(tvm.runtime.tensor(feeds[name]) for name in inputs))
+        values = [result] if len(outputs) == 1 else list(result)
+        return {name: value.numpy() for name, value in zip(outputs, values)}
+
+    return run

@@ -3,13 +3,17 @@ agreement with onnxruntime's run of the rewritten graph (any shape, batches insi
 kernels' 32-row blocks), the manifest's CPU flags and reccc.load's refusal where they are missing,
 targets without AMX keeping their paths, and -O3 leaving the AMX kernels untuned.
 
-Artifacts built for Sapphire Rapids are checked on any x86 host; running AMX code needs an AMX host,
-and those tests skip elsewhere."""
+Artifacts built for Sapphire Rapids are checked on any x86 host, and so is what the int8 kernels
+compute (selected as for Sapphire Rapids, built for this CPU); running AMX code needs an AMX host, and
+those tests skip elsewhere."""
 
 
+import hypothesis.strategies as st
 import numpy as np
 import onnx
 import pytest
+import tvm
+from hypothesis import HealthCheck, given, settings
 from onnx import TensorProto, helper, numpy_helper
 
 import reccc
@@ -21,6 +25,7 @@ from reccc.targets import cpu_amx_schedules, x86
 from testsuite.conftest import model_path
 from testsuite.fc_kernels import (
     assert_agrees_with_graph, assert_layer_agrees, disassembly, kernels, layer_count, library_and_graph, one_layer_model,
+    selected_for_this_cpu,
 )
 
 AMX_TARGET = '--target={"kind": "llvm", "mcpu": "sapphirerapids"}'
@@ -52,9 +57,18 @@ def test_amx_target_builds_tile_kernels(reccc_cli, tmp_path, precision):
     target = x86.llvm_target({"kind": "llvm", "mcpu": "sapphirerapids"}).tvm_target()
     with target:
         module, _ = cpu_amx_schedules.select_amx_matmuls(relax_lowering.to_relax(graph), target)
-    dtypes = set()
-    relax.analysis.post_order_visit(module["main"], lambda node: dtypes.add(str(node.ty.dtype)) if isinstance(node, relax.Var) and isinstance(node.ty, relax.TensorType) else None)
+    dtypes, called = set(), []
+
+    def visit(node):
+        if isinstance(node, relax.Var) and isinstance(node.ty, relax.TensorType):
+            dtypes.add(str(node.ty.dtype))
+        if isinstance(node, relax.Call) and isinstance(node.op, tvm.ir.Op) and node.op.name == "relax.call_tir":
+            called.append(node.args[0].name_hint)
+
+    relax.analysis.post_order_visit(module["main"], visit)
     assert "float32" in dtypes and not dtypes & {"bfloat16", "uint8"}
+    # int8: each layer's rows' scale and zero point computed by a kernel of their own, read by the layer's.
+    assert sum(name.startswith("fc_row_parameters") for name in called) == (4 if precision == "int8" else 0)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
@@ -103,11 +117,42 @@ def test_amx_layer_of_any_shape(reccc_cli, tmp_path, precision, fan_in, units):
         assert_layer_agrees(reccc.load(library), graph, fan_in, (1, 7, 33, 257), exact=precision == "int8" and not bias)
 
 
+def _selected_for_sapphire_rapids(graph: onnx.ModelProto, kernel: str = "matmul_amx_int8_quantizing"):
+    """The graph with its FC layers selected as for Sapphire Rapids, run on this CPU (fc_kernels): what
+    the AMX kernels compute, on any x86 host; each int8 layer one `kernel` (fc_quantization's: a
+    quantizing one)."""
+    target = x86.llvm_target({"kind": "llvm", "mcpu": "sapphirerapids"}).tvm_target()
+    return selected_for_this_cpu(graph, lambda module: cpu_amx_schedules.select_amx_matmuls(module, target)[0], kernel)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fan_in=st.integers(1, 80), units=st.integers(8, 100), bias=st.booleans())
+def test_amx_int8_layer_computes_the_rewritten_layer_bit_for_bit(reccc_cli, tmp_path_factory, fan_in, units, bias):
+    """An fc_quantization int8 layer becomes a kernel of its rows' scale and zero point and one that
+    quantizes, multiplies and dequantizes, with the graph's operations in its order: whatever the
+    shape, the layer's output equals onnxruntime's run of the rewritten graph bit for bit."""
+    folder = tmp_path_factory.mktemp("int8")
+    source = one_layer_model(folder / "fc.onnx", fan_in, units, bias)
+    assert reccc_cli(source, "--emit=onnx", "--fc-precision-layer", "fc=int8", "-o", folder / "m.onnx").code == 0
+    graph = onnx.load(folder / "m.onnx")
+    run = _selected_for_sapphire_rapids(graph)
+    rng = np.random.default_rng(fan_in * 1000 + units)
+    for batch in (1, 5, 67):
+        x = (rng.standard_normal((batch, fan_in)) * 4).astype(np.float32)
+        x[0, :] = 0.0  # a row of zeros: the tiny scale, zero point 0
+        np.testing.assert_array_equal(run({"x": x})["y"], run_reference(graph, {"x": x})["y"])
+
+
+def test_amx_int8_kernels_agree_on_the_dlrm(reccc_cli, tmp_path):
+    assert reccc_cli(model_path("dlrm"), "--emit=onnx", "--fc-precision=int8", "-o", tmp_path / "m.onnx").code == 0
+    graph = onnx.load(tmp_path / "m.onnx")
+    assert_agrees_with_graph(graph, _selected_for_sapphire_rapids(graph), batches=(1, 7, 64))
+
+
 def test_int8_kernel_reads_codes_given_as_they_are(reccc_cli, tmp_path):
     """A MatMulInteger of uint8 codes that are no quantization of fc_quantization's (here a model input)
-    runs on AMX reading the codes themselves; the int32 sums equal onnxruntime's."""
-    if not _host_has_amx("int8"):
-        pytest.skip("this CPU (or its kernel) has no AMX-INT8 to run the kernels on")
+    becomes an AMX kernel reading the codes themselves; the int32 sums equal onnxruntime's (on an AMX
+    host also the artifact's)."""
     rng = np.random.default_rng(4)
     weight = rng.integers(-128, 128, (70, 24)).astype(np.int8)
     graph = helper.make_graph(
@@ -118,6 +163,12 @@ def test_int8_kernel_reads_codes_given_as_they_are(reccc_cli, tmp_path):
     )
     source = tmp_path / "codes.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), source)
+    run = _selected_for_sapphire_rapids(onnx.load(source), kernel="matmul_amx_int8")
+    for batch in (1, 40):
+        x = rng.integers(0, 256, (batch, 70)).astype(np.uint8)
+        np.testing.assert_array_equal(run({"x": x})["y"], run_reference(onnx.load(source), {"x": x})["y"])
+    if not _host_has_amx("int8"):
+        return
     library, _ = library_and_graph(reccc_cli, tmp_path, source)
     assert len(kernels(library, "matmul_amx_int8")) == 1
     artifact = reccc.load(library)
@@ -151,20 +202,23 @@ def test_load_refuses_amx_artifact_when_the_kernel_refuses_the_state(monkeypatch
         reccc.load(amx_artifact)
 
 
-@pytest.mark.parametrize("flags, expected", [
-    ({"avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"}, True),
-    ({"avx512f", "avx512_vnni"}, False),
+@pytest.mark.parametrize("cpu, flags, expected", [
+    ("rocketlake", {"avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"}, True),
+    ("rocketlake", {"avx512f", "avx512_vnni"}, False),
+    ("emeraldrapids", {"avx512f", "avx512_vnni", "avx512_bf16"}, False),
+    ("emeraldrapids", {"avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"}, True),
 ])
-def test_host_target_takes_amx_from_the_host_flags(monkeypatch, flags, expected):
+def test_host_target_takes_amx_from_the_host_flags(monkeypatch, cpu, flags, expected):
     """LLVM names a CPU by its model number, which a virtual machine may report for an older CPU than
-    it runs on (this project's AMX machine reads as "rocketlake"): the host target adds the AMX and
-    AVX-512 BF16 features Linux reports, and only those."""
+    it runs on (one AMX machine of this project reads as "rocketlake"), or for one whose kernel does
+    not enable all its features (another reads as "emeraldrapids" and lists no AMX flag): the host
+    target has the AMX features exactly where Linux reports them."""
+    monkeypatch.setattr(tvm.target.codegen, "llvm_get_system_cpu", lambda: cpu)
     monkeypatch.setattr(host_cpu, "cpu_flags", lambda: frozenset(flags))
     target = x86.host_cpu().tvm_target()
     assert cpu_amx_schedules.has_amx(target, cpu_amx_schedules.BF16) == expected
     assert cpu_amx_schedules.has_amx(target, cpu_amx_schedules.INT8) == expected
-    if not expected:
-        assert not any("amx" in attr for attr in dict(target.export()).get("mattr", ()))
+    assert bool(tvm.target.codegen.target_has_features("avx512bf16", target)) == ("avx512_bf16" in flags)
 
 
 def test_o3_does_not_tune_amx_kernels(reccc_cli, tmp_path, monkeypatch):

@@ -13,14 +13,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 import tvm
 from conftest import model_path
-from fc_kernels import assert_agrees_with_graph, layer_count, library_and_graph, one_layer_model
+from fc_kernels import assert_agrees_with_graph, layer_count, library_and_graph, one_layer_model, selected_for_this_cpu
 from hypothesis import HealthCheck, given, settings
 from cuda_code import extract_fatbin, objdump
-from tvm.runtime.vm import VirtualMachine
 
 from reccc.reference import run_reference
-from reccc.targets import gpu_fc_schedules, relax_lowering
-from reccc.targets.x86 import host_cpu
+from reccc.targets import gpu_fc_schedules
 
 # The tensor-core instruction each precision's kernels must use: IMMA on int8 x int8, HMMA on bf16.
 INSTRUCTIONS = {"int8": r"IMMA\.\w+\.S8\.S8", "bf16": r"HMMA\.\w+\.F32\.BF16"}
@@ -68,28 +66,9 @@ def test_without_bf16_tensor_cores_bf16_layers_stay_on_cuda_cores(reccc_cli, nvc
 
 
 def _selected_for_this_cpu(graph: onnx.ModelProto, kernel: str = "matmul_tensor_core_int8_quantizing"):
-    """The graph's build with its FC layers selected as for an sm_90 GPU, compiled for this CPU (the
-    kernels' computation, not their GPU schedule), as a function of the feeds. Each int8 layer must
-    have become one `kernel` (fc_quantization's: a quantizing one)."""
-    kernels = []
-
-    def select(module, _):
-        module = gpu_fc_schedules.select_tensor_core_matmuls(module, SM_90)
-        kernels.extend(function.name_hint for function in module.functions)
-        return module
-
-    executable = relax_lowering.build(graph, host_cpu().tvm_target(), 2, select_kernels=select)
-    assert sum(bool(re.fullmatch(rf"{kernel}\d*", name)) for name in kernels) == layer_count(graph, "int8") > 0, kernels
-    main = VirtualMachine(executable, tvm.cpu())["main"]
-    inputs = [value.name for value in graph.graph.input]
-    outputs = [value.name for value in graph.graph.output]
-
-    def run(feeds):
-        result = main(*(tvm.runtime.tensor(feeds[name]) for name in inputs))
-        values = [result] if len(outputs) == 1 else list(result)
-        return {name: value.numpy() for name, value in zip(outputs, values)}
-
-    return run
+    """The graph with its FC layers selected as for an sm_90 GPU, run on this CPU (fc_kernels); each
+    int8 layer one `kernel` (fc_quantization's: a quantizing one)."""
+    return selected_for_this_cpu(graph, lambda module: gpu_fc_schedules.select_tensor_core_matmuls(module, SM_90), kernel)
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
