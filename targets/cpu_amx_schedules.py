@@ -21,8 +21,8 @@ Two steps, as for the dot-product kernels (cpu_dot_schedules.py), on targets wit
   inputs), zero-padded to whole 64-byte rows of inputs and 16 units. Rounding or quantizing inside the
   kernel saves a kernel per layer and a pass over its input. TVM's fusion fuses the rest of the
   layer's epilogue (bias, activation) into the kernel.
-- `apply_amx_schedules` (on the fused module) runs the row-parameters kernels row by row (a vector
-  max and min along each), and each AMX kernel parallel over 32-row tiles. A row
+- `apply_amx_schedules` (on the fused module) runs each AMX kernel parallel over 32-row tiles (the
+  row-parameters kernels are cpu_dot_schedules' to schedule, as for its own int8 layers). A row
   tile's activation rows are rounded or quantized into a zero-padded copy, then one tensor intrinsic
   configures the tiles (once: ldtilecfg is costly) and, block by block of 32 units (2 x 2
   accumulator tiles, 2 activation and 2 weight tiles: AMX's 8 tile registers), runs the block's
@@ -48,10 +48,8 @@ from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 from tvm.target import codegen
 
-from reccc.targets.cpu_dot_schedules import (
-    bf16_bits, sums_and_rows_per, vectorize_columns, vectorized_reduction, widened, zero_padded,
-)
-from reccc.targets.fc_operands import ROW_PARAMETERS, ROW_STAGE, FcLayerSelector, dequantized, select_fc_layers, uint8_code
+from reccc.targets.cpu_dot_schedules import bf16_bits, sums_and_rows_per, vectorize_columns, widened, zero_padded
+from reccc.targets.fc_operands import FcLayerSelector, dequantized, select_fc_layers, uint8_code
 from reccc.targets.kernel_blocks import find_block, inline_into_output, root_blocks
 
 TILE_ROWS, TILE_BYTES = 16, 64  # the largest tile: 16 rows of 64 bytes
@@ -290,20 +288,6 @@ def _amx_rule(schedule: s_tir.Schedule, product: AmxProduct, lanes: int) -> None
     schedule.tensorize(row, _intrinsic(product, inputs, panels, column_tiles))
 
 
-def _row_parameters_rule(schedule: s_tir.Schedule, lanes: int) -> None:
-    """The kernel of an int8 layer's row quantization parameters (fc_operands.row_parameters), row by
-    row: the row's max and min, each as a vectorized reduction (cpu_dot_schedules.vectorized_reduction),
-    then its scale and zero point. Single-threaded, as the graph's own quantization kernels (see
-    cpu_dot_schedules._codes_rule)."""
-    output = schedule.get_sblock(ROW_PARAMETERS)
-    inline_into_output(schedule, keep=(ROW_PARAMETERS,))
-    rows = schedule.get_loops(output)[0]
-    for name in ("min", "max"):
-        reduction = schedule.get_sblock(ROW_STAGE + name)
-        if not vectorized_reduction(schedule, reduction, lanes, at=rows):
-            schedule.compute_at(reduction, rows)
-
-
 def apply_amx_schedules(module: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """The AMX kernels scheduled (see above); the other kernels are left to the other rules."""
     if not any(has_amx(target, product) for product in (BF16, INT8)):
@@ -317,11 +301,7 @@ def apply_amx_schedules(module: tvm.IRModule, target: tvm.target.Target) -> tvm.
         product = _amx_product(schedule)
         if product is not None:
             _amx_rule(schedule, product, lanes)
-        elif find_block(schedule, ROW_PARAMETERS) is not None:
-            _row_parameters_rule(schedule, lanes)
-        else:
-            continue
-        updates[symbol] = schedule.mod["main"]
+            updates[symbol] = schedule.mod["main"]
     for symbol, function in updates.items():
         module[symbol] = function
     return module

@@ -5,7 +5,7 @@ that AMX (cpu_amx_schedules.py) did not take:
   products: 32);
 - aarch64: int8 on the dot-product extension's sdot (4 int32 sums, each of 4 int8 x int8 products:
   16), bf16 on the BF16 extension's bfdot (4 fp32 sums, each of 2 bf16 products: 8).
-With their quantization kernels scheduled.
+With their int8 layers' quantization of their inputs.
 
 TVM's importer widens both MatMulInteger operands to int32 (an int32 x int32 loop: vpmulld, slower
 than fp32 FMAs), and its BF16 legalization drops the activations' rounding and computes the bf16
@@ -21,16 +21,27 @@ both:
   (NEON), g = 4 int8 or 2 bf16: the instruction's second operand), zero-padded to whole blocks and
   to the register tile's columns. sdot multiplies signed bytes only: its kernel reads each code c as
   the int8 c - 128 (its top bit flipped) and adds 128 x the unit's weight sum back to the sums, which
-  is exact. TVM's fusion then fuses the layer's epilogue (zero-point correction, scales, bias,
-  activation) into the kernel, as it does for a matmul.
+  is exact. TVM's fusion then fuses the layer's epilogue (bias, activation) into the kernel, as it
+  does for a matmul. An fc_quantization layer, whose codes quantize an fp32 input per row and whose
+  int32 sums are then dequantized, is replaced whole, from its fp32 input to its dequantized output
+  (fc_operands.FcLayerSelector), by two kernels instead of the graph's seven (max, min, three per-row
+  kernels of scale and zero point, the codes, the product): one computes each row's scale and zero
+  point from its max and min (fc_operands.row_parameters), the other the input's codes, then the
+  product, dequantized in its epilogue, with the graph's operations in its order. (The DLRM-style
+  and DeepFM-style int8 models ran 14% to 20% faster at batch 1, 64 and 2048 on an AVX-512 VNNI
+  core; in the epilogue the importer's Cast of the zero point to int32 had made the bundled DLRM's
+  build take 12 s instead of 4.)
 - `apply_dot_schedules` (on the fused module, before the default CPU rules) tensorizes those kernels
   in the fp32 matmuls' register tile (cpu_schedules.default_tile: 4 rows x 3-6 vectors of units),
   one parallel loop over (column panel, row tile) so each thread keeps a panel's weights in
   L1, the tile's activation rows copied (bf16: rounded) into a zero-padded tile, and the epilogue
-  computed per tile while its sums are in registers. The activation quantization kernels of the int8
-  layers are vectorized: each row's max and min in the target's vector lanes (max and min are exact
-  in any order, so the codes stay those onnxruntime computes), the codes as one loop nest along the
-  row.
+  computed per tile while its sums are in registers; an fc_quantization layer's kernel writes its
+  input's codes first, vectorized along the rows and parallel over them (computed per tile instead,
+  once per column panel, they made the models up to 20% slower at batch 2048; single-threaded, 6% to
+  11% slower at 2048, 2 to 5 us faster at batch 1). The row-parameters kernels (these layers' and
+  AMX's) are vectorized: each row's max and min in the target's vector lanes (max and min are exact
+  in any order, so the codes stay those onnxruntime computes), single-threaded (see
+  _row_parameters_rule).
 The products are exact and accumulate in int32 (vpdpbusd, unlike vpdpbusds, does not saturate: each
 uint8 x int8 product fits 16 bits; so does sdot) or in fp32 (vdpbf16ps and bfdot flush denormal
 inputs and results and may round a pair's sum otherwise than two fp32 additions), so the artifact agrees
@@ -56,11 +67,14 @@ from tvm.script import tirx as T
 from tvm.target import codegen
 
 from reccc.targets.cpu_schedules import default_tile, vector_lanes
-from reccc.targets.fc_operands import FcLayerSelector, select_fc_layers, shifted_codes_correction
-from reccc.targets.kernel_blocks import COMM_REDUCE, DATA_PARALLEL, find_block, inline_into_output, root_blocks
+from reccc.targets.fc_operands import (
+    ROW_PARAMETERS, ROW_STAGE, FcLayerSelector, dequantized, select_fc_layers, shifted_codes_correction, uint8_code,
+)
+from reccc.targets.kernel_blocks import find_block, inline_into_output, root_blocks
 
 DOT_BLOCK = "matmul_dot_{}"  # by product: matmul_dot_int8, matmul_dot_bf16
 PAD_BLOCK = "matmul_dot_rows"
+CODES_BLOCK = "matmul_dot_codes"  # an fc_quantization layer's kernel's codes of its input
 
 
 @dataclass(frozen=True)
@@ -259,18 +273,18 @@ def _activation_bits(x: te.Tensor, product: DotProduct):
     return lambda i, k: x[i, k]
 
 
-def _dot_matmul(x: te.Tensor, packed: te.Tensor, *correction: te.Tensor, units: int, product: DotProduct) -> te.Tensor:
-    """[rows, units] sums of x (uint8 codes, or fp32 rounded to bf16 here) times the weight `packed`
-    holds, plus `correction` per unit where the product shifts the codes. The product runs on rows
-    padded to the register tile and inputs padded to the group (zeros, which the weight's zero padding
-    multiplies), so the tensorized loops need no bounds checks."""
+def _dot_sums(x: te.Tensor, packed: te.Tensor, units: int, product: DotProduct) -> te.Tensor:
+    """The sums of x (uint8 codes, or fp32 rounded to bf16 here) times the weight `packed` holds (of
+    the codes less 128 where the product shifts them), on rows padded to the register tile and inputs
+    padded to the group (zeros, which the weight's zero padding multiplies), so the tensorized loops
+    need no bounds checks: [rows', units']."""
     rows, inputs = x.shape
     group, lanes = product.group, product.units
     shape = (_round_up(rows, default_tile(units, lanes).rows), int(packed.shape[1]) * group)
     padded = zero_padded(_activation_bits(x, product), rows, inputs, shape, product.activation, PAD_BLOCK)
     k = te.reduce_axis((0, shape[1]), name="k")
     accumulator = product.accumulator
-    sums = te.compute(
+    return te.compute(
         (shape[0], int(packed.shape[0]) * lanes),
         lambda i, j: te.sum(
             widened(padded[i, k], product.activation, accumulator)
@@ -279,11 +293,30 @@ def _dot_matmul(x: te.Tensor, packed: te.Tensor, *correction: te.Tensor, units: 
         ),
         name=product.block,
     )
-    return te.compute((rows, units), lambda i, j: sums[i, j] + correction[0][j] if correction else sums[i, j], name="matmul_dot_result")
+
+
+def _dot_matmul(x: te.Tensor, packed: te.Tensor, *correction: te.Tensor, units: int, product: DotProduct) -> te.Tensor:
+    """[rows, units] sums of x times the weight `packed` holds, plus `correction` per unit where the
+    product shifts the codes."""
+    sums = _dot_sums(x, packed, units, product)
+    return te.compute((x.shape[0], units), lambda i, j: sums[i, j] + correction[0][j] if correction else sums[i, j], name="matmul_dot_result")
+
+
+def _quantizing_dot_layer(x: te.Tensor, parameters: te.Tensor, packed: te.Tensor, column_sums: te.Tensor, weight_scales: te.Tensor,
+                          units: int, product: DotProduct) -> te.Tensor:
+    """fc_quantization's int8 layer from its fp32 input x to its dequantized output (before the bias),
+    given its rows' scale and zero point (`parameters`, fc_operands.row_parameters): x's codes as the
+    graph computes them (CODES_BLOCK), their products with the weight `packed` holds, then the
+    graph's dequantization (fc_operands.dequantized)."""
+    codes = te.compute(x.shape, lambda i, k: uint8_code(x[i, k], parameters[i, 0], parameters[i, 1]), name=CODES_BLOCK)
+    sums = _dot_sums(codes, packed, units, product)
+    return dequantized(sums, parameters, column_sums, weight_scales, code_shift=128 if product.shifts_codes else 0)
 
 
 @relax.expr_functor.mutator
 class _SelectDotMatmuls(FcLayerSelector):
+    replaces_quantizing_layers = True
+
     def kernel_call(self, product: DotProduct, x, weight: np.ndarray) -> relax.Expr:
         bits = weight.view(np.uint16) if product.precision == "bf16" else weight
         constants = [relax.const(pack_weight(bits, product), product.weight)]
@@ -291,6 +324,11 @@ class _SelectDotMatmuls(FcLayerSelector):
             constants.append(relax.const(shifted_codes_correction(weight), "int32"))
         kernel = functools.partial(_dot_matmul, units=weight.shape[1], product=product)
         return self.builder_.call_te(kernel, x, *constants, primfunc_name_hint=product.block)
+
+    def quantizing_int8_call(self, product: DotProduct, x, parameters, weight: np.ndarray, weight_scales: np.ndarray) -> relax.Expr:
+        constants = [pack_weight(weight, product), weight.astype(np.int32).sum(axis=0, dtype=np.int32), weight_scales]
+        kernel = functools.partial(_quantizing_dot_layer, units=weight.shape[1], product=product)
+        return self.builder_.call_te(kernel, x, parameters, *map(relax.const, constants), primfunc_name_hint=product.block + "_quantizing")
 
 
 def target_products(target: tvm.target.Target) -> tuple[DotProduct, ...]:
@@ -342,8 +380,13 @@ def _dot_rule(schedule: s_tir.Schedule, lanes: int, products: tuple[DotProduct, 
     if found is None:
         return False
     product, block = found
-    inline_into_output(schedule, keep=(product.block, PAD_BLOCK))
-    outputs = [b for b in root_blocks(schedule) if schedule.get(b).name_hint not in (product.block, PAD_BLOCK)]
+    stages = (product.block, PAD_BLOCK, CODES_BLOCK)
+    inline_into_output(schedule, keep=stages)
+    outputs = [b for b in root_blocks(schedule) if schedule.get(b).name_hint not in stages]
+    codes = find_block(schedule, CODES_BLOCK)
+    if codes is not None:  # an fc_quantization layer's kernel: its input's codes first, parallel over the rows
+        vectorize_columns(schedule, schedule.get_loops(codes)[-1], lanes)
+        schedule.parallel(schedule.get_loops(codes)[0])
     rows, columns, reduction = schedule.get_loops(block)
     # The packed weight's units are whole tiles of the layer's own tile (see pack_weight), and so that
     # tile is also theirs.
@@ -388,45 +431,29 @@ def vectorized_reduction(schedule: s_tir.Schedule, block, lanes: int, at=None) -
     return True
 
 
-def _row_range_rule(schedule: s_tir.Schedule, lanes: int) -> bool:
-    """A kernel that is one max or min over the last axis of a [rows, K] input (an activation's range,
-    per row), vectorized (vectorized_reduction). Single-threaded, as the codes kernel: see _codes_rule."""
-    blocks = root_blocks(schedule)
-    if len(blocks) != 1:
+def _row_parameters_rule(schedule: s_tir.Schedule, lanes: int) -> bool:
+    """The kernel of an int8 layer's row quantization parameters (fc_operands.row_parameters; AMX's
+    layers' and these), row by row: the row's max and min, each a vectorized reduction
+    (vectorized_reduction), then its scale and zero point. Single-threaded: parallel over the rows,
+    the int8 DLRM-style and DeepFM-style models took twice as long at batch 64 and 2048 on an
+    AVX-512 VNNI core (medians of interleaved runs)."""
+    output = find_block(schedule, ROW_PARAMETERS)
+    if output is None:
         return False
-    block = blocks[0]
-    stmt = schedule.get(block)
-    kinds = [var.iter_type for var in stmt.iter_vars]
-    if kinds != [DATA_PARALLEL, DATA_PARALLEL, COMM_REDUCE] or not isinstance(stmt.body.value, (tirx.Max, tirx.Min)):
-        return False
-    return vectorized_reduction(schedule, block, lanes)
-
-
-def _codes_rule(schedule: s_tir.Schedule, lanes: int) -> bool:
-    """The kernel writing an activation's uint8 codes (x / scale, rounded, + zero point, clipped,
-    narrowed) from [rows, K] float32: one loop nest, vectorized along the rows. Single-threaded: these
-    kernels stream a few hundred KB at batch 2048, and on the shared 2-core machine waking the second
-    thread cost more than it saved at batch 64 and 2048 alike (whole-model medians, README)."""
-    output = schedule.get(root_blocks(schedule)[-1])
-    if not (isinstance(output.body, tirx.BufferStore) and output.body.buffer.dtype == "uint8" and len(output.iter_vars) == 2):
-        return False
-    if any(var.iter_type != DATA_PARALLEL for block in root_blocks(schedule) for var in schedule.get(block).iter_vars):
-        return False
-    inline_into_output(schedule, keep=())
-    (block,) = root_blocks(schedule)
-    _, columns = schedule.get_loops(block)
-    vectorize_columns(schedule, columns, lanes)
+    inline_into_output(schedule, keep=(ROW_PARAMETERS,))
+    rows = schedule.get_loops(output)[0]
+    for name in ("min", "max"):
+        reduction = schedule.get_sblock(ROW_STAGE + name)
+        if not vectorized_reduction(schedule, reduction, lanes, at=rows):
+            schedule.compute_at(reduction, rows)
     return True
 
 
 def apply_dot_schedules(module: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """The dot-product kernels, and where the target has an int8 product the activation quantization
-    kernels, scheduled (see above); the other kernels are left to the default CPU rules. Unchanged on
-    a target with no product."""
+    """The dot-product kernels and the kernels of the int8 layers' row quantization parameters (these
+    layers' and AMX's) scheduled (see above); the other kernels are left to the default CPU rules."""
     products = target_products(target)
-    rules = [functools.partial(_dot_rule, products=products)] if products else []
-    if any(product.precision == "int8" for product in products):
-        rules += [_row_range_rule, _codes_rule]
+    rules = [_row_parameters_rule] + ([functools.partial(_dot_rule, products=products)] if products else [])
     lanes = vector_lanes(target)
     updates = {}
     for symbol, function in module.functions.items():

@@ -73,6 +73,10 @@ def test_layer_of_any_shape(reccc_cli, tmp_path, precision, fan_in, units):
         source = one_layer_model(folder / "fc.onnx", fan_in, units, bias)
         library, graph = library_and_graph(reccc_cli, folder, source, f"--fc-precision={precision}", TARGETS[precision])
         assert len(_dot_kernels(library, precision)) == 1
+        # int8: the rows' scale and zero point, then one kernel quantizing, multiplying, dequantizing
+        # (bias and Relu fused); bf16: one kernel.
+        compute = [k for k in kernels(library, "__tvm_ffi_") if k not in ("__tvm_ffi__library_bin", "__tvm_ffi_shape_func")]
+        assert len(compute) == {"int8": 2, "bf16": 1}[precision], compute
         assert_layer_agrees(reccc.load(library), graph, fan_in, (1, 3, 4, 5, 33), exact=precision == "int8" and not bias)
 
 
