@@ -55,11 +55,14 @@ def inferred(proto: onnx.ModelProto, source: str) -> onnx.ModelProto:
 
 
 def _skeleton(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """`proto` without the data of its large non-integer initializers (weights, embedding tables), which
-    shape inference never reads (it reads shape-like inputs: integers, or a few float scales) and which
-    make up nearly all of the bytes it would serialize."""
+    """`proto` without the data of its large non-integer initializers (weights, embedding tables) and of
+    its integer matrices (quantized tables and weights), which shape inference never reads (it reads
+    shape-like inputs: integer scalars and vectors, or a few float scales) and which make up nearly all
+    of the bytes it would serialize."""
     def large_weight(tensor: onnx.TensorProto) -> bool:
-        return tensor.data_type not in _INTEGER_TYPES and math.prod(tensor.dims) > SHAPE_VECTOR_MAX_LENGTH
+        if tensor.data_type in _INTEGER_TYPES:
+            return len(tensor.dims) >= 2
+        return math.prod(tensor.dims) > SHAPE_VECTOR_MAX_LENGTH
 
     if not any(large_weight(tensor) for tensor in proto.graph.initializer):
         return proto

@@ -396,3 +396,30 @@ def test_fuzzing_the_testsuite_models_finds_no_bug():
     summary = [line for line in result.stdout.splitlines() if line.startswith(("500 executions", "bug", "  "))]
     assert result.returncode == 0, "\n".join(summary)
     assert summary[0].startswith("500 executions") and " ok" in summary[0]
+
+
+def test_shape_inference_serializes_the_skeleton_of_the_weights(monkeypatch):
+    """onnx serializes what it infers: a model's weights would cost seconds a call on a model of hundreds
+    of MB. It gets the model without the data of its float weights and its integer matrices (quantized
+    tables), with its shape vectors, and the result has all of them back, the shapes inferred through
+    the Reshape that reads one."""
+    from reccc import shape_inference
+
+    codes = numpy_helper.from_array(np.arange(256 * 64, dtype=np.uint8).reshape(256, 64), "codes")
+    weight = numpy_helper.from_array(np.ones((64, 32), np.float32), "W")
+    shape = numpy_helper.from_array(np.array([-1, 8, 4], np.int64), "shape")
+    model = _model(
+        [helper.make_node("Gather", ["codes", "ids"], ["rows"]), helper.make_node("Cast", ["rows"], ["x"], to=TensorProto.FLOAT),
+         helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Reshape", ["h", "shape"], ["y"])],
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch"])], [_float("y", None)], [codes, weight, shape],
+    )
+    serialized = []
+    real = onnx.shape_inference.infer_shapes
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes", lambda proto, **kw: serialized.append(proto.ByteSize()) or real(proto, **kw))
+    result = shape_inference.inferred(model, "m.onnx")
+    assert serialized and max(serialized) < 2048 < model.ByteSize()
+    assert {t.name: numpy_helper.to_array(t).tobytes() for t in result.graph.initializer} == {
+        t.name: numpy_helper.to_array(t).tobytes() for t in model.graph.initializer
+    }
+    (output,) = result.graph.output
+    assert [d.dim_value for d in output.type.tensor_type.shape.dim][1:] == [8, 4]
