@@ -24,12 +24,10 @@ from reccc.targets.relax_lowering import BoundCalls
 @dataclass(frozen=True)
 class QuantizedInput:
     """fc_quantization's per-row quantization of a float32 x [rows, K], as the importer writes it: the
-    Relax expressions of x, its rows' max and min, and the scale and (float) zero point computed from
-    them."""
+    Relax expressions of x and of the scale and (float) zero point computed from its rows' max and
+    min."""
 
     x: relax.Expr
-    row_max: relax.Expr
-    row_min: relax.Expr
     scale: relax.Expr
     zero_point: relax.Expr
 
@@ -112,13 +110,13 @@ class FcOperands(BoundCalls):
         if division is None:
             return None
         x, scale = division.args
-        ranges = self._row_range(x, scale)
-        if ranges is None or not self._zero_point(zero_point, ranges[2], scale):
+        below = self._below_row_min(x, scale)
+        if below is None or not self._zero_point(zero_point, below, scale):
             return None
         rows, inputs = dims(x)
         if dims(codes) != (rows, inputs) or not float_matrix(x):
             return None
-        return QuantizedInput(x, ranges[0], ranges[1], scale, zero_point)
+        return QuantizedInput(x, scale, zero_point)
 
     def dequantized_int8_layer(self, call) -> tuple[QuantizedInput, np.ndarray, np.ndarray] | None:
         """(x's quantization, int8 weight [K, N], weight scales [N]) when `call` is the dequantized
@@ -186,8 +184,9 @@ class FcOperands(BoundCalls):
             return None
         return call
 
-    def _row_range(self, x, scale):
-        """(max var, min var, relu(-min) var) of x when `scale` is max((relu(max) + relu(-min)) / 255, tiny)."""
+    def _below_row_min(self, x, scale):
+        """The relu(-min) var when `scale` is max((relu(max) + relu(-min)) / 255, tiny), max and min those
+        of x's rows."""
         call = self._bound(scale, "relax.call_tir")
         if call is None or not call.args[0].name_hint.startswith("maximum") or self._scalar(call.args[1].fields[1]) != float(np.finfo(np.float32).tiny):
             return None
@@ -204,7 +203,7 @@ class FcOperands(BoundCalls):
         row_max, row_min = high.args[0], negative.args[0]
         if self._reduced(row_max, "relax.max", x) is None or self._reduced(row_min, "relax.min", x) is None:
             return None
-        return row_max, row_min, total.args[1]
+        return total.args[1]
 
     def _zero_point(self, expr, below, scale) -> bool:
         """Whether `expr` is round(clip(below / scale, 0, 255))."""
