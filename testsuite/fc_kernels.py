@@ -110,3 +110,19 @@ def selected_for_this_cpu(graph: onnx.ModelProto, select, kernel: str):
         return {name: value.numpy() for name, value in zip(outputs, values)}
 
     return run
+
+
+def assert_selected_int8_layer_is_exact(reccc_cli, folder, fan_in: int, units: int, bias: bool, run_selected) -> None:
+    """A one-layer model's int8 layer (--fc-precision-layer), its kernels selected and run by
+    `run_selected(graph)` (selected_for_this_cpu), equals onnxruntime's run of the rewritten graph bit
+    for bit at batches 1, 5 and 67 of random x (scaled by 4, past the unit range) whose first row is
+    zeros (the tiny scale, zero point 0)."""
+    source = one_layer_model(folder / "fc.onnx", fan_in, units, bias)
+    assert reccc_cli(source, "--emit=onnx", "--fc-precision-layer", "fc=int8", "-o", folder / "m.onnx").code == 0
+    graph = onnx.load(folder / "m.onnx")
+    run = run_selected(graph)
+    rng = np.random.default_rng(fan_in * 1000 + units)
+    for batch in (1, 5, 67):
+        x = (rng.standard_normal((batch, fan_in)) * 4).astype(np.float32)
+        x[0, :] = 0.0
+        np.testing.assert_array_equal(run({"x": x})["y"], run_reference(graph, {"x": x})["y"])

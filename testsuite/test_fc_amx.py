@@ -24,8 +24,8 @@ from reccc.reference import run_reference
 from reccc.targets import cpu_amx_schedules, x86
 from testsuite.conftest import model_path
 from testsuite.fc_kernels import (
-    assert_agrees_with_graph, assert_layer_agrees, disassembly, kernels, layer_count, library_and_graph, one_layer_model,
-    selected_for_this_cpu,
+    assert_agrees_with_graph, assert_layer_agrees, assert_selected_int8_layer_is_exact, disassembly, kernels, layer_count,
+    library_and_graph, one_layer_model, selected_for_this_cpu,
 )
 
 AMX_TARGET = '--target={"kind": "llvm", "mcpu": "sapphirerapids"}'
@@ -131,16 +131,7 @@ def test_amx_int8_layer_computes_the_rewritten_layer_bit_for_bit(reccc_cli, tmp_
     """An fc_quantization int8 layer becomes a kernel of its rows' scale and zero point and one that
     quantizes, multiplies and dequantizes, with the graph's operations in its order: whatever the
     shape, the layer's output equals onnxruntime's run of the rewritten graph bit for bit."""
-    folder = tmp_path_factory.mktemp("int8")
-    source = one_layer_model(folder / "fc.onnx", fan_in, units, bias)
-    assert reccc_cli(source, "--emit=onnx", "--fc-precision-layer", "fc=int8", "-o", folder / "m.onnx").code == 0
-    graph = onnx.load(folder / "m.onnx")
-    run = _selected_for_sapphire_rapids(graph)
-    rng = np.random.default_rng(fan_in * 1000 + units)
-    for batch in (1, 5, 67):
-        x = (rng.standard_normal((batch, fan_in)) * 4).astype(np.float32)
-        x[0, :] = 0.0  # a row of zeros: the tiny scale, zero point 0
-        np.testing.assert_array_equal(run({"x": x})["y"], run_reference(graph, {"x": x})["y"])
+    assert_selected_int8_layer_is_exact(reccc_cli, tmp_path_factory.mktemp("int8"), fan_in, units, bias, _selected_for_sapphire_rapids)
 
 
 def test_amx_int8_kernels_agree_on_the_dlrm(reccc_cli, tmp_path):

@@ -13,7 +13,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 import tvm
 from conftest import model_path
-from fc_kernels import assert_agrees_with_graph, layer_count, library_and_graph, one_layer_model, selected_for_this_cpu
+from fc_kernels import (
+    assert_agrees_with_graph, assert_selected_int8_layer_is_exact, layer_count, library_and_graph, one_layer_model, selected_for_this_cpu,
+)
 from hypothesis import HealthCheck, given, settings
 from cuda_code import extract_fatbin, objdump
 
@@ -76,15 +78,7 @@ def _selected_for_this_cpu(graph: onnx.ModelProto, kernel: str = "matmul_tensor_
 def test_int8_tensor_core_kernels_compute_the_rewritten_layer_bit_for_bit(reccc_cli, tmp_path_factory, fan_in, units, bias):
     """The shifted codes (c - 128 as int8) times the transposed weight plus 128 x its unit sums are the
     uint8 x int8 product exactly, whatever the shape: the layer's output equals onnxruntime's."""
-    folder = tmp_path_factory.mktemp("int8")
-    source = one_layer_model(folder / "fc.onnx", fan_in, units, bias)
-    assert reccc_cli(source, "--emit=onnx", "--fc-precision-layer", "fc=int8", "-o", folder / "m.onnx").code == 0
-    graph = onnx.load(folder / "m.onnx")
-    run = _selected_for_this_cpu(graph)
-    rng = np.random.default_rng(fan_in * 1000 + units)
-    for batch in (1, 5, 67):
-        x = (rng.standard_normal((batch, fan_in)) * 4).astype(np.float32)
-        np.testing.assert_array_equal(run({"x": x})["y"], run_reference(graph, {"x": x})["y"])
+    assert_selected_int8_layer_is_exact(reccc_cli, tmp_path_factory.mktemp("int8"), fan_in, units, bias, _selected_for_this_cpu)
 
 
 def test_tensor_core_kernels_agree_on_the_dlrm(reccc_cli, tmp_path):
