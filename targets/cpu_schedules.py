@@ -22,6 +22,7 @@ Vector width comes from the target: 16 fp32 lanes with AVX-512, 8 with AVX2, 4 w
 SVE, the vector length the target declares ("vector-width"), else SVE's minimum of 128 bits (4 lanes).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import tvm
@@ -252,20 +253,29 @@ def _vectorize(schedule: s_tir.Schedule, loop, lanes: int) -> None:
 
 def schedule_function(function: tvm.tirx.PrimFunc, symbol: str, lanes: int, tile: MatmulTile | None = None) -> tvm.tirx.PrimFunc | None:
     """The scheduled function, or None when no rule applies (or a rule's preconditions fail). A
-    matmul's register tile is `tile`, by default `default_tile` for its columns. As many rows as keep
-    its work below PARALLEL_MIN_WORK run on the calling thread alone (chosen when compiled where the
-    rows are known then, else branched on at run time)."""
-    parallel = _scheduled(function, symbol, lanes, tile, parallel=True)
-    work = _parallel_work(parallel.body) if parallel is not None else None
+    matmul's register tile is `tile`, by default `default_tile` for its columns. Small work runs on
+    the calling thread (serial_below_min_work)."""
+    return serial_below_min_work(function, lambda parallel, max_rows: _scheduled(function, symbol, lanes, tile, parallel, max_rows))
+
+
+def serial_below_min_work(function: tvm.tirx.PrimFunc, scheduled: Callable[[bool, int | None], tvm.tirx.PrimFunc | None],
+                          work_of: Callable = None) -> tvm.tirx.PrimFunc | None:
+    """`function` as `scheduled(parallel, max_rows)` schedules it (parallel or not; for any rows, or
+    at most max_rows), with as many rows as keep its parallel loops' work (`work_of` the scheduled
+    body, by default the first parallel loop's: _parallel_work) below PARALLEL_MIN_WORK run on the
+    calling thread alone: chosen when compiled where the rows are known then, else branched on at run
+    time. None where `scheduled` gives None."""
+    parallel = scheduled(True, None)
+    work = (work_of or _parallel_work)(parallel.body) if parallel is not None else None
     if work is None:
         return parallel
     if isinstance(work, tvm.tirx.IntImm):
-        return _scheduled(function, symbol, lanes, tile, parallel=False) if int(work) < PARALLEL_MIN_WORK else parallel
+        return scheduled(False, None) if int(work) < PARALLEL_MIN_WORK else parallel
     rows = _symbolic_rows(function)
     serial_rows = _most_rows_below(work, rows, PARALLEL_MIN_WORK) if rows is not None else 0
     if serial_rows == 0:
         return parallel
-    serial = _scheduled(function, symbol, lanes, tile, parallel=False, max_rows=serial_rows)
+    serial = scheduled(False, serial_rows)
     return _branching(parallel, tvm.tirx.IfThenElse(rows <= serial_rows, serial.body, parallel.body))
 
 
@@ -342,9 +352,28 @@ def _parallel_work(stmt) -> tvm.ir.Expr | None:
     return loop.extent * inner
 
 
+def total_parallel_work(stmt) -> tvm.ir.Expr | None:
+    """The innermost statements all parallel loops in `stmt` run (_parallel_work of each, summed): for
+    a kernel of several parallel regions one after the other; None if there is none or a body's loops
+    are not static."""
+    works = [_parallel_work(loop) for loop in _parallel_loops(stmt)]
+    if not works or None in works:
+        return None
+    total = works[0]
+    for work in works[1:]:
+        total = total + work
+    return tvm.sym.Analyzer().simplify(total)
+
+
 def _first_parallel_loop(stmt) -> tvm.tirx.For | None:
+    loops = _parallel_loops(stmt)
+    return loops[0] if loops else None
+
+
+def _parallel_loops(stmt) -> list[tvm.tirx.For]:
+    """The parallel loops of `stmt`, in order (not those inside one: TVM does not nest them)."""
     if isinstance(stmt, tvm.tirx.For) and stmt.kind == tvm.tirx.ForKind.PARALLEL:
-        return stmt
+        return [stmt]
     if isinstance(stmt, tvm.tirx.SeqStmt):
         children = list(stmt.seq)
     elif isinstance(stmt, tvm.tirx.IfThenElse):
@@ -353,11 +382,7 @@ def _first_parallel_loop(stmt) -> tvm.tirx.For | None:
         children = [stmt.block]
     else:
         children = [getattr(stmt, "body", None)]
-    for child in children:
-        loop = _first_parallel_loop(child) if child is not None else None
-        if loop is not None:
-            return loop
-    return None
+    return [loop for child in children if child is not None for loop in _parallel_loops(child)]
 
 
 def _static_work(stmt) -> int | None:

@@ -148,3 +148,42 @@ def test_dot_kernels_at_o3(reccc_cli, tmp_path, precision):
                        "--tune-db", tmp_path / "db", TARGETS[precision], "-o", library)
     assert result.code == 0, result.stderr
     assert len(_dot_kernels(library, precision)) == 4 and INSTRUCTION[precision] in disassembly(library)
+
+
+def _scheduled_quantizing_kernel(reccc_cli, folder, fan_in: int, units: int):
+    """The one-layer model's int8 layer kernel (codes, product, dequantization) as the dot-product rules
+    schedule it for Ice Lake-SP."""
+    from tvm import tirx
+
+    from reccc.targets import relax_lowering
+
+    source = one_layer_model(folder / "fc.onnx", fan_in, units, bias=True)
+    assert reccc_cli(source, "--emit=onnx", "--fc-precision=int8", "-o", folder / "m.onnx").code == 0
+    target = x86.llvm_target({"kind": "llvm", "mcpu": "icelake-server"}).tvm_target()
+    scheduled = {}
+
+    def schedule(module, target):
+        module = cpu_dot_schedules.apply_dot_schedules(module, target)
+        scheduled.update((symbol.name_hint, f) for symbol, f in module.functions.items() if isinstance(f, tirx.PrimFunc))
+        return module
+
+    relax_lowering.build(onnx.load(folder / "m.onnx"), target, 2, schedule, select_kernels=cpu_dot_schedules.select_dot_matmuls)
+    (kernel,) = [f for name, f in scheduled.items() if "quantizing" in name]
+    return kernel
+
+
+def test_small_dot_product_kernels_run_on_the_calling_thread(reccc_cli, tmp_path):
+    """Where its codes' and its tiles' parallel loops together run fewer statements than waking the
+    threads is worth (cpu_schedules.PARALLEL_MIN_WORK), an int8 layer's kernel runs on the calling
+    thread: a branch on the batch, no parallel loop below it, both loops parallel above; the branch of
+    a wider layer ends at fewer rows (here 116 rows of a 64 x 32 layer, 4 of a 416 x 400 one)."""
+    serial_rows = []
+    for fan_in, units in ((64, 32), (416, 400)):
+        folder = tmp_path / f"{fan_in}x{units}"
+        folder.mkdir()
+        body = _scheduled_quantizing_kernel(reccc_cli, folder, fan_in, units).body.block.body
+        condition = str(body.condition)
+        assert condition.startswith("batch <= "), condition
+        assert "T.parallel" not in body.then_case.script() and body.else_case.script().count("T.parallel") == 2
+        serial_rows.append(int(condition.removeprefix("batch <= ").removeprefix("T.int64(").rstrip(")")))
+    assert serial_rows[0] > serial_rows[1] >= 1, serial_rows
