@@ -38,13 +38,13 @@ both:
   computed per tile while its sums are in registers; an fc_quantization layer's kernel writes its
   input's codes first, vectorized along the rows and parallel over them (computed per tile instead,
   once per column panel, they made the models up to 20% slower at batch 2048; single-threaded, 6% to
-  11% slower at 2048, 2 to 5 us faster at batch 1). A kernel whose parallel loops run little work
-  runs on the calling thread instead, below a number of rows it branches on
-  (cpu_schedules.serial_below_min_work, as for the fp32 kernels): the int8 DLRM-style model 17%
-  faster at batch 1 and 5% at 64, the DeepFM-style one 11% at batch 1. The row-parameters kernels (these layers' and
-  AMX's) are vectorized: each row's max and min in the target's vector lanes (max and min are exact
-  in any order, so the codes stay those onnxruntime computes), single-threaded (see
-  _row_parameters_rule).
+  11% slower at 2048, 2 to 5 us faster at batch 1). The row-parameters kernels (these layers' and
+  AMX's) are parallel over the rows, each row's max and min a vector reduction in the target's lanes
+  (max and min are exact in any order, so the codes stay those onnxruntime computes): the int8
+  DLRM-style model 12% faster at batch 2048 than with them single-threaded, the DeepFM-style one 7%.
+  A kernel whose parallel loops run little work runs on the calling thread instead, below a number
+  of rows it branches on (cpu_schedules.serial_below_min_work, as for the fp32 kernels): the int8
+  DLRM-style model 17% faster at batch 1 and 5% at 64, the DeepFM-style one 11% at batch 1.
 The products are exact and accumulate in int32 (vpdpbusd, unlike vpdpbusds, does not saturate: each
 uint8 x int8 product fits 16 bits; so does sdot) or in fp32 (vdpbf16ps and bfdot flush denormal
 inputs and results and may round a pair's sum otherwise than two fp32 additions), so the artifact agrees
@@ -374,7 +374,7 @@ def _dot_product(schedule: s_tir.Schedule, products: tuple[DotProduct, ...]) -> 
     return next(((product, block) for product in products if (block := find_block(schedule, product.block)) is not None), None)
 
 
-def _dot_rule(schedule: s_tir.Schedule, lanes: int, products: tuple[DotProduct, ...], parallel: bool) -> bool:
+def _dot_rule(schedule: s_tir.Schedule, parallel: bool, lanes: int, products: tuple[DotProduct, ...]) -> bool:
     """A fused dot-product kernel: a register tile of accumulators (default_tile) kept in a local
     buffer across the reduction, tensorized with the product's instruction; the padded (rounded)
     activation rows and the epilogue of each tile computed inside the tile's loop, while its sums are
@@ -436,18 +436,19 @@ def vectorized_reduction(schedule: s_tir.Schedule, block, lanes: int, at=None) -
     return True
 
 
-def _row_parameters_rule(schedule: s_tir.Schedule, lanes: int) -> bool:
+def _row_parameters_rule(schedule: s_tir.Schedule, parallel: bool, lanes: int) -> bool:
     """The kernel of an int8 layer's row quantization parameters (fc_operands.row_parameters; AMX's
-    layers' and these), row by row: the row's max and min, each a vectorized reduction
-    (vectorized_reduction), then its scale and zero point. Single-threaded: parallel over the rows
-    (the loop marked parallel before the reductions come under it, their partial results in local
-    buffers), each such kernel of the int8 DLRM-style model took longer at batch 2048 on an AVX-512
-    VNNI core (0.044 against 0.164 ms for its 2048 x 64 input), the whole model 2.7 against 2.1 ms."""
+    layers' and these), row by row, the rows `parallel` or not: the row's max and min, each a
+    vectorized reduction (vectorized_reduction), then its scale and zero point. (Their buffers stay
+    global: in `local` scope, the int8 DLRM-style model's parallel ones took 0.16 instead of 0.04 ms
+    for a 2048 x 64 input, slower than one thread.)"""
     output = find_block(schedule, ROW_PARAMETERS)
     if output is None:
         return False
     inline_into_output(schedule, keep=(ROW_PARAMETERS,))
     rows = schedule.get_loops(output)[0]
+    if parallel:
+        schedule.parallel(rows)  # before the reductions come under it: parallel refuses a decomposed one
     for name in ("min", "max"):
         reduction = schedule.get_sblock(ROW_STAGE + name)
         if not vectorized_reduction(schedule, reduction, lanes, at=rows):
@@ -456,23 +457,27 @@ def _row_parameters_rule(schedule: s_tir.Schedule, lanes: int) -> bool:
 
 
 def apply_dot_schedules(module: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """The dot-product kernels (small ones on the calling thread: cpu_schedules.serial_below_min_work,
-    counting the codes' and the tiles' parallel loops) and the kernels of the int8 layers' row
-    quantization parameters (these layers' and AMX's) scheduled (see above); the other kernels are
-    left to the default CPU rules."""
+    """The dot-product kernels and the kernels of the int8 layers' row quantization parameters (these
+    layers' and AMX's) scheduled (see above), those of little work on the calling thread
+    (cpu_schedules.serial_below_min_work, counting every parallel loop of a kernel); the other
+    kernels are left to the default CPU rules."""
     products = target_products(target)
     lanes = vector_lanes(target)
     updates = {}
     for symbol, function in module.functions.items():
         if not isinstance(function, tirx.PrimFunc):
             continue
-        scheduled = _scheduled(function, lambda schedule: _row_parameters_rule(schedule, lanes))
-        if scheduled is None and products:
+        rules = [functools.partial(_row_parameters_rule, lanes=lanes)]
+        if products:
+            rules.append(functools.partial(_dot_rule, lanes=lanes, products=products))
+        for rule in rules:
             scheduled = serial_below_min_work(
                 function,
-                lambda parallel, _rows, function=function: _scheduled(function, lambda schedule: _dot_rule(schedule, lanes, products, parallel)),
+                lambda parallel, _rows, function=function, rule=rule: _scheduled(function, functools.partial(rule, parallel=parallel)),
                 total_parallel_work,
             )
+            if scheduled is not None:
+                break
         if scheduled is not None:
             updates[symbol] = scheduled
     for symbol, function in updates.items():

@@ -150,9 +150,9 @@ def test_dot_kernels_at_o3(reccc_cli, tmp_path, precision):
     assert len(_dot_kernels(library, precision)) == 4 and INSTRUCTION[precision] in disassembly(library)
 
 
-def _scheduled_quantizing_kernel(reccc_cli, folder, fan_in: int, units: int):
-    """The one-layer model's int8 layer kernel (codes, product, dequantization) as the dot-product rules
-    schedule it for Ice Lake-SP."""
+def _scheduled_int8_kernels(reccc_cli, folder, fan_in: int, units: int):
+    """The one-layer model's int8 layer kernels as the dot-product rules schedule them for Ice Lake-SP:
+    its rows' parameters, and the layer (codes, product, dequantization)."""
     from tvm import tirx
 
     from reccc.targets import relax_lowering
@@ -168,22 +168,31 @@ def _scheduled_quantizing_kernel(reccc_cli, folder, fan_in: int, units: int):
         return module
 
     relax_lowering.build(onnx.load(folder / "m.onnx"), target, 2, schedule, select_kernels=cpu_dot_schedules.select_dot_matmuls)
-    (kernel,) = [f for name, f in scheduled.items() if "quantizing" in name]
-    return kernel
+    (parameters,) = [f for name, f in scheduled.items() if name.startswith("fc_row_parameters")]
+    (layer,) = [f for name, f in scheduled.items() if "quantizing" in name]
+    return parameters, layer
+
+
+def _serial_rows(kernel, parallel_loops: int) -> int:
+    """The rows up to which `kernel` runs on the calling thread: its body branches on the batch, no
+    parallel loop below, `parallel_loops` above."""
+    body = kernel.body.block.body
+    condition = str(body.condition)
+    assert condition.startswith("batch <= "), condition
+    assert "T.parallel" not in body.then_case.script() and body.else_case.script().count("T.parallel") == parallel_loops
+    return int(condition.removeprefix("batch <= ").removeprefix("T.int64(").rstrip(")"))
 
 
 def test_small_dot_product_kernels_run_on_the_calling_thread(reccc_cli, tmp_path):
-    """Where its codes' and its tiles' parallel loops together run fewer statements than waking the
-    threads is worth (cpu_schedules.PARALLEL_MIN_WORK), an int8 layer's kernel runs on the calling
-    thread: a branch on the batch, no parallel loop below it, both loops parallel above; the branch of
-    a wider layer ends at fewer rows (here 116 rows of a 64 x 32 layer, 4 of a 416 x 400 one)."""
+    """Where its parallel loops run fewer statements than waking the threads is worth
+    (cpu_schedules.PARALLEL_MIN_WORK), an int8 layer's kernels run on the calling thread: the rows'
+    parameters (rows in parallel above) and the layer (its codes' and its tiles' loops in parallel
+    above) branch on the batch; those of a wider layer at fewer rows (the layer: 116 rows of a 64 x
+    32 layer, 4 of a 416 x 400 one)."""
     serial_rows = []
     for fan_in, units in ((64, 32), (416, 400)):
         folder = tmp_path / f"{fan_in}x{units}"
         folder.mkdir()
-        body = _scheduled_quantizing_kernel(reccc_cli, folder, fan_in, units).body.block.body
-        condition = str(body.condition)
-        assert condition.startswith("batch <= "), condition
-        assert "T.parallel" not in body.then_case.script() and body.else_case.script().count("T.parallel") == 2
-        serial_rows.append(int(condition.removeprefix("batch <= ").removeprefix("T.int64(").rstrip(")")))
-    assert serial_rows[0] > serial_rows[1] >= 1, serial_rows
+        parameters, layer = _scheduled_int8_kernels(reccc_cli, folder, fan_in, units)
+        serial_rows.append((_serial_rows(parameters, 1), _serial_rows(layer, 2)))
+    assert serial_rows[0][0] > serial_rows[1][0] >= 1 and serial_rows[0][1] > serial_rows[1][1] >= 1, serial_rows
