@@ -413,21 +413,20 @@ def _dot_rule(schedule: s_tir.Schedule, parallel: bool, lanes: int, products: tu
     return True
 
 
-def vectorized_reduction(schedule: s_tir.Schedule, block, lanes: int, at=None) -> bool:
-    """`block` (at the root: a max or min over its last loop, its first loop the rows) as `lanes` partial
-    results per row, each over every lanes-th element (a vector max / min per step), then reduced;
-    those computed per row, or per iteration of `at` (a loop of the block's reader) where given, with
-    the block. False, and the block left as it is, where the reduction's extent is not a multiple of
-    `lanes`. Max and min are exact in any order, so the results are the graph's."""
-    rows, *_, reduction = schedule.get_loops(block)
+def _vectorized_reduction(schedule: s_tir.Schedule, block, lanes: int, at) -> bool:
+    """`block` (at the root: a max or min over its last loop) as `lanes` partial results per row, each
+    over every lanes-th element (a vector max / min per step), then reduced; both computed per
+    iteration of `at` (a loop over the rows of the block's reader). False, and the block left as it
+    is, where the reduction's extent is not a multiple of `lanes`. Max and min are exact in any order,
+    so the results are the graph's."""
+    reduction = schedule.get_loops(block)[-1]
     extent = schedule.get(reduction).extent
     if not isinstance(extent, tirx.IntImm) or int(extent) % lanes:
         return False
     _, lane = schedule.split(reduction, factors=[None, lanes])
     partial = schedule.rfactor(lane, factor_axis=len(schedule.get(block).iter_vars) - 1)
-    if at is not None:
-        schedule.compute_at(block, at)
-    schedule.compute_at(partial, rows if at is None else at)
+    schedule.compute_at(block, at)
+    schedule.compute_at(partial, at)
     *_, lane, steps = schedule.get_loops(partial)  # compute_at put the lanes outside
     schedule.reorder(steps, lane)
     schedule.vectorize(lane)  # before decompose_reduction: vectorize refuses an update block apart from its init
@@ -439,7 +438,7 @@ def vectorized_reduction(schedule: s_tir.Schedule, block, lanes: int, at=None) -
 def _row_parameters_rule(schedule: s_tir.Schedule, parallel: bool, lanes: int) -> bool:
     """The kernel of an int8 layer's row quantization parameters (fc_operands.row_parameters; AMX's
     layers' and these), row by row, the rows `parallel` or not: the row's max and min, each a
-    vectorized reduction (vectorized_reduction), then its scale and zero point. (Their buffers stay
+    vectorized reduction (_vectorized_reduction), then its scale and zero point. (Their buffers stay
     global: in `local` scope, the int8 DLRM-style model's parallel ones took 0.16 instead of 0.04 ms
     for a 2048 x 64 input, slower than one thread.)"""
     output = find_block(schedule, ROW_PARAMETERS)
@@ -451,7 +450,7 @@ def _row_parameters_rule(schedule: s_tir.Schedule, parallel: bool, lanes: int) -
         schedule.parallel(rows)  # before the reductions come under it: parallel refuses a decomposed one
     for name in ("min", "max"):
         reduction = schedule.get_sblock(ROW_STAGE + name)
-        if not vectorized_reduction(schedule, reduction, lanes, at=rows):
+        if not _vectorized_reduction(schedule, reduction, lanes, at=rows):
             schedule.compute_at(reduction, rows)
     return True
 

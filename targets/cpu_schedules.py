@@ -259,7 +259,7 @@ def schedule_function(function: tvm.tirx.PrimFunc, symbol: str, lanes: int, tile
 
 
 def serial_below_min_work(function: tvm.tirx.PrimFunc, scheduled: Callable[[bool, int | None], tvm.tirx.PrimFunc | None],
-                          work_of: Callable = None) -> tvm.tirx.PrimFunc | None:
+                          work_of: Callable | None = None) -> tvm.tirx.PrimFunc | None:
     """`function` as `scheduled(parallel, max_rows)` schedules it (parallel or not; for any rows, or
     at most max_rows), with as many rows as keep its parallel loops' work (`work_of` the scheduled
     body, by default the first parallel loop's: _parallel_work) below PARALLEL_MIN_WORK run on the
