@@ -246,8 +246,9 @@ class _SelectAmxMatmuls(FcLayerSelector):
         kernel = functools.partial(_amx_matmul, units=weight.shape[1], product=product)
         return self.builder_.call_te(kernel, x, packed, primfunc_name_hint=AMX_BLOCK.format(product.precision))
 
-    def quantizing_int8_call(self, product: AmxProduct, x, parameters, weight: np.ndarray, weight_scales: np.ndarray) -> relax.Expr:
-        constants = [pack_weight(weight, product), weight.astype(np.int32).sum(axis=0, dtype=np.int32), weight_scales]
+    def quantizing_int8_call(self, product: AmxProduct, x, parameters, weight: np.ndarray, column_sums: np.ndarray,
+                             weight_scales: np.ndarray) -> relax.Expr:
+        constants = [pack_weight(weight, product), column_sums, weight_scales]
         return self.builder_.call_te(
             _quantizing_amx_layer, x, parameters, *map(relax.const, constants), primfunc_name_hint=AMX_BLOCK.format(product.precision) + "_quantizing"
         )

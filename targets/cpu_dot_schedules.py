@@ -71,7 +71,7 @@ from tvm.target import codegen
 
 from reccc.targets.cpu_schedules import default_tile, serial_below_min_work, total_parallel_work, vector_lanes
 from reccc.targets.fc_operands import (
-    ROW_PARAMETERS, ROW_STAGE, FcLayerSelector, dequantized, select_fc_layers, shifted_codes_correction, uint8_code,
+    ROW_PARAMETERS, ROW_STAGE, FcLayerSelector, dequantized, select_fc_layers, shifted, shifted_codes_correction, uint8_code,
 )
 from reccc.targets.kernel_blocks import find_block, inline_into_output, root_blocks
 
@@ -272,7 +272,7 @@ def _activation_bits(x: te.Tensor, product: DotProduct):
     if product.precision == "bf16":
         return bf16_bits(x)
     if product.shifts_codes:
-        return lambda i, k: tirx.reinterpret("int8", x[i, k] ^ tirx.const(0x80, "uint8"))
+        return lambda i, k: shifted(x[i, k])
     return lambda i, k: x[i, k]
 
 
@@ -328,8 +328,9 @@ class _SelectDotMatmuls(FcLayerSelector):
         kernel = functools.partial(_dot_matmul, units=weight.shape[1], product=product)
         return self.builder_.call_te(kernel, x, *constants, primfunc_name_hint=product.block)
 
-    def quantizing_int8_call(self, product: DotProduct, x, parameters, weight: np.ndarray, weight_scales: np.ndarray) -> relax.Expr:
-        constants = [pack_weight(weight, product), weight.astype(np.int32).sum(axis=0, dtype=np.int32), weight_scales]
+    def quantizing_int8_call(self, product: DotProduct, x, parameters, weight: np.ndarray, column_sums: np.ndarray,
+                             weight_scales: np.ndarray) -> relax.Expr:
+        constants = [pack_weight(weight, product), column_sums, weight_scales]
         kernel = functools.partial(_quantizing_dot_layer, units=weight.shape[1], product=product)
         return self.builder_.call_te(kernel, x, parameters, *map(relax.const, constants), primfunc_name_hint=product.block + "_quantizing")
 

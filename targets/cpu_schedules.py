@@ -359,10 +359,7 @@ def total_parallel_work(stmt) -> tvm.ir.Expr | None:
     works = [_parallel_work(loop) for loop in _parallel_loops(stmt)]
     if not works or None in works:
         return None
-    total = works[0]
-    for work in works[1:]:
-        total = total + work
-    return tvm.sym.Analyzer().simplify(total)
+    return tvm.sym.Analyzer().simplify(sum(works[1:], works[0]))
 
 
 def _first_parallel_loop(stmt) -> tvm.tirx.For | None:

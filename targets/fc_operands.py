@@ -7,8 +7,8 @@ and, for kernels that quantize their own input, the fp32 input an int8 layer's c
 (FcOperands.quantized_input) with the int8 layer dequantizing their products
 (FcOperands.dequantized_int8_layer), and the kernels' parts of that layer as its graph computes them
 (row_parameters, uint8_code, dequantized); and
-for kernels whose products take the uint8 codes c as the signed bytes c - 128, what those products
-lack (shifted_codes_correction).
+for kernels whose products take the uint8 codes c as the signed bytes c - 128 (shifted), what those
+products lack (shifted_codes_correction).
 """
 
 from dataclasses import dataclass
@@ -118,8 +118,8 @@ class FcOperands(BoundCalls):
             return None
         return QuantizedInput(x, scale, zero_point)
 
-    def dequantized_int8_layer(self, call) -> tuple[QuantizedInput, np.ndarray, np.ndarray] | None:
-        """(x's quantization, int8 weight [K, N], weight scales [N]) when `call` is the dequantized
+    def dequantized_int8_layer(self, call) -> tuple[QuantizedInput, np.ndarray, np.ndarray, np.ndarray] | None:
+        """(x's quantization, int8 weight [K, N], its column sums [N], weight scales [N]) when `call` is the dequantized
         output (before the bias) of an int8 layer as fc_quantization writes it:
             multiply(multiply(astype(subtract(M, multiply(int32(zero point), column sums)), float32),
                    scale), weight scales)
@@ -144,9 +144,9 @@ class FcOperands(BoundCalls):
             return None
         if not self._cast_source(zero_point).same_as(quantized.zero_point) or not scaled.args[1].same_as(quantized.scale):
             return None
-        if not np.array_equal(column_sums, weight.astype(np.int32).sum(axis=0, dtype=np.int32)):
+        if not np.array_equal(column_sums, weight_column_sums(weight)):
             return None
-        return quantized, weight, weight_scales
+        return quantized, weight, column_sums, weight_scales
 
     @staticmethod
     def _vector(expr, dtype: str, length: int) -> np.ndarray | None:
@@ -219,7 +219,7 @@ class FcLayerSelector(relax.PyExprMutator, FcOperands):
     bf16_layer give them; and where `replaces_quantizing_layers`, each int8 layer as fc_quantization
     writes it (dequantized_int8_layer) whole, from its fp32 input x to its dequantized output, by a
     kernel of its rows' quantization parameters (row_parameters) and
-    `quantizing_int8_call(product, x, parameters, weight, weight_scales)`: a kernel quantizing x
+    `quantizing_int8_call(product, x, parameters, weight, column_sums, weight_scales)`: a kernel quantizing x
     itself. (The layer's matmul, replaced when visited, and the graph's quantization of x are then
     read by nothing.) A target's selector subclasses it with its calls, decorated by
     @relax.expr_functor.mutator, and runs through `select_fc_layers`."""
@@ -240,17 +240,18 @@ class FcLayerSelector(relax.PyExprMutator, FcOperands):
     def kernel_call(self, product, x, weight: np.ndarray) -> relax.Expr:
         raise NotImplementedError
 
-    def quantizing_int8_call(self, product, x, parameters: relax.Expr, weight: np.ndarray, weight_scales: np.ndarray) -> relax.Expr:
+    def quantizing_int8_call(self, product, x, parameters: relax.Expr, weight: np.ndarray, column_sums: np.ndarray,
+                             weight_scales: np.ndarray) -> relax.Expr:
         raise NotImplementedError
 
     def visit_call_(self, call):
         int8 = next((product for product in self.products if product.precision == "int8"), None)
         layer = self.dequantized_int8_layer(call) if self.replaces_quantizing_layers and int8 is not None else None
         if layer is not None:
-            quantized, weight, weight_scales = layer
+            quantized, *constants = layer
             self.selected.add(int8)
             parameters = self.builder_.emit(self.builder_.call_te(row_parameters, quantized.x, primfunc_name_hint=ROW_PARAMETERS))
-            return self.quantizing_int8_call(int8, quantized.x, parameters, weight, weight_scales)
+            return self.quantizing_int8_call(int8, quantized.x, parameters, *constants)
         if call.op.same_as(tvm.ir.Op.get("relax.matmul")):
             for product in self.products:
                 layer = (self.bf16_layer if product.precision == "bf16" else self.int8_layer)(call)
@@ -275,10 +276,22 @@ def select_fc_layers(selector: type, module: tvm.IRModule, products: tuple) -> t
     return relax.transform.DeadCodeElimination(["main"])(module), mutator.selected
 
 
+def weight_column_sums(weight: np.ndarray) -> np.ndarray:
+    """Each unit's sum of an int8 weight [K, N] (int32, exact): what fc_quantization's zero-point
+    correction multiplies."""
+    return weight.astype(np.int32).sum(axis=0, dtype=np.int32)
+
+
 def shifted_codes_correction(weight: np.ndarray) -> np.ndarray:
     """What a product of codes taken as signed bytes (code - 128) lacks, per unit: 128 x the unit's
     weight sum (int32, exact)."""
-    return 128 * weight.astype(np.int32).sum(axis=0, dtype=np.int32)
+    return 128 * weight_column_sums(weight)
+
+
+def shifted(code):
+    """A uint8 code c as the signed byte c - 128 (its top bit flipped): the operand of products that
+    multiply signed bytes only (sdot, the tensor cores' int8 wmma)."""
+    return tirx.reinterpret("int8", code ^ tirx.const(0x80, "uint8"))
 
 
 def dims(expr) -> tuple[int | str, ...]:

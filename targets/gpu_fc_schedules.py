@@ -51,7 +51,7 @@ from tvm.s_tir import TensorIntrin, dlight
 from tvm.s_tir.dlight.gpu.matmul import auto_inline_consumer_chain, auto_inline_producers
 
 from reccc.targets.fc_operands import (
-    ROW_PARAMETERS, ROW_STAGE, FcLayerSelector, dequantized, select_fc_layers, shifted_codes_correction, uint8_code,
+    ROW_PARAMETERS, ROW_STAGE, FcLayerSelector, dequantized, select_fc_layers, shifted, shifted_codes_correction, uint8_code,
 )
 from reccc.targets.kernel_blocks import find_block, inline_into_output
 
@@ -133,11 +133,6 @@ def target_products(target: tvm.target.Target) -> tuple[TensorCoreProduct, ...]:
     return tuple(product for product in PRODUCTS if sm_version(target) >= product.min_sm)
 
 
-def _shifted(code):
-    """The tensor cores' int8 operand for a uint8 code c: the int8 c - 128 (its top bit flipped)."""
-    return tirx.reinterpret("int8", code ^ tirx.const(0x80, "uint8"))
-
-
 def _tensor_core_sums(operand, rows, inputs, weight: te.Tensor, product: TensorCoreProduct) -> te.Tensor:
     """[rows, units] sums of the activation operand ((i, k) -> value, staged as ACTIVATIONS) times
     `weight` ([units, inputs]: int8, or bf16's uint16 bits), on the tensor cores (`product.block`)."""
@@ -159,7 +154,7 @@ def _tensor_core_matmul(x: te.Tensor, weight: te.Tensor, *correction: te.Tensor,
     rows, inputs = x.shape
     if product.precision == "bf16":
         return _tensor_core_sums(lambda i, k: x[i, k].astype("bfloat16"), rows, inputs, weight, product)
-    sums = _tensor_core_sums(lambda i, k: _shifted(x[i, k]), rows, inputs, weight, product)
+    sums = _tensor_core_sums(lambda i, k: shifted(x[i, k]), rows, inputs, weight, product)
     return te.compute((rows, weight.shape[0]), lambda i, j: sums[i, j] + correction[0][j], name="tensor_core_corrected")
 
 
@@ -169,7 +164,7 @@ def _quantizing_int8_layer(x: te.Tensor, parameters: te.Tensor, weight: te.Tenso
     graph computes them, shifted, their products with `weight` ([units, inputs]) on the tensor cores,
     then the graph's dequantization (fc_operands.dequantized)."""
     rows, inputs = x.shape
-    sums = _tensor_core_sums(lambda i, k: _shifted(uint8_code(x[i, k], parameters[i, 0], parameters[i, 1])), rows, inputs, weight, INT8)
+    sums = _tensor_core_sums(lambda i, k: shifted(uint8_code(x[i, k], parameters[i, 0], parameters[i, 1])), rows, inputs, weight, INT8)
     return dequantized(sums, parameters, column_sums, weight_scales, code_shift=128)
 
 
@@ -177,8 +172,9 @@ def _quantizing_int8_layer(x: te.Tensor, parameters: te.Tensor, weight: te.Tenso
 class _SelectTensorCoreMatmuls(FcLayerSelector):
     replaces_quantizing_layers = True
 
-    def quantizing_int8_call(self, product: TensorCoreProduct, x, parameters, weight: np.ndarray, weight_scales: np.ndarray) -> relax.Expr:
-        constants = [np.ascontiguousarray(weight.T), weight.astype(np.int32).sum(axis=0, dtype=np.int32), weight_scales]
+    def quantizing_int8_call(self, product: TensorCoreProduct, x, parameters, weight: np.ndarray, column_sums: np.ndarray,
+                             weight_scales: np.ndarray) -> relax.Expr:
+        constants = [np.ascontiguousarray(weight.T), column_sums, weight_scales]
         return self.builder_.call_te(
             _quantizing_int8_layer, x, parameters, *map(relax.const, constants), primfunc_name_hint=f"{product.block}_quantizing"
         )
