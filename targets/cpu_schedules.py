@@ -15,9 +15,10 @@ Rules, each tried on every fused PrimFunc and skipped where its pattern does not
   neither A nor C passes through memory a second time. The batch stays a Relax shape variable;
   batches of fewer rows than the tile run a branch scheduled with GEMV_TILE instead (one row, twice
   the columns), which does not multiply padding rows.
-- lookup: a kernel that gathers (an embedding lookup with its dequantization and pooling) is
-  inlined into its output block: parallel over rows, vectorized along the row.
-- concatenation: parallel over rows, the columns partitioned at the inputs' boundaries.
+- lookup: a kernel that gathers (an embedding lookup with its dequantization and pooling, or the
+  lookups a concatenation joins) is inlined into its output block: parallel over rows, vectorized
+  along the row (a concatenation's: one loop per source, _copy_segments).
+- concatenation: parallel over rows, one loop per source (_copy_segments).
 Vector width comes from the target: 16 fp32 lanes with AVX-512, 8 with AVX2, 4 with SSE and NEON; with
 SVE, the vector length the target declares ("vector-width"), else SVE's minimum of 128 bits (4 lanes).
 """
@@ -222,13 +223,14 @@ def _lookup_rule(schedule: s_tir.Schedule, lanes: int, parallel: bool = True) ->
             schedule.reorder(*spatial[:-1], *reduction, spatial[-1])
         if parallel:
             schedule.parallel(spatial[0])
-        _vectorize(schedule, spatial[-1], lanes)
+        if not _copy_segments(schedule, block, spatial[-1], lanes):
+            _vectorize(schedule, spatial[-1], lanes)
         if reduction:  # last: parallel and vectorize refuse a reduction's update block once its init is apart
             schedule.decompose_reduction(block, reduction[0])
     return True
 
 
-def _concatenation_rule(schedule: s_tir.Schedule, symbol: str, parallel: bool = True) -> bool:
+def _concatenation_rule(schedule: s_tir.Schedule, symbol: str, lanes: int, parallel: bool = True) -> bool:
     """A concatenation picks its source by column: partitioned at the boundaries, each segment of a row is a plain copy loop."""
     if not symbol.startswith("concatenate"):
         return False
@@ -236,8 +238,51 @@ def _concatenation_rule(schedule: s_tir.Schedule, symbol: str, parallel: bool = 
         outer, *inner = schedule.get_loops(block)
         if parallel:
             schedule.parallel(outer)
-        for loop in inner:
-            schedule.annotate(loop, "pragma_loop_partition_hint", 1)
+        if inner and not _copy_segments(schedule, block, inner[-1], lanes):
+            for loop in inner:
+                schedule.annotate(loop, "pragma_loop_partition_hint", 1)
+    return True
+
+
+_IF_THEN_ELSE = tvm.ir.Op.get("prim.if_then_else")
+
+
+def _segment_starts(block: s_tir.SBlock) -> list[int] | None:
+    """Where the sources of a concatenation along its last axis begin, past the first: TOPI's
+    concatenate picks the source of a column c by a chain if_then_else(start <= c, source, ...),
+    latest start first. None for any other block."""
+    column = block.iter_vars[-1].var
+    value = block.body.value if isinstance(block.body, tvm.tirx.BufferStore) else None
+    starts = []
+    while isinstance(value, tvm.ir.Call) and value.op.same_as(_IF_THEN_ELSE):
+        condition = value.args[0]
+        if not (isinstance(condition, tvm.tirx.LE) and isinstance(condition.a, tvm.tirx.IntImm) and condition.b.same_as(column)):
+            return None
+        starts.append(int(condition.a))
+        value = value.args[2]
+    return sorted(starts) or None
+
+
+def _copy_segments(schedule: s_tir.Schedule, block, loop, lanes: int) -> bool:
+    """`loop`, the columns of a concatenation `block` (whose sources, inlined, may be gathers), split
+    into one loop per source, of vectors where every source's columns are a whole number of them: the
+    lowering's simplifier then resolves each segment's choice of source, and a row's segment is a
+    contiguous copy (a table's row, for a lookup). False, and nothing changed, where the block is no
+    such concatenation or its columns are not a constant number."""
+    starts = _segment_starts(schedule.get(block))
+    extent = schedule.get(loop).extent
+    if starts is None or not isinstance(extent, tvm.tirx.IntImm):
+        return False
+    bounds = [0, *starts, int(extent)]
+    width = next((w for w in (lanes, lanes // 2, lanes // 4) if w > 1 and all(b % w == 0 for b in bounds)), 1)
+    if width > 1:
+        loop, _ = schedule.split(loop, factors=[None, width])
+    # The last segment's length is inferred (loop_partition refuses factors that add up to the extent).
+    lengths = [(end - start) // width for start, end in zip(bounds, bounds[1:-1])]
+    for segment in schedule.loop_partition(loop, factors=[*lengths, None]):
+        if width > 1:
+            (copy,) = schedule.get_child_blocks(segment)
+            schedule.vectorize(schedule.get_loops(copy)[-1])
     return True
 
 
@@ -308,7 +353,7 @@ def _scheduled(function: tvm.tirx.PrimFunc, symbol: str, lanes: int, tile: Matmu
         tile = _matmul_rule(schedule, lanes, tile, parallel)
         if tile is not None:
             return _with_gemv_branch(function, schedule.mod["main"], lanes, tile, parallel, max_rows)
-        if not (_lookup_rule(schedule, lanes, parallel) or _concatenation_rule(schedule, symbol, parallel)):
+        if not (_lookup_rule(schedule, lanes, parallel) or _concatenation_rule(schedule, symbol, lanes, parallel)):
             return None
     except s_tir.ScheduleError:
         return None

@@ -146,19 +146,21 @@ def one_loop_nest(kernel) -> bool:
 
 @pytest.mark.parametrize(("format", "weights"), [("int8", "embed"), ("int4", "embed"), ("fp16", "embed"), ("none", "embed"),
                                                  ("int8", "external"), ("none", "external")])
-def test_each_lookup_is_one_kernel_that_reads_its_rows_once(reccc_cli, embedding_dlrm, tmp_path, format, weights):
+def test_the_lookups_a_concat_joins_are_one_kernel_that_reads_each_row_once(reccc_cli, embedding_dlrm, tmp_path, format, weights):
+    """The DLRM's four lookups meet the bottom MLP's output in a Concat: one kernel reads every constant
+    each table is stored in and writes the concatenation, each stored row read once, straight into
+    its columns of the output row."""
     graph = tmp_path / "m.onnx"
     assert reccc_cli(embedding_dlrm, f"--embedding-quant={format}", "--emit=onnx", "-o", graph).code == 0
     calls = lowered_lookups(onnx.load(graph), weights)
-    assert len(calls) == 4  # one kernel per table, which reads every constant the table is stored in
     expected = {"int8": [((20000, 64), "uint8"), ((20000, 2), "float32")],
                 "int4": [((10000, 64), "uint8"), ((20000, 2), "float16")],
                 "fp16": [((20000, 64), "float16")],
                 "none": [((20000, 64), "float32")]}[format]
-    for tables, output, kernel in calls:
-        assert sorted(tables) == sorted(expected)
-        assert output.dtype == "float32" and [int(d) for d in list(output.shape)[1:]] == [DIM]
-        assert one_loop_nest(kernel), kernel.script()
+    (tables, output, kernel), = calls
+    assert sorted(tables) == sorted(4 * expected)
+    assert output.dtype == "float32" and [int(d) for d in list(output.shape)[1:]] == [(1 + 4) * DIM]  # the bottom MLP ends at DIM too
+    assert one_loop_nest(kernel), kernel.script()
 
 
 def test_lookups_whose_rows_flow_into_several_readers_are_one_kernel_each(reccc_cli, tmp_path):

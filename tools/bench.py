@@ -14,8 +14,8 @@ Engines, all fed the same random valid inputs (reccc.sample_inputs) in one proce
                  the same artifact's Relax VM "main" called on inputs already converted to TVM tensors,
                  so the difference to `reccc_O*` is the Python wrapper's overhead
   plain_tvm      tvm.compile(from_onnx(model)) with no reccc passes and no Relax pipeline, numpy in and out
-Repetitions are interleaved (each round runs every engine once, in an order that rotates per round),
-so drift in machine speed hits all engines alike.
+Repetitions are interleaved (each round runs every engine once, in an order drawn per round:
+tools/round_order.py), so drift in machine speed hits all engines alike.
 
 Beside the timings, in the same run: the machine's limits (tools/machine_limits.py: copy bandwidth,
 numpy's fp32 GEMM rate) and each reccc build's hot kernels at every batch (tools/kernel_profile.py:
@@ -39,6 +39,7 @@ import numpy as np
 import onnx
 
 from kernel_profile import print_hot_kernels
+from round_order import round_order
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench-results"
@@ -271,12 +272,11 @@ def warm_up(engine: Engine) -> object:
 
 
 def time_interleaved(engines: list[Engine], repeat: int) -> None:
-    """Fill each engine's `seconds`. Round r starts at engine r mod n, so each engine in turn is the
-    first of a round, and a slow phase of the machine is spread over all engines rather than one."""
+    """Fill each engine's `seconds`, round by round in each round's order (round_order), so a slow
+    phase of the machine, or what an engine leaves behind for the next, is spread over all engines."""
     round_number = 0
     while any(engine.wants_more(repeat) for engine in engines):
-        shift = round_number % len(engines)
-        for engine in engines[shift:] + engines[:shift]:
+        for engine in round_order(engines, round_number):
             if engine.wants_more(repeat):
                 start = time.perf_counter()
                 engine.run()

@@ -12,8 +12,8 @@ For each model, artifacts are compiled with reccc.compile(..., opt_level=2, pass
 (the last two are registered by this script only, to measure what the default cost model rules out). A
 variant whose pass leaves the model unchanged, or makes the same graph as an earlier variant, is not
 compiled again and is reported as such ("same_as"). reccc.load(artifact).run(feeds) is timed on the same random
-valid inputs (reccc.sample_inputs), interleaved (each round runs every engine once, the first engine
-rotating per round), after warm-up runs. An engine stops after --repeat timed runs, or once its timed
+valid inputs (reccc.sample_inputs), interleaved (each round runs every engine once, in an order drawn
+per round: tools/round_order.py), after warm-up runs. An engine stops after --repeat timed runs, or once its timed
 runs add up to --budget seconds, but never before --min-runs. Every artifact's outputs are checked
 against onnxruntime on the original model. The JSON (bench-results/bench-concat-fc.json by default)
 holds every timing, medians, the ratios to concat, and the pass's fold/keep decisions.
@@ -48,6 +48,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "tools"))  # bench.py and testmodels.py are scripts beside this one
 
 from bench import STANDARD_MODEL, machine_info, set_tvm_threads, tvm_runtime_threads, versions  # noqa: E402
+from round_order import round_order  # noqa: E402
 
 # Variants of the pass registered by this script only, to measure what the default cost model rules out.
 BENCH_PASSES = {
@@ -190,8 +191,7 @@ def rewrite(proto: onnx.ModelProto, pass_name: str) -> tuple[bool, list[str], by
 def interleave(engines: list[Engine], args: argparse.Namespace) -> None:
     round_number = 0
     while any(e.wants_more(args.repeat, args.min_runs, args.budget) for e in engines):
-        shift = round_number % len(engines)
-        for engine in engines[shift:] + engines[:shift]:
+        for engine in round_order(engines, round_number):
             if engine.wants_more(args.repeat, args.min_runs, args.budget):
                 start = time.perf_counter()
                 engine.run()

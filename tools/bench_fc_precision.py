@@ -36,6 +36,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "tools"))
 
 import testmodels  # noqa: E402
+from round_order import round_order  # noqa: E402
 
 import reccc  # noqa: E402
 from reccc.ir import Model  # noqa: E402
@@ -59,16 +60,15 @@ def _session(path: Path) -> ort.InferenceSession:
 
 
 def _median_ms(runs: dict, feeds: dict, repeats: int) -> dict[str, float]:
-    """Round r starts at variant r mod n: a variant run right after onnxruntime was seen to take up to
-    10x its time at batch 64 (reccc fp32: 3 ms instead of 0.3), and rotating spreads such effects, and
-    slow phases of a shared machine, over every variant instead of one."""
+    """Interleaved: each round runs every variant once, in an order drawn per round (round_order). A
+    variant run right after onnxruntime was seen to take up to 10x its time at batch 64 (reccc fp32:
+    3 ms instead of 0.3), and one run right after another reccc artifact finds TVM's threads awake:
+    drawing the order spreads such effects, and slow phases of a shared machine, over every variant."""
     times: dict[str, list[float]] = {name: [] for name in runs}
     for run in runs.values():  # warm-up
         run(feeds)
-    names = list(runs)
     for round_number in range(repeats):
-        shift = round_number % len(names)
-        for name in names[shift:] + names[:shift]:
+        for name in round_order(runs, round_number):
             start = time.perf_counter()
             runs[name](feeds)
             times[name].append((time.perf_counter() - start) * 1e3)
