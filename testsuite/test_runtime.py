@@ -80,6 +80,30 @@ def test_bad_inputs_raise_naming_the_input(compiled, change, message):
         model.run(feeds)
 
 
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda f: f.update(dense=f["dense"][:, :12]), r"param=dense.*shape\[1\] mismatch"),
+        (lambda f: f.update(dense=f["dense"].astype(np.float64)), "param=dense.*expect Tensor with dtype float32"),
+        (lambda f: f.update(cat_3=f["cat_3"][:3]), "mismatch"),
+    ],
+)
+def test_the_model_function_refuses_bad_inputs_without_reccc_runtime(compiled, change, message):
+    """The kernels carry no argument checks (relax_lowering._without_kernel_argument_checks): the
+    model's Relax function, which a TVM user calls directly, still checks its inputs at entry and
+    raises naming the parameter, instead of running kernels on tensors of the wrong shape."""
+    import tvm
+    from tvm import relax
+
+    artifact = compiled("dlrm")
+    feeds = _dlrm_inputs()
+    change(feeds)
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(artifact)), tvm.cpu())
+    arguments = [tvm.runtime.tensor(np.ascontiguousarray(feeds[spec.name])) for spec in read_manifest(artifact).inputs]
+    with pytest.raises((RuntimeError, ValueError), match=message):
+        vm["main"](*arguments)
+
+
 @pytest.mark.parametrize("good_id", [0, 999, -1, -1000])
 def test_ids_at_the_table_boundaries_match_onnxruntime(compiled, good_id):
     model = reccc.load(compiled("dlrm"))
