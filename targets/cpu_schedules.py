@@ -249,60 +249,51 @@ def _concatenation_rule(schedule: s_tir.Schedule, symbol: str, lanes: int, paral
 _IF_THEN_ELSE = tvm.ir.Op.get("prim.if_then_else")
 
 
-def _segment_starts(block: s_tir.SBlock) -> list[int] | None:
-    """Where the sources of a concatenation along its last axis begin, past the first: TOPI's
-    concatenate picks the source of a column c by a chain if_then_else(start <= c, source, ...),
-    latest start first. None for any other block."""
+def _concatenated_sources(block: s_tir.SBlock) -> list[tuple[int, tvm.ir.Expr]] | None:
+    """(first column, value) of each source of a concatenation along its last axis, in column order:
+    TOPI's concatenate picks the source of a column c by a chain if_then_else(start <= c, source,
+    ...), latest start first. None for any other block."""
     column = block.iter_vars[-1].var
     value = block.body.value if isinstance(block.body, tvm.tirx.BufferStore) else None
-    starts = []
+    later = []
     while isinstance(value, tvm.ir.Call) and value.op.same_as(_IF_THEN_ELSE):
         condition = value.args[0]
         if not (isinstance(condition, tvm.tirx.LE) and isinstance(condition.a, tvm.tirx.IntImm) and condition.b.same_as(column)):
             return None
-        starts.append(int(condition.a))
+        later.append((int(condition.a), value.args[1]))
         value = value.args[2]
-    return sorted(starts) or None
+    sources = [(0, value), *reversed(later)]
+    starts = [start for start, _ in sources]
+    return sources if later and starts == sorted(set(starts)) else None
 
 
 def _copy_segments(schedule: s_tir.Schedule, block, loop, lanes: int) -> bool:
     """`loop`, the columns of a concatenation `block` (whose sources, inlined, may be gathers), split
-    into one loop per source, of vectors where every source's columns are a whole number of them: the
-    lowering's simplifier then resolves each segment's choice of source, and a row's segment is a
-    contiguous copy (a table's row, for a lookup). False, and nothing changed, where the block is no
-    such concatenation or its columns are not a constant number."""
-    starts = _segment_starts(schedule.get(block))
+    into one loop per source, of vectors where every source's columns are a whole number of them,
+    each loop's copy of the block computing its source alone (the lowering's simplifier would find it
+    too, but walking every segment's whole chain took it 1.2 s for a 26-table DLRM's lookups): a
+    row's segment is a contiguous copy (a table's row, for a lookup). False, and nothing changed,
+    where the block is no such concatenation or its columns are not a constant number."""
+    sources = _concatenated_sources(schedule.get(block))
     extent = schedule.get(loop).extent
-    if starts is None or not isinstance(extent, tvm.tirx.IntImm):
+    if sources is None or not isinstance(extent, tvm.tirx.IntImm):
         return False
-    bounds = [0, *starts, int(extent)]
+    bounds = [start for start, _ in sources] + [int(extent)]
     width = next((w for w in (lanes, lanes // 2, lanes // 4) if w > 1 and all(b % w == 0 for b in bounds)), 1)
     if width > 1:
         loop, _ = schedule.split(loop, factors=[None, width])
     # The last segment's length is inferred (loop_partition refuses factors that add up to the extent).
     lengths = [(end - start) // width for start, end in zip(bounds, bounds[1:-1])]
-    for start, segment in zip(bounds, schedule.loop_partition(loop, factors=[*lengths, None])):
+    for (_, source), segment in zip(sources, schedule.loop_partition(loop, factors=[*lengths, None])):
         (copy,) = schedule.get_child_blocks(segment)
-        _keep_source(schedule, copy, start)
+        stmt = schedule.get(copy)
+        store = tvm.tirx.BufferStore(stmt.body.buffer, source, stmt.body.indices)
+        alone = s_tir.SBlock(stmt.iter_vars, stmt.reads, stmt.writes, stmt.name_hint, store, stmt.init, stmt.alloc_buffers,
+                             stmt.match_buffers, stmt.annotations)
+        schedule.state.replace(schedule.get_sref(copy), alone, {stmt: alone})
         if width > 1:
             schedule.vectorize(schedule.get_loops(copy)[-1])
     return True
-
-
-def _keep_source(schedule: s_tir.Schedule, block, start: int) -> None:
-    """The copy of a concatenation's block that writes the columns from `start` on (the beginning of
-    a source) computing that source alone: the simplifier would find it too, but walking every
-    segment's whole chain took it 1.2 s for a 26-table DLRM's lookups."""
-    stmt = schedule.get(block)
-    value = stmt.body.value
-    while isinstance(value, tvm.ir.Call) and value.op.same_as(_IF_THEN_ELSE) and int(value.args[0].a) > start:
-        value = value.args[2]
-    if isinstance(value, tvm.ir.Call) and value.op.same_as(_IF_THEN_ELSE):
-        value = value.args[1]
-    store = tvm.tirx.BufferStore(stmt.body.buffer, value, stmt.body.indices)
-    source = s_tir.SBlock(stmt.iter_vars, stmt.reads, stmt.writes, stmt.name_hint, store, stmt.init, stmt.alloc_buffers,
-                          stmt.match_buffers, stmt.annotations)
-    schedule.state.replace(schedule.get_sref(block), source, {stmt: source})
 
 
 def _vectorize(schedule: s_tir.Schedule, loop, lanes: int) -> None:
