@@ -271,7 +271,7 @@ def _copy_segments(schedule: s_tir.Schedule, block, loop, lanes: int) -> bool:
     """`loop`, the columns of a concatenation `block` (whose sources, inlined, may be gathers), split
     into one loop per source, of vectors where every source's columns are a whole number of them,
     each loop's copy of the block computing its source alone (the lowering's simplifier would find it
-    too, but walking every segment's whole chain took it 1.2 s for a 26-table DLRM's lookups): a
+    too, but walking every copy's whole chain took it 1.2 s for a 26-table DLRM's lookups): a
     row's segment is a contiguous copy (a table's row, for a lookup). False, and nothing changed,
     where the block is no such concatenation or its columns are not a constant number."""
     sources = _concatenated_sources(schedule.get(block))
@@ -284,10 +284,10 @@ def _copy_segments(schedule: s_tir.Schedule, block, loop, lanes: int) -> bool:
         loop, _ = schedule.split(loop, factors=[None, width])
     # The last segment's length is inferred (loop_partition refuses factors that add up to the extent).
     lengths = [(end - start) // width for start, end in zip(bounds, bounds[1:-1])]
-    for (_, source), segment in zip(sources, schedule.loop_partition(loop, factors=[*lengths, None])):
+    for start, segment in zip(bounds, schedule.loop_partition(loop, factors=[*lengths, None])):
         (copy,) = schedule.get_child_blocks(segment)
-        stmt = schedule.get(copy)
-        store = tvm.tirx.BufferStore(stmt.body.buffer, source, stmt.body.indices)
+        stmt = schedule.get(copy)  # the copy's own block variables: loop_partition may rename them
+        store = tvm.tirx.BufferStore(stmt.body.buffer, dict(_concatenated_sources(stmt))[start], stmt.body.indices)
         alone = s_tir.SBlock(stmt.iter_vars, stmt.reads, stmt.writes, stmt.name_hint, store, stmt.init, stmt.alloc_buffers,
                              stmt.match_buffers, stmt.annotations)
         schedule.state.replace(schedule.get_sref(copy), alone, {stmt: alone})
