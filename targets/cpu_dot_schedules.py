@@ -69,7 +69,7 @@ from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 from tvm.target import codegen
 
-from reccc.targets.cpu_schedules import default_tile, serial_below_min_work, total_parallel_work, vector_lanes
+from reccc.targets.cpu_schedules import default_tile, serial_below_min_work, total_parallel_work, vector_lanes, vectorized_reduction
 from reccc.targets.fc_operands import (
     ROW_PARAMETERS, ROW_STAGE, FcLayerSelector, dequantized, select_fc_layers, shifted, shifted_codes_correction, uint8_code,
 )
@@ -414,32 +414,10 @@ def _dot_rule(schedule: s_tir.Schedule, parallel: bool, lanes: int, products: tu
     return True
 
 
-def _vectorized_reduction(schedule: s_tir.Schedule, block, lanes: int, at) -> bool:
-    """`block` (at the root: a max or min over its last loop) as `lanes` partial results per row, each
-    over every lanes-th element (a vector max / min per step), then reduced; both computed per
-    iteration of `at` (a loop over the rows of the block's reader). False, and the block left as it
-    is, where the reduction's extent is not a multiple of `lanes`. Max and min are exact in any order,
-    so the results are the graph's."""
-    reduction = schedule.get_loops(block)[-1]
-    extent = schedule.get(reduction).extent
-    if not isinstance(extent, tirx.IntImm) or int(extent) % lanes:
-        return False
-    _, lane = schedule.split(reduction, factors=[None, lanes])
-    partial = schedule.rfactor(lane, factor_axis=len(schedule.get(block).iter_vars) - 1)
-    schedule.compute_at(block, at)
-    schedule.compute_at(partial, at)
-    *_, lane, steps = schedule.get_loops(partial)  # compute_at put the lanes outside
-    schedule.reorder(steps, lane)
-    schedule.vectorize(lane)  # before decompose_reduction: vectorize refuses an update block apart from its init
-    init = schedule.decompose_reduction(partial, steps)
-    schedule.vectorize(schedule.get_loops(init)[-1])
-    return True
-
-
 def _row_parameters_rule(schedule: s_tir.Schedule, parallel: bool, lanes: int) -> bool:
     """The kernel of an int8 layer's row quantization parameters (fc_operands.row_parameters; AMX's
     layers' and these), row by row, the rows `parallel` or not: the row's max and min, each a
-    vectorized reduction (_vectorized_reduction), then its scale and zero point. (Their buffers stay
+    vectorized reduction (cpu_schedules.vectorized_reduction), then its scale and zero point. (Their buffers stay
     global: in `local` scope, the int8 DLRM-style model's parallel ones took 0.16 instead of 0.04 ms
     for a 2048 x 64 input, slower than one thread.)"""
     output = find_block(schedule, ROW_PARAMETERS)
@@ -451,7 +429,7 @@ def _row_parameters_rule(schedule: s_tir.Schedule, parallel: bool, lanes: int) -
         schedule.parallel(rows)  # before the reductions come under it: parallel refuses a decomposed one
     for name in ("min", "max"):
         reduction = schedule.get_sblock(ROW_STAGE + name)
-        if not _vectorized_reduction(schedule, reduction, lanes, at=rows):
+        if not vectorized_reduction(schedule, reduction, lanes, at=rows):
             schedule.compute_at(reduction, rows)
     return True
 

@@ -92,6 +92,28 @@ def vector_lanes(target: tvm.target.Target) -> int:
     return 4
 
 
+def vectorized_reduction(schedule: s_tir.Schedule, block, lanes: int, at) -> bool:
+    """`block` (at the root: a reduction over its last loop) as `lanes` partial results per output
+    element, each over every lanes-th step (one vector operation per step), then reduced; both
+    computed per iteration of `at` (a loop over the rows of the block's reader). False, and the block
+    left as it is, where the reduction's extent is not a multiple of `lanes`. (A max or min is exact
+    in any order; a sum is reassociated, as any vectorized dot product is.)"""
+    reduction = schedule.get_loops(block)[-1]
+    extent = schedule.get(reduction).extent
+    if not isinstance(extent, tvm.tirx.IntImm) or int(extent) % lanes:
+        return False
+    _, lane = schedule.split(reduction, factors=[None, lanes])
+    partial = schedule.rfactor(lane, factor_axis=len(schedule.get(block).iter_vars) - 1)
+    schedule.compute_at(block, at)
+    schedule.compute_at(partial, at)
+    *_, lane, steps = schedule.get_loops(partial)  # compute_at put the lanes outside
+    schedule.reorder(steps, lane)
+    schedule.vectorize(lane)  # before decompose_reduction: vectorize refuses an update block apart from its init
+    init = schedule.decompose_reduction(partial, steps)
+    schedule.vectorize(schedule.get_loops(init)[-1])
+    return True
+
+
 def _matmul_block(schedule: s_tir.Schedule):
     """The block C[i, j] += A[i, k] * W[k, j] of a matmul kernel (3 loops, the columns static), or None."""
     block = find_block(schedule, "matmul")
@@ -105,6 +127,30 @@ def _matmul_block(schedule: s_tir.Schedule):
 
 def _matmul_columns(block, schedule: s_tir.Schedule) -> int:
     return int(schedule.get(schedule.get_loops(block)[1]).extent)
+
+
+def _is_narrow(schedule: s_tir.Schedule, block, lanes: int) -> bool:
+    """A matmul of fewer columns than a vector whose inputs are a whole number of vectors."""
+    inputs = schedule.get(schedule.get_loops(block)[-1]).extent
+    return _matmul_columns(block, schedule) < lanes and isinstance(inputs, tvm.tirx.IntImm) and int(inputs) % lanes == 0
+
+
+def _narrow_matmul_rule(schedule: s_tir.Schedule, lanes: int, parallel: bool = True) -> bool:
+    """A matmul of fewer columns than a vector (a CTR model's last layer, one logit a row): each
+    row's columns are dot products along its inputs (vectorized_reduction), computed per row of the
+    epilogue, the rows parallel or not. The register tile would pad the columns to a whole vector
+    (16 times the work for one column) and copy the padded weight on every call."""
+    block = _matmul_block(schedule)
+    if block is None or not _is_narrow(schedule, block, lanes):
+        return False
+    inline_into_output(schedule, keep={"matmul"})
+    if len(root_blocks(schedule)) == 1:  # no epilogue: a block that writes the output gives the rows' loop
+        schedule.cache_write(block, 0, "global")
+    (output,) = [b for b in root_blocks(schedule) if not b.same_as(block) and schedule.get(b).name_hint != "matmul"]
+    rows = schedule.get_loops(output)[0]
+    if parallel:
+        schedule.parallel(rows)
+    return vectorized_reduction(schedule, block, lanes, at=rows)
 
 
 def _matmul_rule(schedule: s_tir.Schedule, lanes: int, tile: MatmulTile | None = None, parallel: bool = True) -> MatmulTile | None:
@@ -360,6 +406,8 @@ def _scheduled(function: tvm.tirx.PrimFunc, symbol: str, lanes: int, tile: Matmu
     at most `max_rows`."""
     schedule = s_tir.Schedule(function)
     try:
+        if _narrow_matmul_rule(schedule, lanes, parallel):
+            return schedule.mod["main"]
         tile = _matmul_rule(schedule, lanes, tile, parallel)
         if tile is not None:
             return _with_gemv_branch(function, schedule.mod["main"], lanes, tile, parallel, max_rows)
@@ -470,8 +518,9 @@ def apply_default_schedules(module: tvm.IRModule, target: tvm.target.Target) -> 
 def matmul_tile_alternatives(function: tvm.tirx.PrimFunc, target: tvm.target.Target) -> list[tuple[str, tvm.tirx.PrimFunc]]:
     """A matmul kernel scheduled with each of ALTERNATIVE_MATMUL_TILES (labelled), for -O3 to measure
     against its default schedule; nothing for other kernels."""
-    if _matmul_block(s_tir.Schedule(function)) is None:
+    schedule, lanes = s_tir.Schedule(function), vector_lanes(target)
+    block = _matmul_block(schedule)
+    if block is None or _is_narrow(schedule, block, lanes):
         return []
-    lanes = vector_lanes(target)
     scheduled = ((tile.label, schedule_function(function, "", lanes, tile)) for tile in ALTERNATIVE_MATMUL_TILES)
     return [(label, function) for label, function in scheduled if function is not None]
