@@ -15,6 +15,8 @@ Rules, each tried on every fused PrimFunc and skipped where its pattern does not
   neither A nor C passes through memory a second time. The batch stays a Relax shape variable;
   batches of fewer rows than the tile run a branch scheduled with GEMV_TILE instead (one row, twice
   the columns), which does not multiply padding rows.
+- narrow matmul: a matmul of fewer columns than a vector (a CTR model's last layer) computes each
+  row's columns as vectorized dot products along its inputs, per row of its epilogue, instead.
 - lookup: a kernel that gathers (an embedding lookup with its dequantization and pooling, or the
   lookups a concatenation joins) is inlined into its output block: parallel over rows, vectorized
   along the row (a concatenation's: one loop per source, _copy_segments).
