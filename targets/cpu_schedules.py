@@ -148,7 +148,7 @@ def _narrow_matmul_rule(schedule: s_tir.Schedule, lanes: int, parallel: bool = T
     inline_into_output(schedule, keep={"matmul"})
     if len(root_blocks(schedule)) == 1:  # no epilogue: a block that writes the output gives the rows' loop
         schedule.cache_write(block, 0, "global")
-    (output,) = [b for b in root_blocks(schedule) if not b.same_as(block) and schedule.get(b).name_hint != "matmul"]
+    (output,) = [b for b in root_blocks(schedule) if schedule.get(b).name_hint != "matmul"]
     rows = schedule.get_loops(output)[0]
     if parallel:
         schedule.parallel(rows)
@@ -327,7 +327,7 @@ def _copy_segments(schedule: s_tir.Schedule, block, loop, lanes: int) -> bool:
     if sources is None or not isinstance(extent, tvm.tirx.IntImm):
         return False
     bounds = [start for start, _ in sources] + [int(extent)]
-    width = next((w for w in (lanes, lanes // 2, lanes // 4) if w > 1 and all(b % w == 0 for b in bounds)), 1)
+    width = _vector_width(lanes, bounds) or 1
     if width > 1:
         loop, _ = schedule.split(loop, factors=[None, width])
     # The last segment's length is inferred (loop_partition refuses factors that add up to the extent).
@@ -344,11 +344,16 @@ def _copy_segments(schedule: s_tir.Schedule, block, loop, lanes: int) -> bool:
     return True
 
 
+def _vector_width(lanes: int, extents: list[int]) -> int | None:
+    """The widest of a full, half or quarter vector (of more than one lane) that divides every extent."""
+    return next((w for w in (lanes, lanes // 2, lanes // 4) if w > 1 and all(e % w == 0 for e in extents)), None)
+
+
 def _vectorize(schedule: s_tir.Schedule, loop, lanes: int) -> None:
     extent = schedule.get(loop).extent
     if not isinstance(extent, tvm.tirx.IntImm):
         return
-    width = next((w for w in (lanes, lanes // 2, lanes // 4) if w > 1 and int(extent) % w == 0), None)
+    width = _vector_width(lanes, [int(extent)])
     if width is not None:
         _, vector = schedule.split(loop, factors=[None, width])
         schedule.vectorize(vector)
