@@ -15,6 +15,8 @@ Rules, each tried on every fused PrimFunc and skipped where its pattern does not
   neither A nor C passes through memory a second time. The batch stays a Relax shape variable;
   batches of fewer rows than the tile run a branch scheduled with GEMV_TILE instead (one row, twice
   the columns), which does not multiply padding rows.
+  Where W's columns are whole panels, the kernel is marked for W to be stored panel by panel when
+  compiled (weight_panels.py), each panel one contiguous stream.
 - narrow matmul: a matmul of fewer columns than a vector (a CTR model's last layer) computes each
   row's columns as vectorized dot products along its inputs, per row of its epilogue, instead.
 - lookup: a kernel that gathers (an embedding lookup with its dequantization and pooling, or the
@@ -32,6 +34,7 @@ import tvm
 from tvm import s_tir
 from tvm.target import codegen
 
+from reccc.targets import weight_panels
 from reccc.targets.kernel_blocks import DATA_PARALLEL, find_block, inline_into_output, root_blocks
 from reccc.targets.lookup_fusion import reads_at_loaded_index
 
@@ -209,6 +212,20 @@ def _panel(columns: int, lanes: int, tile: MatmulTile) -> int:
 def _padded_columns(columns: int, lanes: int, tile: MatmulTile) -> int:
     panel = _panel(columns, lanes, tile)
     return -(-columns // panel) * panel
+
+
+def _weight_in_panels(function: tvm.tirx.PrimFunc, scheduled: tvm.tirx.PrimFunc, lanes: int, tile: MatmulTile) -> tvm.tirx.PrimFunc:
+    """`scheduled` (the matmul kernel `function` with `tile`) marked for its weight to be stored in
+    `tile`'s panels (weight_panels.py), where W [K, N] is read as it is (not padded to whole panels)."""
+    unscheduled = s_tir.Schedule(function)
+    block = _matmul_block(unscheduled)
+    columns, panel = _matmul_columns(block, unscheduled), _panel(_matmul_columns(block, unscheduled), lanes, tile)
+    matmul = unscheduled.get(block)
+    _, column, reduction = (var.var for var in matmul.iter_vars)
+    weight = next((read.source for read in matmul.reads if [r.min for r in read.region] == [reduction, column]), None)
+    if columns % panel or weight is None:
+        return scheduled
+    return weight_panels.mark(scheduled, weight, panel)
 
 
 def _input_pads(schedule: s_tir.Schedule, matmul) -> list:
@@ -417,7 +434,7 @@ def _scheduled(function: tvm.tirx.PrimFunc, symbol: str, lanes: int, tile: Matmu
             return schedule.mod["main"]
         tile = _matmul_rule(schedule, lanes, tile, parallel)
         if tile is not None:
-            return _with_gemv_branch(function, schedule.mod["main"], lanes, tile, parallel, max_rows)
+            return _weight_in_panels(function, _with_gemv_branch(function, schedule.mod["main"], lanes, tile, parallel, max_rows), lanes, tile)
         if not (_lookup_rule(schedule, lanes, parallel) or _concatenation_rule(schedule, symbol, lanes, parallel)):
             return None
     except s_tir.ScheduleError:

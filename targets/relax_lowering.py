@@ -14,6 +14,7 @@ from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
 from reccc.errors import CompileError, one_line
 from reccc.targets.lookup_fusion import fuse_operators
+from reccc.targets.weight_panels import pack_constant_weights
 
 # Ops the importer handles outside its convert map.
 _IMPORTER_BUILTIN_OPS = {"Constant", "If"}
@@ -182,7 +183,8 @@ def build(
     """Import and compile. From -O1 on, Relax-level legalization, constant folding (weight transposes
     of Gemm are folded here instead of running every call) and operator fusion (one kernel per embedding
     lookup, see lookup_fusion.py) run before TVM's build;
-    from -O2 on, the target's default `schedule` rules. `bind_kernels` then maps, at every level, the
+    from -O2 on, the target's default `schedule` rules, after which the constant weights of the matmul
+    kernels they mark are stored in panels (weight_panels.py). `bind_kernels` then maps, at every level, the
     kernels no rule scheduled onto the device's threads (GPU targets need it). `select_kernels`, from -O2
     on, replaces operators by the target's own kernels before legalization (CPUs: AMX and dot-product FC layers)."""
     module = to_relax(model)
@@ -196,7 +198,7 @@ def build(
             if opt_level >= 1:
                 module = fuse_operators()(module)
             if opt_level >= 2 and schedule is not None:
-                module = schedule(module, target)
+                module = pack_constant_weights(schedule(module, target))
             if bind_kernels is not None:  # at every level: an unbound GPU kernel would be built as host code
                 module = bind_kernels(module, target)
             pipeline = tvm.transform.Sequential(
