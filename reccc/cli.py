@@ -49,6 +49,9 @@ def _compile_parser() -> argparse.ArgumentParser:
                         help="'embed': every weight inside the library (default; models up to 2 GiB); 'external': "
                         "constants of 1 MiB or more in OUTPUT.weights beside the library, memory-mapped by reccc.load "
                         "(models past 2 GiB need it; keep both files together)")
+    parser.add_argument("--vm-exec", choices=("compiled", "bytecode"), default="compiled",
+                        help="how the library runs the model's Relax function: 'compiled' to native code (default; "
+                        "a few us less a call) or 'bytecode', interpreted, whose kernel calls tools/kernel_profile.py can time")
     parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=DIM,...",
                         help="fix an input's symbolic dims, e.g. dense=64,13 (repeatable)")
     parser.add_argument("--index-check", choices=("error", "clamp"), default="error",
@@ -180,6 +183,7 @@ def _run_compile(args: argparse.Namespace) -> int:
         emit=args.emit,
         index_check=args.index_check,
         weights=args.weights,
+        vm_exec=args.vm_exec,
         print_after=args.print_after,
         verify_each=args.verify_each,
         prune_threshold=args.prune_threshold,

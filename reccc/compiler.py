@@ -37,7 +37,7 @@ from reccc.pipelines import (
 from reccc.plugins import PASS_GROUP, load_entry_points
 from reccc.reference import ReferenceOutputs, output_scale
 from reccc.sample_inputs import random_inputs
-from reccc.target import TuningOptions, resolve_target
+from reccc.target import VM_EXEC_MODES, TuningOptions, resolve_target
 from reccc.weights_file import weights_path, write_weights
 from reccc.weights_inputs import split_weights
 
@@ -89,6 +89,7 @@ class CompileOptions:
     # "embed": every weight in the library; "external": constants of at least 1 MiB in a file beside it
     # (reccc.weights_inputs, reccc.weights_file), which models past 2 GiB need.
     weights: str = "embed"
+    vm_exec: str = "compiled"  # reccc.target.VM_EXEC_MODES
 
 
 @dataclass
@@ -179,6 +180,8 @@ def compile_model(
         raise UsageError(f"--index-check: must be one of {', '.join(INDEX_CHECK_MODES)}, not '{options.index_check}'")
     if options.weights not in WEIGHTS_MODES:
         raise UsageError(f"--weights: must be one of {', '.join(WEIGHTS_MODES)}, not '{options.weights}'")
+    if options.vm_exec not in VM_EXEC_MODES:
+        raise UsageError(f"--vm-exec: must be one of {', '.join(VM_EXEC_MODES)}, not '{options.vm_exec}'")
     if options.weights != "embed" and options.emit != "library":
         raise UsageError("--weights=external: only a library output has a weights file (the ONNX output keeps its weights)")
     if options.accuracy_budget is not None and not options.accuracy_budget >= 0:
@@ -233,7 +236,7 @@ def compile_model(
         lowered, weights = split_weights(model.to_onnx()) if options.weights == "external" else (model.to_onnx(), [])
         remedy = "; build with --weights=external" if options.weights == "embed" else ""
         lowered = inlined(lowered, f"{model_path}: --weights={options.weights}", remedy)
-        executable = target.compile(lowered, options.opt_level, tuning)
+        executable = target.compile(lowered, options.opt_level, tuning, options.vm_exec)
     manifest = Manifest(
         reccc_version=__version__,
         target=target.description(),

@@ -18,6 +18,13 @@ from reccc.errors import UsageError
 from reccc.plugins import TARGET_GROUP, load_entry_points
 
 
+# How a library's Relax VM runs the model function (TVM's exec_mode): "compiled", its instructions
+# compiled to native code with the kernels (about 7 us less a call than interpreting them: an int8
+# DLRM-style model 0.050 instead of 0.057 ms at batch 1); "bytecode", interpreted, which TVM's VM
+# instrument can time call by call (tools/kernel_profile.py).
+VM_EXEC_MODES = ("compiled", "bytecode")
+
+
 @dataclass(frozen=True)
 class TuningOptions:
     """-O3's auto-tuning: its budget (whichever of trials and seconds ends first), where its records
@@ -39,9 +46,10 @@ class Target(abc.ABC):
         """The tvm.target.Target this target compiles for."""
 
     @abc.abstractmethod
-    def compile(self, model: onnx.ModelProto, opt_level: int, tuning: TuningOptions | None = None) -> Any:
-        """Lower `model` to a TVM executable (a Relax VM executable). `tuning` is given at -O3 only; a
-        target without auto-tuning builds as at -O2 (the README's Status table says which targets tune)."""
+    def compile(self, model: onnx.ModelProto, opt_level: int, tuning: TuningOptions | None = None, vm_exec: str = "compiled") -> Any:
+        """Lower `model` to a TVM executable (a Relax VM executable whose model function runs as
+        `vm_exec` says, one of VM_EXEC_MODES). `tuning` is given at -O3 only; a target without
+        auto-tuning builds as at -O2 (the README's Status table says which targets tune)."""
 
     @abc.abstractmethod
     def export(self, executable: Any, path: Path, addons: list[Path]) -> None:

@@ -179,6 +179,7 @@ def build(
     schedule: Callable[[tvm.IRModule, tvm.target.Target], tvm.IRModule] | None = None,
     bind_kernels: Callable[[tvm.IRModule, tvm.target.Target], tvm.IRModule] | None = None,
     select_kernels: Callable[[tvm.IRModule, tvm.target.Target], tvm.IRModule] | None = None,
+    vm_exec: str = "compiled",
 ) -> tvm.runtime.Executable:
     """Import and compile. From -O1 on, Relax-level legalization, constant folding (weight transposes
     of Gemm are folded here instead of running every call) and operator fusion (one kernel per embedding
@@ -186,7 +187,8 @@ def build(
     from -O2 on, the target's default `schedule` rules, after which the constant weights of the matmul
     kernels they mark are stored in panels (weight_panels.py). `bind_kernels` then maps, at every level, the
     kernels no rule scheduled onto the device's threads (GPU targets need it). `select_kernels`, from -O2
-    on, replaces operators by the target's own kernels before legalization (CPUs: AMX and dot-product FC layers)."""
+    on, replaces operators by the target's own kernels before legalization (CPUs: AMX and dot-product FC layers).
+    The model's Relax function runs as `vm_exec` says (reccc.target.VM_EXEC_MODES)."""
     module = to_relax(model)
     try:
         with target:
@@ -205,6 +207,6 @@ def build(
                 [relax.pipeline.default_build_pipeline(), _sort_shape_function_stores, _shape_functions_noalias]
             )
             with _without_kernel_argument_checks():
-                return tvm.compile(module, target=target, relax_pipeline=pipeline)
+                return relax.build(module, target, relax_pipeline=pipeline, exec_mode=vm_exec)
     except Exception as error:
         raise CompileError(f"TVM failed to compile the model: {one_line(error)}") from error

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -20,6 +21,7 @@ from reccc.pipelines import IMPORT_LEGALIZATION, PIPELINES
 from conftest import TESTSUITE_MODELS, assert_matches_onnxruntime, model_path
 
 DLRM = model_path("dlrm")
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_compile_writes_a_loadable_artifact_quietly(reccc_cli, tmp_path):
@@ -133,6 +135,7 @@ def test_print_pipeline_with_choices(print_pipeline):
         (["-O0", "--disable-pass=constant-folding"], "--disable-pass: 'constant-folding' is not in the pipeline"),
         (["-O7"], "argument -O: invalid choice"),
         (["--emit=ptx"], "argument --emit: invalid choice"),
+        (["--vm-exec=jit"], "argument --vm-exec: invalid choice"),
         (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
         ([], "no input model"),
     ],
@@ -141,6 +144,25 @@ def test_usage_errors_exit_2_with_one_line(reccc_cli, flags, message):
     result = reccc_cli(*flags)
     assert result.code == 2 and message in result.stderr
     assert result.stderr.startswith("reccc: error: ") and result.stderr.count("\n") == 1
+
+
+def test_the_model_function_is_compiled_or_interpreted_as_vm_exec_says(reccc_cli, tmp_path):
+    """By default the library's Relax function is native code, which calls its kernels directly; with
+    --vm-exec=bytecode the VM interprets it, and tools/kernel_profile.py times each kernel call. Both
+    agree with onnxruntime, one row and many."""
+    sys.path.insert(0, str(REPO / "tools"))
+    from kernel_profile import profile_kernels
+
+    feeds = [random_inputs(Model.from_onnx(onnx.load(DLRM)), 64, seed=seed) for seed in range(2)]
+    for mode in ("compiled", "bytecode"):
+        library = tmp_path / f"{mode}.so"
+        assert reccc_cli(DLRM, f"--vm-exec={mode}", "-o", library).code == 0
+        for batch in (1, 64):
+            assert_matches_onnxruntime(DLRM, reccc.load(library).run, batch=batch)
+    kernels = profile_kernels(tmp_path / "bytecode.so", feeds, runs=2)
+    assert any("matmul" in kernel["kernel"] for kernel in kernels) and all(kernel["median_ms"] > 0 for kernel in kernels)
+    with pytest.raises(SystemExit, match="rebuild it with --vm-exec=bytecode"):
+        profile_kernels(tmp_path / "compiled.so", feeds, runs=2)
 
 
 def test_passes_runs_exactly_those(reccc_cli, tmp_path):

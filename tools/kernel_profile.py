@@ -2,11 +2,14 @@
 
 The Relax VM calls an instrument before and after every call it makes; timing between the two gives
 each kernel's time (a few microseconds of instrument overhead each, so batch-1 kernel times are upper
-bounds). A matmul kernel (its name says matmul, its output is [M, N], its widest [M, K] argument the
+bounds). The VM calls the instrument only when it interprets the model function: profile an artifact
+built with `--vm-exec=bytecode` (reccc's default compiles it to native code, which calls kernels
+directly). A matmul kernel (its name says matmul, its output is [M, N], its widest [M, K] argument the
 activations) does 2*M*N*K FLOPs; a gather kernel (its name says take or lookup) moves the bytes of its output. Runs are
 separate from the end-to-end timings: the instrument slows the whole call.
 
-    python tools/kernel_profile.py model.so --batch 2048
+    reccc model.onnx --vm-exec=bytecode -o model.so
+    python tools/kernel_profile.py model.so model.onnx --batch 2048
 """
 
 import argparse
@@ -75,6 +78,9 @@ def profile_kernels(artifact: Path, feeds: list[dict[str, np.ndarray]], runs: in
     for index in range(WARMUP_RUNS + runs):
         calls.clear()
         vm["main"](*arguments[index % len(arguments)])
+        if not calls:
+            raise SystemExit(f"{artifact}: no kernel calls to time: its model function is compiled to native code "
+                             "(reccc's default); rebuild it with --vm-exec=bytecode to profile it")
         if index < WARMUP_RUNS:
             continue
         totals: dict[str, float] = defaultdict(float)
@@ -140,7 +146,7 @@ def main() -> None:
     from reccc.sample_inputs import random_inputs
 
     parser = argparse.ArgumentParser(description="Time each kernel of a reccc artifact and rate the hot ones.")
-    parser.add_argument("artifact", type=Path, help="a library written by reccc for this CPU")
+    parser.add_argument("artifact", type=Path, help="a library written by reccc --vm-exec=bytecode for this CPU")
     parser.add_argument("model", type=Path, help="the .onnx model it was compiled from (for valid random inputs)")
     parser.add_argument("--batch", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=1, help="copy threads of the bandwidth measurement")
