@@ -219,10 +219,15 @@ def _weight_in_panels(function: tvm.tirx.PrimFunc, scheduled: tvm.tirx.PrimFunc,
     `tile`'s panels (weight_panels.py), where W [K, N] is read as it is (not padded to whole panels)."""
     unscheduled = s_tir.Schedule(function)
     block = _matmul_block(unscheduled)
-    columns, panel = _matmul_columns(block, unscheduled), _panel(_matmul_columns(block, unscheduled), lanes, tile)
+    columns = _matmul_columns(block, unscheduled)
+    panel = _panel(columns, lanes, tile)
     matmul = unscheduled.get(block)
     _, column, reduction = (var.var for var in matmul.iter_vars)
-    weight = next((read.source for read in matmul.reads if [r.min for r in read.region] == [reduction, column]), None)
+
+    def is_weight(read) -> bool:  # read as W[k, j]
+        return len(read.region) == 2 and read.region[0].min.same_as(reduction) and read.region[1].min.same_as(column)
+
+    weight = next((read.source for read in matmul.reads if is_weight(read)), None)
     if columns % panel or weight is None:
         return scheduled
     return weight_panels.mark(scheduled, weight, panel)

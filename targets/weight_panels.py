@@ -54,7 +54,7 @@ def pack_constant_weights(module: tvm.IRModule) -> tvm.IRModule:
         original = symbol.name_hint.removesuffix("_prepacked")
         if original != symbol.name_hint and original in attrs:
             module[symbol] = function.with_attrs(attrs[original])
-    return relax.transform.DeadCodeElimination()(_FoldPanelCopies(module).fold())
+    return relax.transform.DeadCodeElimination()(_FoldPanelCopies(module, {f"{name}_weight_prepack" for name in attrs}).fold())
 
 
 def _called_with_constant_weights(module: tvm.IRModule) -> set[str]:
@@ -89,12 +89,13 @@ def _with_panel_copy(function: tirx.PrimFunc, index: int, panel: int) -> tirx.Pr
 
 @relax.expr_functor.mutator
 class _FoldPanelCopies(relax.PyExprMutator):
-    """Each call of a weight's panel copy (a "_weight_prepack" function SplitLayoutRewritePreproc made)
-    on a constant, as the constant in panels: a permutation of W, so numpy makes it exactly."""
+    """Each call of one of `copies` (the "<kernel>_weight_prepack" functions SplitLayoutRewritePreproc
+    made of the panel copies) on a constant, as the constant in panels: a permutation of W, so numpy
+    makes it exactly."""
 
-    def __init__(self, module: tvm.IRModule):
+    def __init__(self, module: tvm.IRModule, copies: set[str]):
         super().__init__(module)
-        self.module = module
+        self.module, self.copies = module, copies
 
     def fold(self) -> tvm.IRModule:
         for symbol, function in list(self.module.functions.items()):
@@ -104,7 +105,7 @@ class _FoldPanelCopies(relax.PyExprMutator):
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
-        if not (call.op.same_as(_CALL_TIR) and call.args[0].name_hint.endswith("_weight_prepack")):
+        if not (call.op.same_as(_CALL_TIR) and call.args[0].name_hint in self.copies):
             return call
         (weight,) = call.args[1].fields
         panels, _, panel = (int(dim) for dim in call.ty.shape)
