@@ -39,7 +39,7 @@ from reccc.reference import ReferenceOutputs, output_scale
 from reccc.sample_inputs import random_inputs
 from reccc.target import VM_EXEC_MODES, TuningOptions, resolve_target
 from reccc.weights_file import weights_path, write_weights
-from reccc.weights_inputs import split_weights
+from reccc.weights_inputs import check_embeddable, lift_weights, values_to_bind, weights_to_write
 
 EMIT_KINDS = ("library", "onnx")
 WEIGHTS_MODES = ("embed", "external")  # --weights
@@ -233,10 +233,15 @@ def compile_model(
     guards = guard_embedding_indices(model, options.index_check)
     with _progress_stream(options.tune_progress and tuning is not None) as progress, silenced_output(enabled=not show_tvm_log):
         tuning = dataclasses.replace(tuning, progress=progress) if tuning is not None else None
-        lowered, weights = split_weights(model.to_onnx()) if options.weights == "external" else (model.to_onnx(), [])
-        remedy = "; build with --weights=external" if options.weights == "embed" else ""
-        lowered = inlined(lowered, f"{model_path}: --weights={options.weights}", remedy)
-        executable = target.compile(lowered, options.opt_level, tuning, options.vm_exec)
+        lowered, lifted = lift_weights(model)
+        if options.weights == "external":
+            weights, constants = weights_to_write(lifted), []
+        else:
+            check_embeddable(lowered, lifted, str(model_path))
+            weights, constants = [], values_to_bind(lifted)
+        # a mapped table that only a subgraph reads, or that is an output, is still in the graph
+        lowered = inlined(lowered, f"{model_path}: --weights={options.weights}", "; build with --weights=external" if options.weights == "embed" else "")
+        executable = target.compile(lowered, options.opt_level, tuning, options.vm_exec, constants)
     manifest = Manifest(
         reccc_version=__version__,
         target=target.description(),

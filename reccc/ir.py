@@ -5,7 +5,7 @@ graphsurgeon does import/export, toposort and cleanup; this module adds checked 
 and a networkx view of the dataflow for analyses.
 """
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import networkx as nx
 import numpy as np
@@ -48,21 +48,52 @@ class Model:
     def to_onnx(self) -> onnx.ModelProto:
         """Export as a ModelProto with shapes re-inferred; raises UsageError if the graph is invalid."""
         self.graph.toposort()
+        return self._checked(self._export())
+
+    def to_onnx_lifting(self, lift: Callable[[gs.Constant], bool]) -> tuple[onnx.ModelProto, list[gs.Constant]]:
+        """to_onnx, except that each constant `lift` selects becomes a graph input after the model's own, in
+        the order of the constants returned, and its data stays out of the ModelProto (of the constants
+        that only nodes of the main graph read). For the targets: TVM's importer copies each initializer
+        twice and checks a serialized copy of the model, and export and shape inference copy them too,
+        seconds for the tables of a model of hundreds of MB; the target binds the values after import."""
+        self.graph.toposort()
+        self._restore_mapped()
+        graph = self.graph.copy()  # tensors and nodes, not their values
+        main_nodes = {id(node) for node in graph.nodes}
+        interface = {id(tensor) for tensor in [*graph.inputs, *graph.outputs]}
+        lifted = []
+        for constant in [tensor for tensor in graph.tensors().values() if isinstance(tensor, gs.Constant)]:
+            readers = list(constant.outputs)
+            if id(constant) in interface or not readers or not all(id(node) in main_nodes for node in readers) or not lift(constant):
+                continue
+            variable = gs.Variable(constant.name, constant.dtype, constant.shape)
+            for node in readers:
+                for index in [index for index, tensor in enumerate(node.inputs) if tensor is constant]:
+                    node.inputs[index] = variable
+            graph.inputs.append(variable)
+            lifted.append(constant)
+        return self._checked(gs.export_onnx(graph)), lifted
+
+    def _checked(self, proto: onnx.ModelProto) -> onnx.ModelProto:
+        """`proto` with its shapes re-inferred; the input was valid, so an invalid graph now is a compiler bug."""
         try:
-            return inferred(self._export(), self.source)
-        except UsageError as error:  # the input was valid, so a broken graph now is a compiler bug
+            return inferred(proto, self.source)
+        except UsageError as error:
             raise CompileError(str(error)) from error
 
     def _export(self) -> onnx.ModelProto:
-        """graphsurgeon's export, with each mapped table still a reference to its file: a constant that
-        still holds the read-only map of its file is unchanged, so it gets its MappedValues back, which
-        graphsurgeon exports as the original TensorProto instead of copying the values into the model
-        (passes that change a table make a new array)."""
+        self._restore_mapped()
+        return gs.export_onnx(self.graph)
+
+    def _restore_mapped(self) -> None:
+        """Each mapped table a reference to its file again, for export: a constant that still holds the
+        read-only map of its file is unchanged, so it gets its MappedValues back, which graphsurgeon exports
+        as the original TensorProto instead of copying the values into the model (passes that change a
+        table make a new array)."""
         by_array = {id(values.loaded): values for values in self._mapped if values.loaded is not None}
         for constant in self.initializers().values():
             if id(constant._values) in by_array:
                 constant._values = by_array[id(constant._values)]
-        return gs.export_onnx(self.graph)
 
     def set_input_shapes(self, shapes: Mapping[str, Sequence[int]]) -> None:
         """Give the named graph inputs these shapes, and other inputs the same size for each symbolic dim

@@ -7,11 +7,12 @@ registered that TVM kind.
 
 import abc
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+import numpy as np
 import onnx
 
 from reccc.errors import UsageError
@@ -46,10 +47,13 @@ class Target(abc.ABC):
         """The tvm.target.Target this target compiles for."""
 
     @abc.abstractmethod
-    def compile(self, model: onnx.ModelProto, opt_level: int, tuning: TuningOptions | None = None, vm_exec: str = "compiled") -> Any:
+    def compile(self, model: onnx.ModelProto, opt_level: int, tuning: TuningOptions | None = None, vm_exec: str = "compiled",
+                constants: Sequence[np.ndarray] = ()) -> Any:
         """Lower `model` to a TVM executable (a Relax VM executable whose model function runs as
-        `vm_exec` says, one of VM_EXEC_MODES). `tuning` is given at -O3 only; a target without
-        auto-tuning builds as at -O2 (the README's Status table says which targets tune)."""
+        `vm_exec` says, one of VM_EXEC_MODES). `constants` are the values of `model`'s last graph inputs,
+        bound as constants after import (the compiler lifts large weights out of the graph:
+        reccc.weights_inputs). `tuning` is given at -O3 only; a target without auto-tuning builds as at
+        -O2 (the README's Status table says which targets tune)."""
 
     @abc.abstractmethod
     def export(self, executable: Any, path: Path, addons: list[Path]) -> None:

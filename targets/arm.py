@@ -7,8 +7,10 @@ that the aarch64 TVM runtime loads.
 
 import platform
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import onnx
 import tvm
 from tvm.support import cc
@@ -52,12 +54,13 @@ class ArmTarget(x86.CpuTarget):
         if arch != ARCH:
             raise UsageError(f"--target: the arm targets build for {ARCH}, not {arch}")
 
-    def compile(self, model: onnx.ModelProto, opt_level: int, tuning: TuningOptions | None = None, vm_exec: str = "compiled") -> tvm.runtime.Executable:
+    def compile(self, model: onnx.ModelProto, opt_level: int, tuning: TuningOptions | None = None, vm_exec: str = "compiled",
+                constants: Sequence[np.ndarray] = ()) -> tvm.runtime.Executable:
         if tuning is not None:
             # MetaSchedule measures each candidate by running it: that needs the aarch64 toolchain in its
             # builder and an aarch64 device behind its runner, neither of which reccc wires up yet.
             raise UsageError(f"-O3: auto-tuning for {ARCH} is not supported yet; build with -O2 (the default schedules)")
-        return super().compile(model, opt_level, vm_exec=vm_exec)
+        return super().compile(model, opt_level, vm_exec=vm_exec, constants=constants)
 
     def export(self, executable: tvm.runtime.Executable, path: Path, addons: list[Path]) -> None:
         executable.export_library(

@@ -11,9 +11,10 @@ import contextlib
 import os
 import platform
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import onnx
 import tvm
 
@@ -57,7 +58,8 @@ class CudaTarget(Target):
     def tvm_target(self) -> tvm.target.Target:
         return self._target
 
-    def compile(self, model: onnx.ModelProto, opt_level: int, tuning: TuningOptions | None = None, vm_exec: str = "compiled") -> tvm.runtime.Executable:
+    def compile(self, model: onnx.ModelProto, opt_level: int, tuning: TuningOptions | None = None, vm_exec: str = "compiled",
+                constants: Sequence[np.ndarray] = ()) -> tvm.runtime.Executable:
         cuda_toolchain.check_nvcc(self.arch)
         cuda_toolchain.ensure_cuda_runtime()
         if tuning is not None and tuning.progress is not None:
@@ -65,7 +67,7 @@ class CudaTarget(Target):
         with _nvcc_compile_mode():
             return relax_lowering.build(
                 model, self._target, opt_level, gpu_schedules.apply_default_schedules, gpu_schedules.bind_unscheduled,
-                select_kernels=gpu_fc_schedules.select_tensor_core_matmuls, vm_exec=vm_exec,
+                select_kernels=gpu_fc_schedules.select_tensor_core_matmuls, vm_exec=vm_exec, constants=constants,
             )
 
     def export(self, executable: tvm.runtime.Executable, path: Path, addons: list[Path]) -> None:

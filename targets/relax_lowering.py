@@ -4,8 +4,9 @@ The batch dim stays symbolic: from_onnx turns ONNX dim_params into Relax shape v
 compiled artifact serves every batch size.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import onnx
 import tvm
 from tvm import relax, te, tirx
@@ -32,12 +33,23 @@ def check_supported_ops(model: onnx.ModelProto) -> None:
         raise CompileError(f"unsupported ops: {listed}")
 
 
-def to_relax(model: onnx.ModelProto) -> tvm.IRModule:
+def to_relax(model: onnx.ModelProto, constants: Sequence[np.ndarray] = ()) -> tvm.IRModule:
+    """The model imported, its initializers as constants, and its last graph inputs bound to `constants`:
+    TVM's importer gives the same module for a weight given either way (reccc.weights_inputs)."""
     check_supported_ops(model)
     try:
-        return from_onnx(model, keep_params_in_input=False)
+        module = from_onnx(model, keep_params_in_input=False)
     except Exception as error:
         raise CompileError(f"TVM could not import the model: {one_line(error)}") from error
+    if not constants:
+        return module
+    params = module["main"].params
+    bound = relax.transform.BindParams(
+        "main", {param: tvm.runtime.tensor(np.ascontiguousarray(values)) for param, values in zip(params[-len(constants):], constants)}
+    )(module)
+    # the importer counts every graph input as one of the model's own (num_input), the bound ones too
+    bound["main"] = bound["main"].with_attr("num_input", len(params) - len(constants))
+    return bound
 
 
 def _relu_propagating_nan(block_builder: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
@@ -180,6 +192,7 @@ def build(
     bind_kernels: Callable[[tvm.IRModule, tvm.target.Target], tvm.IRModule] | None = None,
     select_kernels: Callable[[tvm.IRModule, tvm.target.Target], tvm.IRModule] | None = None,
     vm_exec: str = "compiled",
+    constants: Sequence[np.ndarray] = (),
 ) -> tvm.runtime.Executable:
     """Import and compile. From -O1 on, Relax-level legalization, constant folding (weight transposes
     of Gemm are folded here instead of running every call) and operator fusion (one kernel per embedding
@@ -188,8 +201,9 @@ def build(
     kernels they mark are stored in panels (weight_panels.py). `bind_kernels` then maps, at every level, the
     kernels no rule scheduled onto the device's threads (GPU targets need it). `select_kernels`, from -O2
     on, replaces operators by the target's own kernels before legalization (CPUs: AMX and dot-product FC layers).
-    The model's Relax function runs as `vm_exec` says (reccc.target.VM_EXEC_MODES)."""
-    module = to_relax(model)
+    The model's Relax function runs as `vm_exec` says (reccc.target.VM_EXEC_MODES). `constants` are the
+    values of the model's last graph inputs (to_relax)."""
+    module = to_relax(model, constants)
     try:
         with target:
             if opt_level >= 1:

@@ -3,9 +3,10 @@ an "llvm" target whose triple names another ISA goes to the target registered fo
 reccc.targets.arm)."""
 
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import onnx
 import tvm
 
@@ -51,14 +52,16 @@ class CpuTarget(Target):
     def tvm_target(self) -> tvm.target.Target:
         return self._target
 
-    def compile(self, model: onnx.ModelProto, opt_level: int, tuning: TuningOptions | None = None, vm_exec: str = "compiled") -> tvm.runtime.Executable:
+    def compile(self, model: onnx.ModelProto, opt_level: int, tuning: TuningOptions | None = None, vm_exec: str = "compiled",
+                constants: Sequence[np.ndarray] = ()) -> tvm.runtime.Executable:
         schedule = _default_schedules
         if tuning is not None:
             schedule = auto_tuning.tuned_schedules(
                 tuning, default=schedule, alternatives=cpu_schedules.matmul_tile_alternatives, keep=cpu_amx_schedules.is_amx_kernel
             )
         self._cpu_flags = []
-        return relax_lowering.build(model, self._target, opt_level, schedule, select_kernels=self._select_kernels, vm_exec=vm_exec)
+        return relax_lowering.build(model, self._target, opt_level, schedule, select_kernels=self._select_kernels, vm_exec=vm_exec,
+                                    constants=constants)
 
     def _select_kernels(self, module: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
         """AMX kernels for the bf16 and int8 layers where the target has AMX, dot-product kernels for

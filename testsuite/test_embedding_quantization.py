@@ -99,14 +99,15 @@ def lowered_lookups(proto: onnx.ModelProto, weights: str = "embed", table_rows: 
     from reccc.index_guard import guard_embedding_indices
     from reccc.targets import cpu_schedules, lookup_fusion, relax_lowering
     from reccc.targets.x86 import host_cpu
-    from reccc.weights_inputs import split_weights
+    from reccc.weights_inputs import lift_weights, values_to_bind
 
     model = Model.from_onnx(proto)
     guard_embedding_indices(model, "error")
-    lowered = split_weights(model.to_onnx())[0] if weights == "external" else model.to_onnx()
+    lowered, lifted = lift_weights(model)
+    constants = values_to_bind(lifted) if weights == "embed" else []
     target = host_cpu().tvm_target()
     with target:
-        module = lookup_fusion.fuse_operators()(relax_lowering.to_relax(lowered))
+        module = lookup_fusion.fuse_operators()(relax_lowering.to_relax(lowered, constants))
         module = cpu_schedules.apply_default_schedules(module, target)
     calls = []
     for block in module["main"].body.blocks:

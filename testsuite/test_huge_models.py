@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -45,11 +46,11 @@ def _check_against_onnxruntime(model: Path, library: Path, rows: int = 8) -> Non
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(1)
     feeds = {"dense": rng.standard_normal((rows, 13), dtype=np.float32)}
-    for spec in compiled.manifest.weights["tensors"]:
-        index = spec["name"].removeprefix("table_")
-        ids = rng.integers(0, spec["shape"][0], rows)
-        ids[0] = spec["shape"][0] - 1  # the last row, at the end of the file
-        feeds[f"ids_{index}"] = ids
+    for table in onnx.load(str(model), load_external_data=False).graph.initializer:
+        if table.name.startswith("table_"):
+            ids = rng.integers(0, table.dims[0], rows)
+            ids[0] = table.dims[0] - 1  # the last row, at the end of the file
+            feeds[f"ids_{table.name.removeprefix('table_')}"] = ids
     expected = session.run(["ctr"], feeds)[0]
     actual = compiled.run(feeds)["ctr"]
     np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-5)
@@ -91,18 +92,17 @@ def test_a_3_gib_model_past_protobufs_limit_compiles_and_runs(scratch):
     _huge_model_round_trip(scratch, 3 << 30)
 
 
-@pytest.mark.parametrize(("flags", "needs", "remedy"), [
-    ((), "--weights=embed", "; build with --weights=external"),
-    (("--emit=onnx",), "--emit=onnx", ""),
+@pytest.mark.parametrize(("flags", "error"), [
+    ((), "--weights=embed: the model with its weights is 2.1 GiB, over the 2 GiB a library embeds; build with --weights=external"),
+    (("--emit=onnx",), "--emit=onnx needs the model's weights in memory, and with them the model is 2.1 GiB, over protobuf's 2 GiB limit"),
 ])
-def test_what_needs_a_model_past_2_gib_in_memory_says_so(reccc_cli, tmp_path, flags, needs, remedy):
+def test_what_cannot_hold_a_model_past_2_gib_says_so(reccc_cli, tmp_path, flags, error):
     # The tables' file is a hole: its size is all this needs.
     model = make_dlrm(tmp_path, (2 << 30) + (64 << 20), sparse=True)
     output = tmp_path / "out"
     result = reccc_cli(model, *flags, "-o", output)
     assert result.code == 2
-    assert result.stderr == (f"reccc: error: {model}: {needs} needs the model's weights in memory, and with them the model is 2.1 GiB, "
-                             f"over protobuf's 2 GiB limit{remedy}\n")
+    assert result.stderr == f"reccc: error: {model}: {error}\n"
     assert not output.exists()
 
 
@@ -123,6 +123,16 @@ def test_the_manifest_records_the_weights_layout(external_build):
     assert entry["size"] == library.with_name("model.so.weights").stat().st_size
     assert [spec["name"] for spec in entry["tensors"]] == [f"table_{index}" for index in range(4)]
     assert all(spec["offset"] % 64 == 0 and spec["dtype"] == "<f4" for spec in entry["tensors"])
+    _check_against_onnxruntime(model, library)
+
+
+def test_mapped_tables_are_embedded_without_a_weights_file(external_build, tmp_path):
+    """--weights=embed binds the tables, read from their mapped files, as the library's constants."""
+    model = external_build[0]
+    library = tmp_path / "embedded.so"
+    reccc.compile(model, library)
+    assert library.stat().st_size > 16 << 20 and not library.with_name("embedded.so.weights").exists()
+    assert reccc.load(library).manifest.weights is None
     _check_against_onnxruntime(model, library)
 
 
