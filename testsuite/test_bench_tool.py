@@ -28,6 +28,8 @@ def test_bench_writes_a_report_with_limits_rated_kernels_and_a_chart(tmp_path):
         assert batch["agrees"] and batch["lossy_builds"] == []
         assert set(batch["allowed_error"]) == {"reccc_O2"}  # per engine; the VM call returns no outputs
         assert set(batch["ratio_to_onnxruntime"]) == {"reccc_O2", "reccc_O2_vm_call"}
+        # a repetition of this small model is many calls (REPETITION_S), each timing their mean
+        assert all(engine["calls_per_run"] > 1 for engine in batch["engines"].values())
         hot = batch["hot_kernels"]["reccc_O2"]
         assert hot and sum(kernel["share"] for kernel in hot) <= 1.0
     # At batch 64 the dlrm's widest layer (64 x 80 -> 64) is among the hot kernels, rated in GFLOP/s.

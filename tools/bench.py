@@ -15,7 +15,8 @@ Engines, all fed the same random valid inputs (reccc.sample_inputs) in one proce
                  so the difference to `reccc_O*` is the Python wrapper's overhead
   plain_tvm      tvm.compile(from_onnx(model)) with no reccc passes and no Relax pipeline, numpy in and out
 Repetitions are interleaved (each round runs every engine once, in an order drawn per round:
-tools/round_order.py), so drift in machine speed hits all engines alike.
+tools/round_order.py), so drift in machine speed hits all engines alike. A repetition is as many calls
+back to back as take REPETITION_S (counted from the warm-up), timed together: a call is their mean.
 
 Beside the timings, in the same run: the machine's limits (tools/machine_limits.py: copy bandwidth,
 numpy's fp32 GEMM rate) and each reccc build's hot kernels at every batch (tools/kernel_profile.py:
@@ -26,6 +27,7 @@ with a chart beside it (.png).
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -56,6 +58,10 @@ STANDARD_MODELS = {
 }
 
 WARMUP_RUNS = 3
+# A timed repetition lasts at least this long. One call of a small model at batch 1 (30-60 us) timed
+# alone varied 4x between repetitions on this project's VMs (a timer interrupt, a descheduled thread,
+# caches the engine before left cold), so that 20 of them moved a median by 10%.
+REPETITION_S = 0.01
 # An engine stops repeating once its timed runs add up to this many seconds (and it has at least
 # MIN_RUNS): plain TVM takes 1-2 s per run at batch 2048, where --repeat runs would take minutes.
 ENGINE_BUDGET_S = 20.0
@@ -69,12 +75,14 @@ class Engine:
     run: Callable[[], object]
     # Whether run() returns {output name: ndarray}, which is then checked against onnxruntime.
     returns_outputs: bool = True
-    seconds: list[float] = field(default_factory=list)
+    calls: int = 1  # calls per timed repetition (warm_up sets it)
+    seconds: list[float] = field(default_factory=list)  # a call's time in each repetition
+    timed_s: float = 0.0  # all repetitions' time
 
     def wants_more(self, repeat: int) -> bool:
         if len(self.seconds) >= repeat:
             return False
-        return len(self.seconds) < MIN_RUNS or sum(self.seconds) < ENGINE_BUDGET_S
+        return len(self.seconds) < MIN_RUNS or self.timed_s < ENGINE_BUDGET_S
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -265,10 +273,14 @@ def make_engines(feeds: dict[str, np.ndarray], session, builds: list[Build], pla
 
 
 def warm_up(engine: Engine) -> object:
-    """Run WARMUP_RUNS times (first-call allocation, page faults on the weights, thread-pool start);
-    returns the last result."""
+    """Run WARMUP_RUNS times (first-call allocation, page faults on the weights, thread-pool start) and
+    set the engine's calls per repetition from its fastest; returns the last result."""
+    fastest = float("inf")
     for _ in range(WARMUP_RUNS):
+        start = time.perf_counter()
         result = engine.run()
+        fastest = min(fastest, time.perf_counter() - start)
+    engine.calls = max(1, math.ceil(REPETITION_S / fastest))
     return result
 
 
@@ -280,8 +292,11 @@ def time_interleaved(engines: list[Engine], repeat: int) -> None:
         for engine in round_order(engines, round_number):
             if engine.wants_more(repeat):
                 start = time.perf_counter()
-                engine.run()
-                engine.seconds.append(time.perf_counter() - start)
+                for _ in range(engine.calls):
+                    engine.run()
+                elapsed = time.perf_counter() - start
+                engine.seconds.append(elapsed / engine.calls)
+                engine.timed_s += elapsed
         round_number += 1
 
 
@@ -314,6 +329,7 @@ def bench_batch(batch: int, ir_model, proto: onnx.ModelProto, session, builds: l
             "median_ms": 1e3 * statistics.median(engine.seconds),
             "min_ms": 1e3 * min(engine.seconds),
             "runs": len(engine.seconds),
+            "calls_per_run": engine.calls,
             # In the order they ran, so a slow phase of the machine or interference between engines shows.
             "all_ms": [round(1e3 * seconds, 4) for seconds in engine.seconds],
         }
