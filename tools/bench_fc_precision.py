@@ -7,9 +7,10 @@ model (issue 7's anchor: 6 tables of dim 64, MLPs 13-128-64-64 and 448-256-64-1)
     python tools/bench_fc_precision.py --batches 64 --repeats 30 --models dlrm
     python tools/bench_fc_precision.py --target '{"kind": "llvm", "mcpu": "cooperlake"}'   # no AMX
 
-All variants run in one process on the same inputs; one round runs each variant once, each round
-starting at the next variant, rounds are repeated (interleaved, so load on a shared machine hits
-every variant alike) and the median is reported. onnxruntime runs with as many intra-op threads as the machine has cores, not spinning when
+All variants run in one process on the same inputs, timed as tools/bench.py times its engines: a
+repetition of a variant is as many calls back to back as take 10 ms, each round runs every variant's
+repetition in an order drawn per round (interleaved, so load on a shared machine hits every variant
+alike), and the median over rounds is reported. onnxruntime runs with as many intra-op threads as the machine has cores, not spinning when
 idle, reccc's artifacts with one TVM thread per core (set before the first compile, as reccc.load sets it). Deviation: max abs difference of the sigmoid output from the fp32
 model in onnxruntime, on the batch. The machine's load average is printed before and after each model
 (on a shared machine it says how far the medians can be trusted). Results go to
@@ -24,7 +25,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +36,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "tools"))
 
 import testmodels  # noqa: E402
-from round_order import round_order  # noqa: E402
+from bench import Engine, time_interleaved, warm_up  # noqa: E402
 
 import reccc  # noqa: E402
 from reccc.ir import Model  # noqa: E402
@@ -60,19 +60,16 @@ def _session(path: Path) -> ort.InferenceSession:
 
 
 def _median_ms(runs: dict, feeds: dict, repeats: int) -> dict[str, float]:
-    """Interleaved: each round runs every variant once, in an order drawn per round (round_order). A
-    variant run right after onnxruntime was seen to take up to 10x its time at batch 64 (reccc fp32:
-    3 ms instead of 0.3), and one run right after another reccc artifact finds TVM's threads awake:
-    drawing the order spreads such effects, and slow phases of a shared machine, over every variant."""
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for run in runs.values():  # warm-up
-        run(feeds)
-    for round_number in range(repeats):
-        for name in round_order(runs, round_number):
-            start = time.perf_counter()
-            runs[name](feeds)
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(values) for name, values in times.items()}
+    """A call's median time per variant, over `repeats` interleaved repetitions (bench.time_interleaved).
+    A single call run right after onnxruntime was seen to take up to 10x its time at batch 64 (reccc
+    fp32: 3 ms instead of 0.3), and one run right after another reccc artifact finds TVM's threads
+    awake: repetitions of many calls, in an order drawn per round, spread such effects, and slow phases
+    of a shared machine, over every variant."""
+    engines = [Engine(name, lambda run=run: run(feeds), returns_outputs=False) for name, run in runs.items()]
+    for engine in engines:
+        warm_up(engine)
+    time_interleaved(engines, repeats)
+    return {engine.name: 1e3 * statistics.median(engine.seconds) for engine in engines}
 
 
 def bench_model(name: str, work: Path, batches: list[int], repeats: int, opt_level: int, target: str) -> dict:
