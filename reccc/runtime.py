@@ -7,6 +7,7 @@ dtype, rank or batch size raises a ModelInputError naming the input instead of c
 import platform
 import threading
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,7 @@ def load(path: str | Path) -> "CompiledModel":
 class CompiledModel:
     def __init__(self, path: Path):
         import tvm  # deferred: importing TVM takes a second, and `reccc --help` needs none of it
+        import tvm_ffi
         from tvm.runtime.vm import VirtualMachine  # not relax's: a device's runtime-only TVM has no relax
 
         self.path = path
@@ -57,12 +59,19 @@ class CompiledModel:
         # its alignment check, and an aligned copy where numpy's alignment is not TVM's): the standard
         # DLRM's 9 inputs took 20 us of a 0.15 ms call at batch 1. Inputs of HOST_VIEW_BYTES or more
         # are viewed, not copied (where aligned).
-        self._kept_inputs: dict[str, tuple[tuple[int, ...], np.ndarray | None, object]] = {}  # input -> (shape, host view, tensor)
+        # The feeds of the last call, by input in the manifest's order; a call whose inputs have the
+        # same shapes and dtypes matches the manifest as that one did, and skips the checks.
+        self._feeds: dict[str, _Feed] | None = None
         self._input_checks = _InputChecks(self.manifest.inputs)
         self._to_numpy = _copy_of_host_tensor if self._on_cpu else lambda tensor: tensor.numpy()
         # The index guard's flags are only tested: on the CPU through a view, not a copy.
         self._flags_of = _host_view if self._on_cpu else lambda tensor: tensor.numpy()
         self._guarded = self.manifest.index_flags_output is not None
+        self._output_names = [spec.name for spec in self.manifest.outputs]
+        self._one_result = len(self._output_names) + self._guarded == 1
+        # TVM's result array by index without its __getitem__'s Python (a length call and index checks):
+        # 0.36 instead of 0.86 us an element.
+        self._result = tvm_ffi.get_global_func("ffi.ArrayGetItem")
         # --weights=external: main's parameters after the inputs, views of the mapped weights file.
         weights = map_weights(path, self.manifest.weights) if self.manifest.weights is not None else []
         self._weights = [self._as_tensor(array) for array in weights]
@@ -78,35 +87,55 @@ class CompiledModel:
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run once; returns the graph's outputs by name. Safe to call from several threads: the calls
         take turns (load the artifact once per thread to run them in parallel)."""
-        arrays = self._input_checks.arrays(inputs)
+        if inputs.keys() != self._input_checks.names:
+            self._input_checks.arrays(inputs)  # raises naming the unknown or missing input
         with self._vm_lock:
-            results = self._main(*(self._kept_input(name, array) for name, array in arrays.items()), *self._weights)
-            if len(self.manifest.outputs) + self._guarded == 1:
-                results = [results]
-            # By index: iterating TVM's result array costs about 0.3 us an element more.
-            outputs = {spec.name: self._to_numpy(results[i]) for i, spec in enumerate(self.manifest.outputs)}
-            flags = self._flags_of(results[-1]) if self._guarded else None
-            if flags is not None and flags.any():
-                guard = next(guard for guard, flag in zip(self.manifest.index_guards, flags) if flag > 0)
-                raise EmbeddingIndexError(_index_error_message(guard, arrays))
+            tensors = self._fed_as_last_call(inputs)
+            if tensors is None:
+                arrays = self._input_checks.arrays(inputs)
+                self._feeds = {name: self._feed_for(array) for name, array in arrays.items()}
+                tensors = self._fed_as_last_call(arrays)
+            results = self._main(*tensors, *self._weights)
+            if self._one_result:
+                return {self._output_names[0]: self._to_numpy(results)}
+            outputs = {name: self._to_numpy(self._result(results, index)) for index, name in enumerate(self._output_names)}
+            if self._guarded:
+                flags = self._flags_of(self._result(results, len(self._output_names)))
+                if flags is not None and np.count_nonzero(flags):  # 0.3 us, where flags.any() takes 1
+                    guard = next(guard for guard, flag in zip(self.manifest.index_guards, flags) if flag > 0)
+                    raise EmbeddingIndexError(_index_error_message(guard, self._input_checks.arrays(inputs)))
         return outputs
 
+    def _fed_as_last_call(self, inputs: Mapping[str, np.ndarray]) -> list | None:
+        """The inputs as TVM tensors, fed as in the last call, if each is a numpy array of that call's
+        shape and dtype (then they match the manifest, checked in that call); else None."""
+        if self._feeds is None:
+            return None
+        tensors = []
+        for name, feed in self._feeds.items():
+            array = inputs[name]
+            if type(array) is not np.ndarray or array.shape != feed.shape or array.dtype != feed.dtype:
+                return None
+            if feed.view is not None:
+                feed.view[...] = array
+                tensors.append(feed.tensor)
+            elif feed.tensor is not None:
+                if array.size:
+                    feed.tensor.copyfrom(array)
+                tensors.append(feed.tensor)
+            else:
+                tensors.append(self._as_tensor(np.ascontiguousarray(array)))
+        return tensors
 
-    def _kept_input(self, name: str, array: np.ndarray):
-        """Input `name` copied into its buffer kept from the last call of the same shape (on the CPU a
-        large input is viewed instead)."""
+    def _feed_for(self, array: np.ndarray) -> "_Feed":
+        """How an input of this shape and dtype reaches the kernels: copied into a buffer kept for the
+        calls that follow (on the CPU through a numpy view of it), or on the CPU, from HOST_VIEW_BYTES
+        on, viewed where it is."""
         if self._on_cpu and array.nbytes >= HOST_VIEW_BYTES:
-            return self._as_tensor(np.ascontiguousarray(array))
-        kept = self._kept_inputs.get(name)
-        if kept is None or kept[0] != array.shape:
-            tensor = self._empty_tensor(array.shape, str(array.dtype), self._device)
-            kept = self._kept_inputs[name] = (array.shape, _host_view(tensor) if self._on_cpu else None, tensor)
-        _, view, tensor = kept
-        if view is not None:
-            np.copyto(view, array)
-        elif array.size:  # a GPU buffer, or a dtype numpy's DLPack import lacks (bfloat16): TVM's own copy
-            tensor.copyfrom(array)
-        return tensor
+            return _Feed(array.shape, array.dtype, None, None)
+        tensor = self._empty_tensor(array.shape, str(array.dtype), self._device)
+        # None on a GPU, or for a dtype numpy's DLPack import lacks (bfloat16): TVM's own copy then
+        return _Feed(array.shape, array.dtype, _host_view(tensor) if self._on_cpu else None, tensor)
 
     def _as_tensor(self, array: np.ndarray):
         """The input as a TVM tensor viewing numpy memory: the array itself when TVM accepts its
@@ -117,6 +146,17 @@ class CompiledModel:
         if array.ctypes.data % TVM_ALIGNMENT:
             array = _aligned_copy(array)
         return self._to_tensor(array)
+
+
+@dataclass(frozen=True)
+class _Feed:
+    """An input's shape and dtype in the last call, and its buffer kept for the next (a numpy view of
+    it, where numpy can view it), or no buffer where the input is viewed in place."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    view: np.ndarray | None
+    tensor: object | None
 
 
 def _check_host_arch(manifest: Manifest, path: Path) -> None:
@@ -195,7 +235,7 @@ class _InputChecks:
 
     def __init__(self, specs: list[TensorSpec]):
         self._names = [spec.name for spec in specs]
-        self._name_set = set(self._names)
+        self.names = set(self._names)
         # Per input: its spec, numpy dtype, rank, and (axis, dim, whether the dim is a static size).
         self._checks = [
             (spec, np.dtype(spec.dtype), len(spec.shape), tuple((axis, dim, isinstance(dim, int)) for axis, dim in enumerate(spec.shape)))
@@ -205,8 +245,8 @@ class _InputChecks:
     def arrays(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The inputs as numpy arrays, by name in the specs' order, once each matches its spec; else a
         ModelInputError naming the first input and dim that does not."""
-        if inputs.keys() != self._name_set:
-            unknown = sorted(set(inputs) - self._name_set)
+        if inputs.keys() != self.names:
+            unknown = sorted(set(inputs) - self.names)
             if unknown:
                 raise ModelInputError(f"unknown input '{unknown[0]}' (the model's inputs are: {', '.join(self._names)})")
             missing = [name for name in self._names if name not in inputs]

@@ -72,9 +72,13 @@ def _dlrm_inputs(batch=4):
         (lambda f: f.update(cat_3=f["cat_3"][:3]), "input 'cat_3' has batch=3 in dim 0, but input 'dense' has batch=4"),
     ],
 )
-def test_bad_inputs_raise_naming_the_input(compiled, change, message):
+@pytest.mark.parametrize("after_a_good_call", [False, True], ids=["first call", "after a good call"])
+def test_bad_inputs_raise_naming_the_input(compiled, change, message, after_a_good_call):
+    """Also after a call that matched the manifest, whose inputs' shapes and dtypes run unchecked again."""
     model = reccc.load(compiled("dlrm"))
     feeds = _dlrm_inputs()
+    if after_a_good_call:
+        model.run(feeds)
     change(feeds)
     with pytest.raises(ModelInputError, match=message.replace("[", r"\[")):
         model.run(feeds)
@@ -325,6 +329,23 @@ def test_each_guarded_table_is_named_by_its_own_input(compiled, table):
     feeds[f"cat_{table}"][1] = 1000
     with pytest.raises(EmbeddingIndexError, match=rf"input 'cat_{table}': id 1000 at \[1\]"):
         model.run(feeds)
+
+
+def test_calls_of_the_same_shapes_compute_their_own_inputs(compiled):
+    """Inputs of the last call's shapes go into the buffers kept from it: each call's own values, given
+    as arrays, views or (ids) lists, reach the kernels."""
+    model = reccc.load(compiled("dlrm"))
+    proto = onnx.load(model_path("dlrm"))
+    for seed, given in enumerate([lambda a: a, lambda a: a[::-1][::-1], _ids_as_lists, lambda a: a]):
+        feeds = random_inputs(Model.from_onnx(proto), 5, seed=seed)
+        actual = model.run({name: given(array) for name, array in feeds.items()})
+        for name, (error, bound) in agreement(run_reference(proto, feeds), actual).items():
+            assert error <= bound, f"output '{name}', call {seed}: error {error} > {bound}"
+
+
+def _ids_as_lists(array: np.ndarray):
+    """Ids as a Python list (numpy makes int64 of it), other inputs as they are."""
+    return array.tolist() if array.dtype == np.int64 else array
 
 
 LAYOUTS = ("as allocated", "unaligned", "strided")
