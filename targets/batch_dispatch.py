@@ -1,47 +1,40 @@
-"""Two schedules of one kernel, picked per call by the batch: the Relax program calls the large-batch
-kernel when the rows reach a threshold and the original kernel below it.
+"""Two schedules of one kernel, picked per call by the batch: the kernel runs its large-batch schedule
+when its rows reach a threshold and its original schedule below it.
 
 A tile that wins at large batches (more rows per register tile, fewer loads of the weights) pads a
 batch of 1 to more rows than a small tile does; -O3 measures both (targets/tuning.py) and, where each
-wins in its own range, keeps both. The call sites become `if rows >= threshold: large(...) else
-kernel(...)` in the Relax function, which the VM evaluates on the shape it already knows.
+wins in its own range, keeps both. The branch is inside the kernel (targets/row_branches.py), not in
+the Relax program: there an `If` cost the VM a shape kernel per call site to evaluate its condition,
+and, since no dataflow block may hold one, left the program's reshapes copy kernels instead of views
+(on the standard two-tower at batch 1, 4.9 us of a 15 us call).
 """
 
 import tvm
-from tvm import relax, tirx
+from tvm import tirx
 
-CALL_TIR = tvm.ir.Op.get("relax.call_tir")
+from reccc.targets.row_branches import branching, symbolic_rows
+from reccc.targets.weight_panels import WEIGHT_PANEL_ATTR
 
 
 def dispatch_by_rows(module: tvm.IRModule, large_kernels: dict[str, tirx.PrimFunc], rows: int) -> tvm.IRModule:
-    """`module` with each of `large_kernels` added (as "<kernel>_large") and every call of a PrimFunc
-    named in it whose result has one symbolic dim (the batch) calling its large kernel instead when
-    that dim is at least `rows`. The Relax functions lose their dataflow blocks (a branch cannot sit
-    in one); the build pipeline removes them anyway."""
-    if not large_kernels:
-        return module
-    builder = relax.BlockBuilder(module)
-    large_vars = {kernel: builder.add_func(large, f"{kernel}_large") for kernel, large in large_kernels.items()}
-    module = relax.transform.ToNonDataflow()(builder.get())
+    """`module` with each kernel named in `large_kernels` (schedules of the same function) running that
+    schedule from `rows` rows on, where its rows are symbolic (the batch)."""
+    dispatched = tvm.IRModule(dict(module.functions), attrs=module.attrs)
+    for name, large in large_kernels.items():
+        small = module[name]
+        batch = symbolic_rows(small)
+        if batch is None:
+            continue
+        joined = branching(small, tirx.IfThenElse(batch < rows, small.body, large.body))
+        # The weight is stored in panels (weight_panels.py) only where both schedules read it in the same ones.
+        if _weight_panel(small) is not None and _weight_panel(small) != _weight_panel(large):
+            joined = joined.without_attr(WEIGHT_PANEL_ATTR)
+        dispatched[name] = joined
+    return dispatched
 
-    @relax.expr_functor.mutator
-    class Dispatch(relax.PyExprMutator):
-        def visit_var_binding_(self, binding):
-            call = binding.value
-            if not (isinstance(call, relax.Call) and call.op.same_as(CALL_TIR) and call.args[0].name_hint in large_vars):
-                super().visit_var_binding_(binding)
-                return
-            symbolic = [dim for dim in binding.var.ty.shape if not isinstance(dim, tirx.IntImm)]
-            if len(symbolic) != 1:
-                super().visit_var_binding_(binding)
-                return
-            call = self.visit_expr(call)
-            large_call = relax.Call(call.op, [large_vars[call.args[0].name_hint], *call.args[1:]], call.attrs, call.ty_args)
-            branch = relax.If(relax.expr.prim_value(symbolic[0] >= rows), relax.SeqExpr([], large_call), relax.SeqExpr([], call))
-            self.set_var_remap(binding.var, self.builder_.emit(branch, name_hint=binding.var.name))
 
-    dispatch = Dispatch(module)
-    for symbol, function in list(module.functions.items()):
-        if isinstance(function, relax.Function):
-            module[symbol] = dispatch.visit_expr(function)
-    return module
+def _weight_panel(function: tirx.PrimFunc) -> list[int] | None:
+    """The kernel's mark of its weight to store in panels: [parameter index, panel], if it has one."""
+    if function.attrs is None or WEIGHT_PANEL_ATTR not in function.attrs:
+        return None
+    return [int(value) for value in function.attrs[WEIGHT_PANEL_ATTR]]

@@ -37,6 +37,7 @@ from tvm.target import codegen
 from reccc.targets import weight_panels
 from reccc.targets.kernel_blocks import DATA_PARALLEL, find_block, inline_into_output, root_blocks
 from reccc.targets.lookup_fusion import reads_at_loaded_index
+from reccc.targets.row_branches import branching, symbolic_rows
 
 
 
@@ -263,7 +264,7 @@ def _with_gemv_branch(function: tvm.tirx.PrimFunc, scheduled: tvm.tirx.PrimFunc,
     _matmul_rule(gemv, lanes, gemv_tile, parallel)
     if isinstance(rows, tvm.tirx.IntImm) or (max_rows is not None and max_rows < tile.rows):
         return gemv.mod["main"]
-    return _branching(scheduled, tvm.tirx.IfThenElse(rows < tile.rows, gemv.mod["main"].body, scheduled.body))
+    return branching(scheduled, tvm.tirx.IfThenElse(rows < tile.rows, gemv.mod["main"].body, scheduled.body))
 
 
 def _lookup_rule(schedule: s_tir.Schedule, lanes: int, parallel: bool = True) -> bool:
@@ -401,32 +402,12 @@ def serial_below_min_work(function: tvm.tirx.PrimFunc, scheduled: Callable[[bool
         return parallel
     if isinstance(work, tvm.tirx.IntImm):
         return scheduled(False, None) if int(work) < PARALLEL_MIN_WORK else parallel
-    rows = _symbolic_rows(function)
+    rows = symbolic_rows(function)
     serial_rows = _most_rows_below(work, rows, PARALLEL_MIN_WORK) if rows is not None else 0
     if serial_rows == 0:
         return parallel
     serial = scheduled(False, serial_rows)
-    return _branching(parallel, tvm.tirx.IfThenElse(rows <= serial_rows, serial.body, parallel.body))
-
-
-def _branching(function: tvm.tirx.PrimFunc, branches: tvm.tirx.IfThenElse) -> tvm.tirx.PrimFunc:
-    """`function` with `branches`, bodies of schedules of it, as its body. Both are schedules of the
-    same function: the same parameters, so either body runs in it. Relax's analyses want a kernel's
-    body to be one root block, and loops and buffers no rule replaced are the same objects in both:
-    the branches go under one root block that allocates each buffer once, and ConvertSSA gives loop
-    variables defined twice their own."""
-    allocated = []
-
-    def without_root(stmt):
-        if isinstance(stmt, tvm.tirx.IfThenElse):
-            return tvm.tirx.IfThenElse(stmt.condition, without_root(stmt.then_case), without_root(stmt.else_case))
-        assert isinstance(stmt, s_tir.SBlockRealize) and stmt.block.name_hint == "root", stmt
-        allocated.extend(b for b in stmt.block.alloc_buffers if not any(b.same_as(a) for a in allocated))
-        return stmt.block.body
-
-    body = without_root(branches)
-    root = s_tir.SBlockRealize([], True, s_tir.SBlock([], [], [], "root", body, alloc_buffers=allocated))
-    return s_tir.transform.ConvertSSA()(tvm.IRModule({"main": function.with_body(root)}))["main"]
+    return branching(parallel, tvm.tirx.IfThenElse(rows <= serial_rows, serial.body, parallel.body))
 
 
 def _scheduled(function: tvm.tirx.PrimFunc, symbol: str, lanes: int, tile: MatmulTile | None, parallel: bool,
@@ -445,12 +426,6 @@ def _scheduled(function: tvm.tirx.PrimFunc, symbol: str, lanes: int, tile: Matmu
     except s_tir.ScheduleError:
         return None
     return schedule.mod["main"]
-
-
-def _symbolic_rows(function: tvm.tirx.PrimFunc) -> tvm.tirx.Var | None:
-    """The one symbolic dim of the function's buffers (the batch), if there is exactly one."""
-    dims = {dim for param in function.params for dim in (getattr(param, "shape", None) or ()) if isinstance(dim, tvm.tirx.Var)}
-    return dims.pop() if len(dims) == 1 else None
 
 
 def _most_rows_below(work: tvm.ir.Expr, rows: tvm.tirx.Var, limit: int) -> int:

@@ -1,4 +1,4 @@
-"""targets/batch_dispatch.py: a kernel with a second schedule for large batches, picked at run time."""
+"""targets/batch_dispatch.py: a kernel with a second schedule for large batches, picked at run time by its rows."""
 
 import numpy as np
 import onnx
@@ -8,7 +8,7 @@ from tvm import relax, tirx
 from reccc.ir import Model
 from reccc.reference import run_reference
 from reccc.sample_inputs import random_inputs
-from reccc.targets import cpu_schedules, relax_lowering
+from reccc.targets import cpu_schedules, lookup_fusion, relax_lowering
 from reccc.targets.batch_dispatch import dispatch_by_rows
 from reccc.targets.x86 import _default_schedules, host_cpu
 
@@ -25,34 +25,36 @@ def _with_large_tiles(module: tvm.IRModule, target) -> tvm.IRModule:
             alternatives = dict(cpu_schedules.matmul_tile_alternatives(function, target))
             if "tile 6x4" in alternatives:
                 large_kernels[symbol.name_hint] = alternatives["tile 6x4"]
-    module = dispatch_by_rows(_default_schedules(module, target), large_kernels, ROWS)
-    _with_large_tiles.dispatched = [symbol.name_hint for symbol in module.functions if symbol.name_hint.endswith("_large")]
-    return module
+    _with_large_tiles.large_kernels = large_kernels
+    return dispatch_by_rows(_default_schedules(module, target), large_kernels, ROWS)
 
 
-def test_each_batch_runs_the_kernel_of_its_range_and_matches_onnxruntime():
+def test_a_dispatched_kernel_runs_the_large_schedule_from_its_threshold_on():
+    """One kernel, branching on its batch: below ROWS its -O2 schedule, from ROWS on the large one.
+    The Relax program keeps its calls as they were (no If, no second kernel)."""
+    target = host_cpu().tvm_target()
+    with target:
+        fused = lookup_fusion.fuse_operators()(relax_lowering.to_relax(onnx.load(model_path("dlrm"))))
+        dispatched = _with_large_tiles(fused, target)
+    large_kernels = _with_large_tiles.large_kernels
+    assert len(large_kernels) >= 3  # the dlrm's matmul layers
+    assert set(symbol.name_hint for symbol in dispatched.functions) == set(symbol.name_hint for symbol in fused.functions)
+    assert "R.If" not in dispatched["main"].script() and "if " not in dispatched["main"].script()
+    for name, large in large_kernels.items():
+        branches = dispatched[name].body.block.body
+        assert isinstance(branches, tirx.IfThenElse)
+        assert isinstance(branches.condition, tirx.LT) and int(branches.condition.b) == ROWS
+        tvm.ir.assert_structural_equal(branches.else_case, large.body.block.body, map_free_vars=True)
+
+
+def test_each_batch_on_either_side_of_the_threshold_matches_onnxruntime():
     proto = onnx.load(model_path("dlrm"))
-    # Interpreted: the VM reports the kernel calls it makes (compiled, the model function calls them directly).
-    executable = relax_lowering.build(proto, host_cpu().tvm_target(), 2, _with_large_tiles, vm_exec="bytecode")
-    assert len(_with_large_tiles.dispatched) >= 3  # the dlrm's matmul layers
+    executable = relax_lowering.build(proto, host_cpu().tvm_target(), 2, _with_large_tiles)
     vm = relax.VirtualMachine(executable, tvm.cpu())
-    called: list[str] = []
-
-    def record(function, symbol, before_run, result, *args) -> int:
-        if before_run:  # a kernel whose weight is stored in panels is "<kernel>_prepacked" (targets/weight_panels.py)
-            called.append(symbol.removesuffix("_prepacked"))
-        return 0  # VMInstrumentReturnKind.NO_OP: run the call as usual
-
-    vm.set_instrument(record)
     model = Model.from_onnx(proto)
     names = [value.name for value in proto.graph.input]
     for batch in (1, ROWS - 1, ROWS, ROWS + 1, 64):
         feeds = random_inputs(model, batch, seed=batch)
-        called.clear()
         result = vm["main"](*(tvm.runtime.tensor(feeds[name]) for name in names))
         expected = run_reference(proto, feeds)["ctr"]
         np.testing.assert_allclose(result.numpy(), expected, rtol=1e-5, atol=1e-6, err_msg=f"batch {batch}")
-        large_calls = [symbol for symbol in called if symbol in _with_large_tiles.dispatched]
-        small_calls = [symbol for symbol in called if f"{symbol}_large" in _with_large_tiles.dispatched]
-        assert (large_calls, small_calls) == (([], small_calls) if batch < ROWS else (large_calls, []))
-        assert len(large_calls if batch >= ROWS else small_calls) >= 3
