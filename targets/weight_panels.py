@@ -43,6 +43,7 @@ def pack_constant_weights(module: tvm.IRModule) -> tvm.IRModule:
             packed[symbol] = _with_panel_copy(function, index, panel)
     if not packed:
         return module
+    module = tvm.IRModule(dict(module.functions), attrs=module.attrs)  # the caller's module stays as it was
     attrs = {}
     for symbol, function in packed.items():
         module[symbol] = function

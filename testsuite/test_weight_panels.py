@@ -38,7 +38,9 @@ def _scheduled_and_packed(path) -> tuple[tvm.IRModule, tvm.IRModule]:
     with target:
         module = lookup_fusion.fuse_operators()(relax_lowering.to_relax(onnx.load(path)))
         scheduled = cpu_schedules.apply_default_schedules(module, target)
-        return scheduled, weight_panels.pack_constant_weights(tvm.IRModule(dict(scheduled.functions), attrs=scheduled.attrs))
+        packed = weight_panels.pack_constant_weights(scheduled)
+    assert not any(symbol.name_hint.endswith("_prepacked") for symbol in scheduled.functions)  # its input stays as it was
+    return scheduled, packed
 
 
 def _kernel_calls(module: tvm.IRModule) -> list[relax.Call]:
