@@ -26,9 +26,12 @@ def dispatch_by_rows(module: tvm.IRModule, large_kernels: dict[str, tirx.PrimFun
         if batch is None:
             continue
         joined = branching(small, tirx.IfThenElse(batch < rows, small.body, large.body))
-        # The weight is stored in panels (weight_panels.py) only where both schedules read it in the same ones.
-        if _weight_panel(small) is not None and _weight_panel(small) != _weight_panel(large):
-            joined = joined.without_attr(WEIGHT_PANEL_ATTR)
+        # The weight is stored in the panels of either schedule that reads it so (weight_panels.py), the
+        # small one's first: packing rewrites every read of it, in both branches, so both stay exact,
+        # and a schedule reading another tile's panels still reads them contiguously, not at W's row stride.
+        panel = _weight_panel(small) or _weight_panel(large)
+        if panel is not None:
+            joined = joined.with_attr(WEIGHT_PANEL_ATTR, panel)
         dispatched[name] = joined
     return dispatched
 

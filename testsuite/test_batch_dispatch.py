@@ -2,13 +2,14 @@
 
 import numpy as np
 import onnx
+from onnx import TensorProto, helper, numpy_helper
 import tvm
 from tvm import relax, tirx
 
 from reccc.ir import Model
 from reccc.reference import run_reference
 from reccc.sample_inputs import random_inputs
-from reccc.targets import cpu_schedules, lookup_fusion, relax_lowering
+from reccc.targets import cpu_schedules, lookup_fusion, relax_lowering, weight_panels
 from reccc.targets.batch_dispatch import dispatch_by_rows
 from reccc.targets.x86 import _default_schedules, host_cpu
 
@@ -58,3 +59,31 @@ def test_each_batch_on_either_side_of_the_threshold_matches_onnxruntime():
         result = vm["main"](*(tvm.runtime.tensor(feeds[name]) for name in names))
         expected = run_reference(proto, feeds)["ctr"]
         np.testing.assert_allclose(result.numpy(), expected, rtol=1e-5, atol=1e-6, err_msg=f"batch {batch}")
+
+
+def test_a_weight_is_stored_in_the_panels_of_the_schedule_that_reads_it_so(tmp_path):
+    """A 416->400 layer: its -O2 tile takes 5 vectors of columns (panels of 80), the 6x4 tile pads the
+    400 columns to 448 and reads W as it is. Joined, the weight is packed in the 80-column panels, and
+    both branches read them right."""
+    rng = np.random.default_rng(0)
+    weight = (rng.standard_normal((416, 400)) / np.sqrt(416)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["a"]), helper.make_node("Relu", ["a"], ["y"])],
+        "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 416])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 400])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(rng.standard_normal(400, dtype=np.float32), "b")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    target = host_cpu().tvm_target()
+    with target:
+        dispatched = _with_large_tiles(lookup_fusion.fuse_operators()(relax_lowering.to_relax(proto)), target)
+    [(name, large)] = _with_large_tiles.large_kernels.items()
+    assert "reccc.weight_panel" not in (large.attrs or {})  # 400 columns are no whole number of 64-column panels
+    assert [int(value) for value in dispatched[name].attrs["reccc.weight_panel"]] == [1, 80]
+    with target:
+        assert f"{name}_prepacked" in [symbol.name_hint for symbol in weight_panels.pack_constant_weights(dispatched).functions]
+    vm = relax.VirtualMachine(relax_lowering.build(proto, target, 2, _with_large_tiles), tvm.cpu())
+    for batch in (1, ROWS - 1, ROWS, 67):
+        x = rng.standard_normal((batch, 416), dtype=np.float32)
+        expected = run_reference(proto, {"x": x})["y"]
+        np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(x)).numpy(), expected, rtol=1e-5, atol=1e-5, err_msg=f"batch {batch}")
