@@ -13,7 +13,7 @@ import tvm
 from tvm import tirx
 
 from reccc.targets.row_branches import branching, symbolic_rows
-from reccc.targets.weight_panels import WEIGHT_PANEL_ATTR
+from reccc.targets.weight_panels import WEIGHT_PANEL_ATTR, panel_mark
 
 
 def dispatch_by_rows(module: tvm.IRModule, large_kernels: dict[str, tirx.PrimFunc], rows: int) -> tvm.IRModule:
@@ -29,15 +29,9 @@ def dispatch_by_rows(module: tvm.IRModule, large_kernels: dict[str, tirx.PrimFun
         # The weight is stored in the panels of either schedule that reads it so (weight_panels.py), the
         # small one's first: packing rewrites every read of it, in both branches, so both stay exact,
         # and a schedule reading another tile's panels still reads them contiguously, not at W's row stride.
-        panel = _weight_panel(small) or _weight_panel(large)
-        if panel is not None:
-            joined = joined.with_attr(WEIGHT_PANEL_ATTR, panel)
+        mark = panel_mark(small) or panel_mark(large)
+        if mark is not None:
+            joined = joined.with_attr(WEIGHT_PANEL_ATTR, list(mark))
         dispatched[name] = joined
     return dispatched
 
-
-def _weight_panel(function: tirx.PrimFunc) -> list[int] | None:
-    """The kernel's mark of its weight to store in panels: [parameter index, panel], if it has one."""
-    if function.attrs is None or WEIGHT_PANEL_ATTR not in function.attrs:
-        return None
-    return [int(value) for value in function.attrs[WEIGHT_PANEL_ATTR]]

@@ -32,6 +32,14 @@ def mark(function: tirx.PrimFunc, weight, panel: int) -> tirx.PrimFunc:
     return function if index is None else function.with_attr(WEIGHT_PANEL_ATTR, [index, panel])
 
 
+def panel_mark(function: tirx.PrimFunc) -> tuple[int, int] | None:
+    """(weight parameter index, panel columns) of a marked kernel, else None."""
+    if function.attrs is None or WEIGHT_PANEL_ATTR not in function.attrs:
+        return None
+    index, panel = (int(value) for value in function.attrs[WEIGHT_PANEL_ATTR])
+    return index, panel
+
+
 def pack_constant_weights(module: tvm.IRModule) -> tvm.IRModule:
     """`module` with the weight of each marked kernel that every call passes a constant stored in
     panels (see above); unchanged where there is none."""
@@ -39,8 +47,7 @@ def pack_constant_weights(module: tvm.IRModule) -> tvm.IRModule:
     packed = {}
     for symbol, function in module.functions.items():
         if symbol.name_hint in constant_weights:
-            index, panel = (int(value) for value in function.attrs[WEIGHT_PANEL_ATTR])
-            packed[symbol] = _with_panel_copy(function, index, panel)
+            packed[symbol] = _with_panel_copy(function, *panel_mark(function))
     if not packed:
         return module
     module = tvm.IRModule(dict(module.functions), attrs=module.attrs)  # the caller's module stays as it was
