@@ -13,7 +13,7 @@ its own rules besides (other register tiles of its matmul rule, which pad the ba
 candidate runs against the kernel's -O2 schedule at COMPARE_BATCHES rows, on the same runner. Below
 DISPATCH_ROWS and from it on, separately: of the candidates at least as fast as -O2 at each measured
 batch in the range, the one with the smallest sum of time ratios is used there. Where the two ranges
-choose differently, the Relax program picks the kernel by the batch at run time
+choose differently, the kernel branches on its rows between the two at run time
 (targets/batch_dispatch.py). So -O3 is never slower than -O2 where measured. Kernels that are not
 hot keep their -O2 schedules. Measuring candidates needs a budget: with --tune-trials 0 only the verdicts already in
 the database are used.
