@@ -21,11 +21,12 @@ ROWS = 8
 def _with_large_tiles(module: tvm.IRModule, target) -> tvm.IRModule:
     """-O2's schedules, with every matmul kernel's 6x4-tile schedule used from ROWS rows on."""
     large_kernels = {}
+    lanes = cpu_schedules.vector_lanes(target)
     for symbol, function in module.functions.items():
-        if isinstance(function, tirx.PrimFunc):
-            alternatives = dict(cpu_schedules.matmul_tile_alternatives(function, target))
-            if "tile 6x4" in alternatives:
-                large_kernels[symbol.name_hint] = alternatives["tile 6x4"]
+        if isinstance(function, tirx.PrimFunc) and "matmul" in symbol.name_hint:
+            large = cpu_schedules.schedule_function(function, symbol.name_hint, lanes, cpu_schedules.MatmulTile(6, 4))
+            if large is not None:
+                large_kernels[symbol.name_hint] = large
     _with_large_tiles.large_kernels = large_kernels
     return dispatch_by_rows(_default_schedules(module, target), large_kernels, ROWS)
 

@@ -257,6 +257,17 @@ def test_the_gemv_branch_pads_no_weight_columns_the_tile_does_not(tmp_path):
     assert "T.unroll(T.int64(6))" in branch  # one vector instruction per vector of the panel
 
 
+@pytest.mark.parametrize(("units", "offered"), [(512, {"tile 6x4", "tile 8x2", "tile 12x2", "tile 4x2"}), (400, set())])
+def test_minus_o3_measures_only_tiles_padding_no_more_weight_columns_than_the_default(tmp_path, units, offered):
+    """512 columns are whole panels of every tile; 400 are of the default 5-vector tile alone (2 and 4
+    vectors pad them to 416 and 448), so -O3 has no other tile to measure for them."""
+    target = host_cpu().tvm_target()
+    with target:
+        module = lookup_fusion.fuse_operators()(relax_lowering.to_relax(onnx.load(_mlp(tmp_path / "m.onnx", 416, [units], seed=0))))
+    (kernel,) = [f for s, f in module.functions.items() if "matmul" in s.name_hint]
+    assert {label for label, _ in cpu_schedules.matmul_tile_alternatives(kernel, target)} == offered
+
+
 def test_fc_layers_take_the_register_tile_that_pads_fewest_weight_columns(tmp_path):
     """DeepFM's 400 units are 25 vectors: 4-vector panels (64 columns) and GEMV_TILE's 7-vector ones
     would pad W to 448 columns, copied on every call and multiplied; 5 vectors (80 columns, 5 panels)
