@@ -72,8 +72,9 @@ def _called_with_constant_weights(module: tvm.IRModule) -> set[str]:
     def visit(node):
         if isinstance(node, relax.Call) and node.op.same_as(_CALL_TIR):
             function = module[node.args[0]]
-            if isinstance(function, tirx.PrimFunc) and function.attrs is not None and WEIGHT_PANEL_ATTR in function.attrs:
-                weight = node.args[1].fields[int(function.attrs[WEIGHT_PANEL_ATTR][0])]
+            mark = panel_mark(function) if isinstance(function, tirx.PrimFunc) else None
+            if mark is not None:
+                weight = node.args[1].fields[mark[0]]
                 calls.setdefault(node.args[0].name_hint, []).append(isinstance(weight, tvm.ir.GenericConst))
 
     for function in module.functions.values():
