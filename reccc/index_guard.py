@@ -65,9 +65,10 @@ def _add_flags_output(graph: gs.Graph, guards: list[IndexGuard], checked: list[g
     """Add the output FLAGS_OUTPUT; returns the guards in the order of its entries. The flags count the
     ids outside each table's range, read from the ids themselves, not compared with their clip: the
     clip's one reader is then its lookup, which fusion puts it in, and the checks of ids of the same
-    shape and dtype (DLRM's one id column per table) are one stack, comparison and reduction, which
-    fusion makes one kernel: at batch 1 every kernel call costs more than the lookups. One output for all
-    of them: each output costs the runtime a tensor conversion per call."""
+    shape and dtype (DLRM's one id column per table) are one stack, comparison and reduction: at batch
+    1 every kernel call costs more than the lookups. The CPU targets replace each such group by one
+    kernel of their own, recognizing the graph written here (reccc/targets/index_flags.py). One output
+    for all of them: each output costs the runtime a tensor conversion per call."""
     groups: dict[tuple, list[int]] = {}
     for index, ids in enumerate(checked):
         shape = tuple(ids.shape) if ids.shape is not None else None

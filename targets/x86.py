@@ -13,7 +13,7 @@ import tvm
 from reccc import host_cpu as host_cpu_flags
 from reccc.errors import UsageError, one_line
 from reccc.target import Target, TuningOptions, register_target, register_tvm_kind
-from reccc.targets import cpu_amx_schedules, cpu_dot_schedules, cpu_schedules, relax_lowering, tuning as auto_tuning
+from reccc.targets import cpu_amx_schedules, cpu_dot_schedules, cpu_schedules, index_flags, relax_lowering, tuning as auto_tuning
 
 # The triple TVM's LLVM defaults to is x86_64-conda-linux-gnu, which builds for a generic CPU;
 # reccc always names the host's.
@@ -66,9 +66,9 @@ class CpuTarget(Target):
     def _select_kernels(self, module: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
         """AMX kernels for the bf16 and int8 layers where the target has AMX, dot-product kernels for
         the layers left where it has their instruction (AVX-512 VNNI / BF16; on aarch64 the
-        dot-product / BF16 extensions)."""
+        dot-product / BF16 extensions), and the index guard's counts as one kernel."""
         module, self._cpu_flags = cpu_amx_schedules.select_amx_matmuls(module, target)
-        return cpu_dot_schedules.select_dot_matmuls(module, target)
+        return index_flags.select_index_flags_kernels(cpu_dot_schedules.select_dot_matmuls(module, target))
 
     def cpu_flags(self) -> list[str]:
         return list(self._cpu_flags)
