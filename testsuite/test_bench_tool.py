@@ -100,3 +100,19 @@ def test_a_repetition_is_as_many_calls_as_take_repetition_s_timed_together(monke
     calls.clear()
     bench.time_interleaved([engine], repeat=4)
     assert len(calls) == 4 * 11 and engine.seconds == [step] * 4 and engine.timed_s == 4 * 11 * step
+
+
+def test_the_gather_ceiling_gathers_the_rows_of_its_ids(tmp_path):
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import gather_ceiling
+    finally:
+        sys.path.remove(str(REPO / "tools"))
+    binary = gather_ceiling.build(tmp_path)
+    # the program checks the rows it gathered against the table and exits 1 where they differ
+    for prefetch in gather_ceiling.PREFETCH_DISTANCES:
+        assert gather_ceiling.gather_seconds(binary, rows=5000, dim=16, lookups=3000, threads=2, prefetch=prefetch, repeats=3) > 0
+    usage = subprocess.run([str(binary), "10"], capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage" in usage.stderr
+    rows, dim, gathered = gather_ceiling.lookup_shape("deepfm", {"fields": 26, "rows": 1000, "dim": 16}, batch=4)
+    assert (rows, dim, gathered) == (1000, 16, 104)
