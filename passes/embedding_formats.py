@@ -58,7 +58,7 @@ def encode(table: np.ndarray, format: str) -> EncodedTable:
     if format == "fp16":
         return EncodedTable(format, {"values": table.astype(np.float16)})
     levels = 255 if format == "int8" else 15
-    low, high = table.min(axis=1), table.max(axis=1)
+    low, high = _row_ranges(table)
     scale_type = np.float32 if format == "int8" else np.float16
     bias = low.astype(scale_type)
     # A constant row has no range: any scale decodes code 0 to the bias exactly.
@@ -66,12 +66,34 @@ def encode(table: np.ndarray, format: str) -> EncodedTable:
     scale = exact_scale.astype(scale_type)
     # Rounded down, the stored scale would not reach the row's max with the top code: round it up.
     scale = np.where(scale < exact_scale, np.nextafter(scale, scale_type(np.inf)), scale).astype(scale_type)
-    codes = np.rint((table - bias[:, None].astype(np.float32)) / scale[:, None].astype(np.float32))
-    codes = np.clip(codes, 0, levels).astype(np.uint8)
+    codes = table - bias[:, None].astype(np.float32)
+    codes /= scale[:, None].astype(np.float32)
+    codes = np.clip(np.rint(codes, out=codes), 0, levels, out=codes).astype(np.uint8)
     scale_bias = np.stack([scale, bias], axis=1)
     if format == "int4":
         codes = _pack_row_pairs(codes)
     return EncodedTable(format, {"codes": codes, "scale_bias": scale_bias})
+
+
+# Rows this narrow get their min and max from transposed blocks: numpy reduces a row's short last axis
+# one row at a time (22 ms for 100k rows of 16 floats), and an axis of a block's rows whole vectors at
+# a time (1.6 ms, the transposes included); from about 256 floats a row the plain reduction is faster.
+_BLOCKED_RANGES_MAX_DIM = 128
+_RANGES_BLOCK_BYTES = 256 * 1024
+
+
+def _row_ranges(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's min and max (exact in any order)."""
+    rows, dim = table.shape
+    if dim > _BLOCKED_RANGES_MAX_DIM:
+        return table.min(axis=1), table.max(axis=1)
+    low, high = np.empty(rows, table.dtype), np.empty(rows, table.dtype)
+    step = max(1, _RANGES_BLOCK_BYTES // (table.itemsize * dim))
+    for start in range(0, rows, step):
+        block = np.ascontiguousarray(table[start:start + step].T)
+        block.min(axis=0, out=low[start:start + step])
+        block.max(axis=0, out=high[start:start + step])
+    return low, high
 
 
 def decode(encoded: EncodedTable) -> np.ndarray:
