@@ -136,6 +136,21 @@ def test_dedupe_merges_equal_constants_only():
     _assert_agrees(original, optimized)
 
 
+def test_dedupe_tells_apart_constants_that_differ_only_between_its_samples():
+    """The pass reads in full only constants whose dtype, shape and evenly spaced elements match."""
+    base = np.arange(1000, dtype=np.float32)
+    apart = base.copy()
+    apart[1] = -1.0  # not among the sampled elements (every 15th)
+    inits = [numpy_helper.from_array(base, "v_a"), numpy_helper.from_array(apart, "v_b"), numpy_helper.from_array(base.copy(), "v_c")]
+    nodes = [helper.make_node("Add", ["x", "v_a"], ["s1"]), helper.make_node("Add", ["s1", "v_b"], ["s2"]),
+             helper.make_node("Add", ["s2", "v_c"], ["y"])]
+    original = _proto(nodes, [_float_input("x", 1000)], [_float_input("y", 1000)], inits)
+    optimized, details, _ = _apply(original, DEDUPE)
+    assert sorted(_initializers(optimized)) == ["v_a", "v_b"]
+    assert details == ["merged 1 duplicate constants into 1 (4000 bytes)"]
+    _assert_agrees(original, optimized)
+
+
 def test_dedupe_on_the_bundled_models():
     for name in TESTSUITE_MODELS:
         original = onnx.load(model_path(name))
