@@ -21,7 +21,7 @@ from reccc.passes.patterns import constant_value, remove_if_unused, replace_all_
 _SAMPLED_ELEMENTS = 64
 
 
-def _kind(values: np.ndarray) -> tuple:
+def _sampled(values: np.ndarray) -> tuple:
     """The dtype, shape and the bytes of up to _SAMPLED_ELEMENTS evenly spaced elements: equal for equal constants."""
     flat = values.reshape(-1)
     return values.dtype.str, values.shape, flat[:: max(1, flat.size // _SAMPLED_ELEMENTS)].tobytes()
@@ -58,12 +58,15 @@ class DedupeInitializers(Pass):
                 values = constant_value(tensor)
                 if values is not None and values.dtype.kind not in "OSUV":
                     constants.append((tensor, values))
-        # Only constants of the same dtype, shape and sampled elements can be equal: a table that no
-        # other matches so (the usual embedding table, memory-mapped from its file) is never read whole
-        # (hashing a 26-table DLRM's 166 MB of equal-shaped tables took 0.24 s).
-        kinds = collections.Counter(_kind(values) for _, values in constants)
+        # Only constants of the same dtype and shape can be equal: a table of its own shape (the usual
+        # embedding table, memory-mapped from its file) is never read. Of those, only constants whose
+        # sampled elements match too are read whole (hashing a 26-table DLRM's 166 MB of equal-shaped
+        # tables took 0.24 s).
+        shapes = collections.Counter((values.dtype.str, values.shape) for _, values in constants)
+        constants = [(tensor, values) for tensor, values in constants if shapes[values.dtype.str, values.shape] > 1]
+        samples = collections.Counter(_sampled(values) for _, values in constants)
         for tensor, values in constants:
-            if kinds[_kind(values)] < 2:
+            if samples[_sampled(values)] < 2:
                 continue
             data = _bytes_view(values)
             key = (values.dtype.str, values.shape, hashlib.blake2b(data, digest_size=16).digest())
