@@ -195,9 +195,11 @@ def test_fc_layers_of_any_width_match_onnxruntime_at_every_batch(tmp_path_factor
         assert_matches_onnxruntime(model_file, model.run, batch, seed=batch)
 
 
-def test_batches_below_the_tile_run_a_one_row_tile():
+def test_batches_below_the_tile_run_a_one_row_tile_and_one_tile_of_rows_splits_the_panels():
     """Every matmul kernel of a symbolic batch branches on it: below DEFAULT_TILE_ROWS, the kernel
-    scheduled with GEMV_TILE (which multiplies no padding rows)."""
+    scheduled with GEMV_TILE (which multiplies no padding rows); below two tiles of rows, the tile with
+    the threads splitting the panels (their loop outside the rows'); from there, each thread taking
+    whole tiles of rows (the parallel loop is over the tiles of rows alone)."""
     module = cpu_schedules.apply_default_schedules(_fused_module("dlrm"), host_cpu().tvm_target())
     for symbol, function in module.functions.items():
         if "matmul" not in symbol.name_hint or _narrow(function):  # a narrow layer has no tile (see above)
@@ -206,7 +208,13 @@ def test_batches_below_the_tile_run_a_one_row_tile():
         assert isinstance(branches, tvm.tirx.IfThenElse), symbol.name_hint
         assert str(branches.condition) == f"batch < T.int64({TILE_ROWS})"
         assert "T.unroll(T.int64(1))" in branches.then_case.script()  # the tile's rows
-        assert f"T.unroll(T.int64({TILE_ROWS}))" in branches.else_case.script()
+        tiles = branches.else_case
+        assert str(tiles.condition) == f"batch < T.int64({2 * TILE_ROWS})"
+        for case, rows_outside in ((tiles.then_case, False), (tiles.else_case, True)):
+            assert f"T.unroll(T.int64({TILE_ROWS}))" in case.script()
+            # panels outside: one parallel loop of the panels fused with the tiles of rows
+            fused = "fused" in cpu_schedules._first_parallel_loop(case).loop_var.name
+            assert fused != rows_outside, symbol.name_hint
 
 
 def _parallel_branch(function: tvm.tirx.PrimFunc):
