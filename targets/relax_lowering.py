@@ -207,7 +207,9 @@ def build(
     try:
         with target:
             if opt_level >= 1:
-                module = fold_static_dim_reads(module)
+                # CSE: the importer writes Gather's wrap-around of negative ids per Gather, so a quantized
+                # table's codes and scale/bias gathers wrap the same ids twice (3 of its lookup's 15 blocks)
+                module = relax.transform.EliminateCommonSubexpr()(fold_static_dim_reads(module))
             if opt_level >= 2 and select_kernels is not None:
                 module = select_kernels(module, target)
             module = relax.transform.LegalizeOps(_ONNX_EXACT_LEGALIZATIONS)(module)
