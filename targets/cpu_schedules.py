@@ -5,8 +5,8 @@ single-threaded scalar loops; these rules make the hot ones parallel and vectori
 Rules, each tried on every fused PrimFunc and skipped where its pattern does not fit:
 - matmul: the reduction block "matmul" (C[i, j] += A[i, k] * W[k, j], from Gemm / MatMul with
   the weight transpose already folded) and its epilogue (bias, activation: the data-parallel blocks
-  fused after it) become one loop nest, parallel over (column panel, row tile) pairs, panel-major,
-  so each core runs its panels of W over many rows while they stay in cache. Each pair keeps a
+  fused after it) become one loop nest, parallel over tiles of rows: each thread runs its tiles of
+  rows through every panel of W, read in order. Each (row tile, column panel) pair keeps a
   register tile of accumulators (`default_tile`: 4 rows x 4 vectors of columns, or the 5, 6 or 3
   vectors that pad fewer of W's columns; -O3 measures ALTERNATIVE_MATMUL_TILES against it on the hot
   kernels) across the whole reduction, one vector instruction per vector of the tile, copies its
@@ -14,7 +14,8 @@ Rules, each tried on every fused PrimFunc and skipped where its pattern does not
   and runs the epilogue on its accumulators before writing them: one parallel region a kernel, and
   neither A nor C passes through memory a second time. The batch stays a Relax shape variable;
   batches of fewer rows than the tile run a branch scheduled with GEMV_TILE instead (one row, twice
-  the columns), which does not multiply padding rows.
+  the columns), which does not multiply padding rows, and a batch of one tile of rows a branch
+  parallel over the panels (so that both threads work).
   Where W's columns are whole panels, the kernel is marked for W to be stored panel by panel when
   compiled (weight_panels.py), each panel one contiguous stream.
 - narrow matmul: a matmul of fewer columns than a vector (a CTR model's last layer) computes each
