@@ -64,9 +64,10 @@ class DedupeInitializers(Pass):
         # tables took 0.24 s).
         shapes = collections.Counter((values.dtype.str, values.shape) for _, values in constants)
         constants = [(tensor, values) for tensor, values in constants if shapes[values.dtype.str, values.shape] > 1]
-        samples = collections.Counter(_sampled(values) for _, values in constants)
-        for tensor, values in constants:
-            if samples[_sampled(values)] < 2:
+        sampled = [_sampled(values) for _, values in constants]
+        samples = collections.Counter(sampled)
+        for (tensor, values), sample in zip(constants, sampled):
+            if samples[sample] < 2:
                 continue
             data = _bytes_view(values)
             key = (values.dtype.str, values.shape, hashlib.blake2b(data, digest_size=16).digest())

@@ -284,7 +284,6 @@ def _with_small_batch_branches(function: tvm.tirx.PrimFunc, scheduled: tvm.tirx.
         panels_outside = s_tir.Schedule(function)
         _matmul_rule(panels_outside, lanes, tile, parallel, rows_outer=False)
         branches.append((2 * tile.rows, panels_outside.mod["main"]))
-    branches = [(below, schedule) for below, schedule in branches if fewest < below]
     if most is not None:  # the schedules of more rows than that never run
         last = next((index for index, (below, _) in enumerate(branches) if most < below), None)
         if last is not None:

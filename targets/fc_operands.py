@@ -18,7 +18,7 @@ import numpy as np
 import tvm
 from tvm import relax, te, tirx
 
-from reccc.targets.relax_lowering import BoundCalls
+from reccc.targets.relax_lowering import BoundCalls, bindings_as_written
 
 
 @dataclass(frozen=True)
@@ -230,9 +230,7 @@ class FcLayerSelector(relax.PyExprMutator, FcOperands):
         super().__init__(module)
         self.products = products
         self.selected: set = set()  # the products of the replacements
-        # FcOperands matches the bindings of main as written: the builder's lookup_binding would give
-        # this mutator's replacements of the layers it has visited.
-        self._written = {binding.var: binding.value for block in module["main"].body.blocks for binding in block.bindings}
+        self._written = bindings_as_written(module["main"])
 
     def lookup_binding(self, var: relax.Var) -> relax.Expr | None:
         return self._written.get(var)

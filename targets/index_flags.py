@@ -15,7 +15,7 @@ import numpy as np
 import tvm
 from tvm import relax, s_tir, te, tirx
 
-from reccc.targets.relax_lowering import BoundCalls
+from reccc.targets.relax_lowering import BoundCalls, bindings_as_written
 
 KERNEL = "index_flags"
 _COUNT_BLOCK = "count_outside"
@@ -65,9 +65,7 @@ class _IndexFlagsKernels(relax.PyExprMutator, BoundCalls):
     def __init__(self, module: tvm.IRModule):
         super().__init__(module)
         self.replaced = False
-        # The guard's bindings as the importer wrote them (the builder's lookup_binding would give
-        # the ones this mutator rewrote).
-        self._written = {binding.var: binding.value for block in module["main"].body.blocks for binding in block.bindings}
+        self._written = bindings_as_written(module["main"])
 
     def lookup_binding(self, var: relax.Var) -> relax.Expr | None:
         return self._written.get(var)

@@ -62,6 +62,13 @@ def _relu_propagating_nan(block_builder: relax.BlockBuilder, call: relax.Call) -
     return block_builder.call_te(relu, call.args[0], primfunc_name_hint="relu")
 
 
+def bindings_as_written(function: relax.Function) -> dict:
+    """Each variable of `function`'s body and the value it is bound to, as written: what a mutator
+    matching the importer's bindings looks up, where its builder's lookup_binding would give its own
+    replacements of the bindings it has visited."""
+    return {binding.var: binding.value for block in function.body.blocks for binding in block.bindings}
+
+
 class BoundCalls:
     """For a PyExprMutator: the operator call a variable is bound to (its lookup_binding)."""
 
