@@ -30,6 +30,8 @@ PrimFunc (named `fused_lookup...`).
 import tvm
 from tvm import relax, s_tir, tirx
 
+from reccc.targets.scalar_constants import inline_scalar_constants
+
 OP_PATTERN_INJECTIVE = 2  # tvm::relax::OpPatternKind: elementwise 0, broadcast 1, injective 2
 OP_PATTERN_COMM_REDUCE = 3
 GROUP_PREFIX = "fused_lookup"
@@ -75,7 +77,7 @@ class _Kinds:
         """A gather from a constant, or from a tensor the function is given (--weights=external
         passes the tables as parameters): not from a value the block computes."""
         function = self.callee(value)
-        if function is None:
+        if function is None or not value.args[1].fields:  # a kernel of constants alone (scalar_constants.py)
             return False
         table = value.args[1].fields[0]
         if not (isinstance(table, tvm.ir.GenericConst) or (isinstance(table, relax.Var) and table not in computed)):
@@ -252,12 +254,14 @@ def fuse_operators() -> tvm.transform.Pass:
     """TVM's zero pipeline (legalize, annotate op patterns, fold constants, fuse, merge the fused
     PrimFuncs), with the lookups grouped after constant folding (which turns what is left of the
     tables' row counts, read through shape_of in the id wrap-around, into constants: the build folds
-    the static ones first, relax_lowering.fold_static_dim_reads)."""
+    the static ones first, relax_lowering.fold_static_dim_reads) and the scalar constants written into
+    the kernels that read them (scalar_constants.py)."""
     return tvm.transform.Sequential(
         [
             relax.transform.LegalizeOps(),
             relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(),
+            inline_scalar_constants,
             group_lookups,
             relax.get_pipeline("zero"),
         ],
