@@ -87,12 +87,12 @@ def test_quantized_graph_is_valid_onnx_and_the_artifact_computes_it_exactly(recc
         assert error <= bound, f"output '{name}': {error} > {bound}"
 
 
-def lowered_lookups(proto: onnx.ModelProto, weights: str = "embed", table_rows: int = 1000) -> list[tuple[list, object, object]]:
+def lowered_lookups(proto: onnx.ModelProto, weights: str = "embed", table_rows: int = 1000, scheduled: bool = True) -> list[tuple[list, object, object]]:
     """The calls of the module -O2 compiles from the optimized graph `proto` (ids guarded as the
     compiler guards them, large tables made parameters with --weights=external, fused by
-    reccc.targets.lookup_fusion, scheduled by the CPU rules) that read an embedding table's stored
-    tensors (2-D constants of at least `table_rows` rows): their shapes and dtypes, the call's output
-    type, the scheduled kernel."""
+    reccc.targets.lookup_fusion, scheduled by the CPU rules unless not `scheduled`) that read an
+    embedding table's stored tensors (2-D constants of at least `table_rows` rows): their shapes and
+    dtypes, the call's output type, the kernel."""
     import tvm
     from tvm import relax
 
@@ -108,7 +108,8 @@ def lowered_lookups(proto: onnx.ModelProto, weights: str = "embed", table_rows: 
     target = host_cpu().tvm_target()
     with target:
         module = lookup_fusion.fuse_operators()(relax_lowering.to_relax(lowered, constants))
-        module = cpu_schedules.apply_default_schedules(module, target)
+        if scheduled:
+            module = cpu_schedules.apply_default_schedules(module, target)
     calls = []
     for block in module["main"].body.blocks:
         for binding in block.bindings:
@@ -162,6 +163,29 @@ def test_the_lookups_a_concat_joins_are_one_kernel_that_reads_each_row_once(recc
     assert sorted(tables) == sorted(4 * expected)
     assert output.dtype == "float32" and [int(d) for d in list(output.shape)[1:]] == [(1 + 4) * DIM]  # the bottom MLP ends at DIM too
     assert one_loop_nest(kernel), kernel.script()
+
+
+@pytest.mark.parametrize("format", ["int8", "int4", "none"])
+def test_a_lookup_kernel_inlined_table_by_table_is_the_kernel_inlined_in_one_scope(reccc_cli, embedding_dlrm, tmp_path, format):
+    """The CPU rules inline each table's blocks in a scope of their own before the Concat's
+    (kernel_blocks.inline_producers, for compile time): the kernel is the same as inlining every
+    block, producers first, in the kernel's one scope."""
+    from tvm import s_tir
+    import tvm_ffi
+
+    from reccc.targets.kernel_blocks import inline_producers, root_blocks
+
+    graph = tmp_path / "m.onnx"
+    assert reccc_cli(embedding_dlrm, f"--embedding-quant={format}", "--emit=onnx", "-o", graph).code == 0
+    (_, _, kernel), = lowered_lookups(onnx.load(graph), scheduled=False)
+    schedule = s_tir.Schedule(kernel)
+    assert len(root_blocks(schedule)) > 4 * 2
+    for block in root_blocks(schedule):
+        try:
+            schedule.compute_inline(block)
+        except s_tir.ScheduleError:
+            continue
+    assert tvm_ffi.structural_equal(inline_producers(kernel), schedule.mod["main"])
 
 
 def test_lookups_whose_rows_flow_into_several_readers_are_one_kernel_each(reccc_cli, tmp_path):
