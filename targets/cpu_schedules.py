@@ -39,6 +39,7 @@ from tvm.target import codegen
 from reccc.targets import weight_panels
 from reccc.targets.kernel_blocks import DATA_PARALLEL, find_block, inline_into_output, inline_producers, root_blocks
 from reccc.targets.lookup_fusion import reads_at_loaded_index
+from reccc.targets.lookup_prefetch import prefetching_rows_ahead
 from reccc.targets.row_branches import branching, symbolic_rows
 
 
@@ -335,7 +336,7 @@ def _lookup_schedule(inlined: tvm.tirx.PrimFunc, lanes: int, parallel: bool) -> 
                 schedule.decompose_reduction(block, reduction[0])
     except s_tir.ScheduleError:
         return None
-    return schedule.mod["main"]
+    return prefetching_rows_ahead(schedule.mod["main"])
 
 
 def _concatenation_rule(schedule: s_tir.Schedule, symbol: str, lanes: int, parallel: bool = True) -> bool:

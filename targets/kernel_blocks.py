@@ -99,9 +99,12 @@ def _chain_by_chain(function: tirx.PrimFunc) -> tirx.PrimFunc:
         dropped |= set(own) - set(left.alloc_buffers)
         replaced.update({index: [] for index in members[:-1]})
         replaced[members[-1]] = list(left.body.seq) if isinstance(left.body, tirx.SeqStmt) else [left.body]
+    if not replaced:
+        return function
     body = [stmt for index, stage in enumerate(stages) for stmt in replaced.get(index, [stage])]
     kept = [buffer for buffer in root.alloc_buffers if buffer not in dropped]
-    return function.with_body(s_tir.SBlockRealize([], True, s_tir.SBlock([], [], [], root.name_hint, tirx.SeqStmt(body), alloc_buffers=kept)))
+    return function.with_body(s_tir.SBlockRealize([], True, s_tir.SBlock([], [], [], root.name_hint, body[0] if len(body) == 1 else tirx.SeqStmt(body),
+                                                                       alloc_buffers=kept)))
 
 
 def _accessed(stmt) -> tuple[set, set]:

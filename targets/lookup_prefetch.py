@@ -5,7 +5,9 @@ ahead of random rows, and each row costs a miss to L3 or DRAM. A plain C gather 
 rows reaches 43% of the copy rate, 48-56% prefetching 16 to 32 lookups ahead
 (tools/gather_ceiling.py). So before each vector loop that copies part of a gathered row, the kernel
 prefetches the same part of the row that loop will read `ahead` output rows later, its id read from
-that row (the last row's, past the end).
+that row (the last row's, past the end). Measured on the standard DeepFM (26 ids a row into a 1M x 16
+fp32 table) at batch 2048, alternating builds: its lookup kernel 0.40 ms instead of 0.48; the
+standard DLRM's 256-byte rows were no faster (see MAX_ROW_BYTES).
 """
 
 import tvm
@@ -14,6 +16,11 @@ from tvm import s_tir, tirx
 
 # How many lookups ahead to prefetch: the C gather's best distance was 16 to 32.
 LOOKUPS_AHEAD = 16
+# Tables smaller than a core's L2 stay cached from call to call: prefetching them would only add work.
+MIN_TABLE_BYTES = 2 << 20
+# Rows of several cache lines are fetched line after line by the hardware's own prefetchers once the
+# first misses: prefetching each line too made the standard DLRM's 256-byte rows no faster.
+MAX_ROW_BYTES = 64
 
 
 def _has_load(expr) -> bool:
@@ -22,12 +29,27 @@ def _has_load(expr) -> bool:
     return bool(found)
 
 
+def _bytes(dtype, dims) -> int:
+    """The size of a tensor of `dims`, 0 where a dim is symbolic."""
+    size = tvm.DataType(dtype).bits // 8
+    for dim in dims:
+        size *= int(dim) if isinstance(dim, tirx.IntImm) else 0
+    return size
+
+
+def _prefetched(table) -> bool:
+    """A table large enough to miss the caches, of rows of at most a cache line."""
+    return _bytes(table.dtype, table.shape) >= MIN_TABLE_BYTES and 0 < _bytes(table.dtype, table.shape[1:]) <= MAX_ROW_BYTES
+
+
 def _gathers(value) -> list:
-    """The loads in `value` at an index that itself loads (a table's row at an id), one per table."""
+    """The loads in `value` at an index that itself loads (a table's row at an id) from a table worth
+    prefetching, one per table."""
     gathers, tables = [], []
 
     def visit(load):
-        if any(_has_load(index) for index in load.indices) and not any(load.source.same_as(table) for table in tables):
+        if any(_has_load(index) for index in load.indices) and _prefetched(load.source) \
+                and not any(load.source.same_as(table) for table in tables):
             gathers.append(load)
             tables.append(load.source)
 
@@ -98,7 +120,8 @@ def prefetching_rows_ahead(function: tirx.PrimFunc) -> tirx.PrimFunc:
         prefetches = []
         for gather in _gathers(realize.block.body.value):
             indices = [_substituted(_substituted(index, bound), {loop.loop_var: loop.min, rows.loop_var: later_row}) for index in gather.indices]
-            address = tirx.address_of(tvm.ir.TensorLoad(gather.source, indices))
+            address = tirx.address_of(tirx.BufferLoad(gather.source, indices))
+            # a read (0), to be kept in every cache level (3), of data (1)
             prefetches.append(tirx.Evaluate(tirx.call_llvm_intrin("void", "llvm.prefetch.p0", address, 0, 3, 1)))
         return tirx.SeqStmt([*prefetches, loop])
 
