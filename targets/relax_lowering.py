@@ -115,6 +115,14 @@ def fold_static_dim_reads(module: tvm.IRModule) -> tvm.IRModule:
     return relax.transform.DeadCodeElimination(["main"])(folded)
 
 
+def without_repeated_work(module: tvm.IRModule) -> tvm.IRModule:
+    """The imported module with its static dim reads folded (fold_static_dim_reads) and each value
+    computed once (Relax's CSE): the importer writes Gather's wrap-around of negative ids per Gather,
+    so a quantized table's codes and scale/bias gathers wrapped the same ids twice (3 of its lookup's
+    15 blocks). What the build runs from -O1 on, before legalization."""
+    return relax.transform.EliminateCommonSubexpr()(fold_static_dim_reads(module))
+
+
 # Legalizations that replace TVM's where its numerics differ from ONNX's (checked against onnxruntime).
 _ONNX_EXACT_LEGALIZATIONS = {"relax.nn.relu": _relu_propagating_nan}
 
@@ -214,9 +222,7 @@ def build(
     try:
         with target:
             if opt_level >= 1:
-                # CSE: the importer writes Gather's wrap-around of negative ids per Gather, so a quantized
-                # table's codes and scale/bias gathers wrap the same ids twice (3 of its lookup's 15 blocks)
-                module = relax.transform.EliminateCommonSubexpr()(fold_static_dim_reads(module))
+                module = without_repeated_work(module)
             if opt_level >= 2 and select_kernels is not None:
                 module = select_kernels(module, target)
             module = relax.transform.LegalizeOps(_ONNX_EXACT_LEGALIZATIONS)(module)

@@ -107,7 +107,7 @@ def lowered_lookups(proto: onnx.ModelProto, weights: str = "embed", table_rows: 
     constants = values_to_bind(lifted) if weights == "embed" else []
     target = host_cpu().tvm_target()
     with target:
-        module = lookup_fusion.fuse_operators()(relax_lowering.to_relax(lowered, constants))
+        module = lookup_fusion.fuse_operators()(relax_lowering.without_repeated_work(relax_lowering.to_relax(lowered, constants)))
         if scheduled:
             module = cpu_schedules.apply_default_schedules(module, target)
     calls = []
@@ -186,6 +186,22 @@ def test_a_lookup_kernel_inlined_table_by_table_is_the_kernel_inlined_in_one_sco
         except s_tir.ScheduleError:
             continue
     assert tvm_ffi.structural_equal(inline_producers(kernel), schedule.mod["main"])
+
+
+def test_a_quantized_tables_lookup_wraps_its_ids_around_once(reccc_cli, embedding_dlrm, tmp_path):
+    """TVM's importer writes Gather's wrap-around of negative ids once per Gather, so an int8 table's
+    codes and scale/bias gathers would wrap the same ids twice: what the build runs before lowering
+    (relax_lowering.without_repeated_work) leaves one wrap-around (a `where`) a table in the lookup kernel."""
+    from tvm import s_tir
+
+    from reccc.targets.kernel_blocks import root_blocks
+
+    graph = tmp_path / "m.onnx"
+    assert reccc_cli(embedding_dlrm, "--embedding-quant=int8", "--emit=onnx", "-o", graph).code == 0
+    (tables, _, kernel), = lowered_lookups(onnx.load(graph), scheduled=False)
+    schedule = s_tir.Schedule(kernel)
+    wrap_arounds = [b for b in root_blocks(schedule) if schedule.get(b).name_hint.startswith("T_where")]
+    assert len(tables) == 2 * 4 and len(wrap_arounds) == 4
 
 
 def test_lookups_whose_rows_flow_into_several_readers_are_one_kernel_each(reccc_cli, tmp_path):
