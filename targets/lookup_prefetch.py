@@ -6,8 +6,9 @@ rows reaches 43% of the copy rate, 48-56% prefetching 16 to 32 lookups ahead
 (tools/gather_ceiling.py). So before each vector loop that copies part of a gathered row, the kernel
 prefetches the same part of the row that loop will read `ahead` output rows later, its id read from
 that row (the last row's, past the end). Measured on the standard DeepFM (26 ids a row into a 1M x 16
-fp32 table) at batch 2048, alternating builds: its lookup kernel 0.40 ms instead of 0.48; the
-standard DLRM's 256-byte rows were no faster (see MAX_ROW_BYTES).
+fp32 table) at batch 2048, alternating builds: its lookup kernel 0.40 ms instead of 0.48, and 0.43
+instead of 0.46 in a second run (prefetching 2 or 3 rows ahead there: 0.44); the standard DLRM's
+256-byte rows were no faster (see MAX_ROW_BYTES).
 """
 
 import tvm
