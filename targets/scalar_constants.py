@@ -25,7 +25,7 @@ def _scalar(argument, param) -> tirx.Expr | None:
     return tirx.const(value.item(), str(value.dtype))
 
 
-def with_immediates(function: tirx.PrimFunc, immediates: dict[int, tirx.Expr]) -> tirx.PrimFunc:
+def _with_immediates(function: tirx.PrimFunc, immediates: dict[int, tirx.Expr]) -> tirx.PrimFunc:
     """`function` without the 0-d buffer parameters at the positions of `immediates`, each load of one
     replaced by its value (and dropped from the blocks' read regions)."""
     replaced = [(function.params[position], value) for position, value in immediates.items()]
@@ -67,9 +67,9 @@ class _ScalarArguments(relax.PyExprMutator):
         immediates = {position: value for position, value in enumerate(map(_scalar, arguments, callee.params)) if value is not None}
         if not immediates:
             return call
-        key = (call.args[0], tuple((position, str(value)) for position, value in immediates.items()))
+        key = (call.args[0], tuple((position, value.value) for position, value in immediates.items()))
         if key not in self.specialized:
-            self.specialized[key] = self.builder_.add_func(with_immediates(callee, immediates), call.args[0].name_hint)
+            self.specialized[key] = self.builder_.add_func(_with_immediates(callee, immediates), call.args[0].name_hint)
         kept = [argument for position, argument in enumerate(arguments) if position not in immediates]
         return relax.Call(call.op, [self.specialized[key], relax.Tuple(kept), *call.args[2:]], call.attrs, call.ty_args)
 
