@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from reccc import host_cpu
+from reccc import host_cpu, huge_pages
 from reccc.errors import EmbeddingIndexError, ModelInputError, UsageError
 from reccc.manifest import IndexGuard, Manifest, TensorSpec, read_manifest
 from reccc.weights_file import map_weights
@@ -35,14 +35,13 @@ class CompiledModel:
     def __init__(self, path: Path):
         import tvm  # deferred: importing TVM takes a second, and `reccc --help` needs none of it
         import tvm_ffi
-        from tvm.runtime.vm import VirtualMachine  # not relax's: a device's runtime-only TVM has no relax
 
         self.path = path
         self.manifest: Manifest = read_manifest(path)
         _check_host_arch(self.manifest, path)
         host_cpu.prepare_to_run(self.manifest.cpu_flags, path)  # before the library: AMX needs the process's request
         self._device = _device_for(self.manifest, path)
-        self._vm = VirtualMachine(tvm.runtime.load_module(str(path)), self._device)
+        self._vm = huge_pages.virtual_machine(path, self._device)
         self._main = self._vm["main"]
         # A Relax VM runs one call at a time: concurrent calls corrupt its registers and crash the process.
         self._vm_lock = threading.Lock()

@@ -228,11 +228,13 @@ def compile_plain_tvm(model: onnx.ModelProto) -> tuple[Callable, float]:
 
 
 def load_vm_main(artifact: Path) -> Callable:
-    """The artifact's Relax VM entry point, loaded without reccc's runtime wrapper."""
+    """The artifact's Relax VM entry point, loaded as reccc.load loads it (its constants on huge pages)
+    but without reccc's runtime wrapper."""
     import tvm
-    from tvm import relax
 
-    return relax.VirtualMachine(tvm.runtime.load_module(str(artifact)), tvm.cpu())["main"]
+    from reccc import huge_pages
+
+    return huge_pages.virtual_machine(artifact, tvm.cpu())["main"]
 
 
 def graph_input_names(model: onnx.ModelProto) -> list[str]:

@@ -52,14 +52,13 @@ def profile_kernels(artifact: Path, feeds: list[dict[str, np.ndarray]], runs: in
     takes feeds[i % len(feeds)]: with as many feeds as runs, every run looks up rows the others did not
     (a serving process's case; repeating one batch would time lookups of rows left in the caches)."""
     import tvm
-    from tvm import relax
 
-    from reccc import host_cpu
+    from reccc import host_cpu, huge_pages
     from reccc.manifest import read_manifest
 
     manifest = read_manifest(artifact)
     host_cpu.prepare_to_run(manifest.cpu_flags, artifact)  # AMX kernels need the process's request
-    vm = relax.VirtualMachine(tvm.runtime.load_module(str(artifact)), tvm.cpu())
+    vm = huge_pages.virtual_machine(artifact, tvm.cpu())  # as reccc.load maps it
     arguments = [[tvm.runtime.tensor(feed[spec.name]) for spec in manifest.inputs] for feed in feeds]
     started: dict[str, float] = {}
     calls: list[tuple[str, float, list]] = []
