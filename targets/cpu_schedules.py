@@ -32,7 +32,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import tvm
-import tvm_ffi
 from tvm import s_tir
 from tvm.target import codegen
 
@@ -41,6 +40,7 @@ from reccc.targets.kernel_blocks import DATA_PARALLEL, find_block, inline_into_o
 from reccc.targets.lookup_fusion import reads_at_loaded_index
 from reccc.targets.lookup_prefetch import prefetching_rows_ahead
 from reccc.targets.row_branches import branching, symbolic_rows
+from reccc.targets.tir_expressions import loads
 
 
 
@@ -397,8 +397,7 @@ def _copy_segments(schedule: s_tir.Schedule, block, loop, lanes: int) -> bool:
         store = tvm.tirx.BufferStore(stmt.body.buffer, dict(_concatenated_sources(stmt))[start], stmt.body.indices)
         # its reads are the block's of the buffers its source loads: each copy keeping all of them made
         # a 26-table lookup kernel 20x the text, which TIR's lowering took 1.75 s instead of 1.05 over
-        loaded = set()
-        tvm_ffi.structural_walk(store.value, [(tvm.ir.TensorLoad, lambda load: loaded.add(load.source))])
+        loaded = {load.source for load in loads(store.value)}
         reads = [region for region in stmt.reads if region.source in loaded]
         alone = s_tir.SBlock(stmt.iter_vars, reads, stmt.writes, stmt.name_hint, store, stmt.init, stmt.alloc_buffers,
                              stmt.match_buffers, stmt.annotations)

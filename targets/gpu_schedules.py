@@ -18,27 +18,15 @@ import math
 import re
 
 import tvm
-import tvm_ffi
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 
 from reccc.targets.gpu_fc_schedules import ROWS_PER_BLOCK, WARP, RowParameters, TensorCoreFc
+from reccc.targets.tir_expressions import loads, uses
 
 THREADS_PER_BLOCK = 256
 LOAD_BYTES = 16  # the widest load a CUDA thread issues
-
-
-def _loads(expr) -> list:
-    found = []
-    tvm_ffi.structural_walk(expr, [(tvm.ir.TensorLoad, found.append)])
-    return found
-
-
-def _uses(expr, var: tirx.Var) -> bool:
-    found = []
-    tvm_ffi.structural_walk(expr, [(tirx.Var, lambda each: found.append(each) if each.same_as(var) else None)])
-    return bool(found)
 
 
 def _column_offset(index, axis: tirx.Var) -> int | None:
@@ -53,11 +41,11 @@ def _column_offset(index, axis: tirx.Var) -> int | None:
 def _is_gather(block: s_tir.SBlock) -> bool:
     """The block loads from a table at a row read from memory, along the block's last axis."""
     last_axis = block.iter_vars[-1].var
-    for load in _loads(block.body):
+    for load in loads(block.body):
         if len(load.indices) < 2:
             continue
         *rows, column = load.indices
-        if _column_offset(column, last_axis) is not None and any(_loads(row) for row in rows):
+        if _column_offset(column, last_axis) is not None and any(loads(row) for row in rows):
             return True
     return False
 
@@ -70,13 +58,13 @@ def _vector_lanes(block: s_tir.SBlock, width: int) -> int:
     last_axis = block.iter_vars[-1].var
     output = block.writes[0].source
     lanes = max(1, LOAD_BYTES // tvm.DataType(output.dtype).itemsize)
-    for load in _loads(block.body):
+    for load in loads(block.body):
         if not load.indices:
             continue
         *rows, column = load.indices
         offset = _column_offset(column, last_axis)
         row_length = load.source.shape[-1] if load.source.shape else None
-        if any(_uses(row, last_axis) for row in rows) or (offset is None and _uses(column, last_axis)):
+        if any(uses(row, last_axis) for row in rows) or (offset is None and uses(column, last_axis)):
             return 1
         if offset is not None:
             if not isinstance(row_length, tirx.IntImm):
@@ -146,7 +134,7 @@ class RowReduction(dlight.ScheduleRule):
         reduced = schedule.get(block).iter_vars[-1]
         if not isinstance(reduced.dom.extent, tirx.IntImm) or int(reduced.dom.extent) < WARP:
             return None  # a warp would idle on a short reduction (a bag of a few lookups)
-        if not any(load.indices and _column_offset(load.indices[-1], reduced.var) is not None for load in _loads(schedule.get(block).body)):
+        if not any(load.indices and _column_offset(load.indices[-1], reduced.var) is not None for load in loads(schedule.get(block).body)):
             return None  # lanes stepping along the reduction would not read consecutive elements
         loops = schedule.get_loops(block)
         spatial = len(loops) - 1

@@ -31,6 +31,7 @@ import tvm
 from tvm import relax, s_tir, tirx
 
 from reccc.targets.scalar_constants import inline_scalar_constants
+from reccc.targets.tir_expressions import has_load
 
 OP_PATTERN_INJECTIVE = 2  # tvm::relax::OpPatternKind: elementwise 0, broadcast 1, injective 2
 OP_PATTERN_COMM_REDUCE = 3
@@ -39,15 +40,7 @@ GROUP_PREFIX = "fused_lookup"
 
 def reads_at_loaded_index(block) -> bool:
     """Whether `block` reads a buffer at an index it loads from another (a gather)."""
-    return any(_has_load(extent.min) for read in block.reads for extent in read.region)
-
-
-def _has_load(expr) -> bool:
-    if isinstance(expr, tvm.ir.TensorLoad):
-        return True
-    children = [getattr(expr, field) for field in ("a", "b", "value", "condition", "true_value", "false_value") if hasattr(expr, field)]
-    children += list(getattr(expr, "args", ()))
-    return any(_has_load(child) for child in children if isinstance(child, tirx.Expr))
+    return any(has_load(extent.min) for read in block.reads for extent in read.region)
 
 
 def is_gather(function: tirx.PrimFunc) -> bool:

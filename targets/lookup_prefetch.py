@@ -11,9 +11,13 @@ instead of 0.46 in a second run (prefetching 2 or 3 rows ahead there: 0.44); the
 256-byte rows were no faster (see MAX_ROW_BYTES).
 """
 
+from dataclasses import dataclass
+
 import tvm
 import tvm_ffi
 from tvm import s_tir, tirx
+
+from reccc.targets.tir_expressions import has_load, uses
 
 # How many lookups ahead to prefetch: the C gather's best distance was 16 to 32.
 LOOKUPS_AHEAD = 16
@@ -22,12 +26,6 @@ MIN_TABLE_BYTES = 2 << 20
 # Rows of several cache lines are fetched line after line by the hardware's own prefetchers once the
 # first misses: prefetching each line too made the standard DLRM's 256-byte rows no faster.
 MAX_ROW_BYTES = 64
-
-
-def _has_load(expr) -> bool:
-    found = []
-    tvm_ffi.structural_walk(expr, [(tvm.ir.TensorLoad, found.append)])
-    return bool(found)
 
 
 def _bytes(dtype, dims) -> int:
@@ -49,7 +47,7 @@ def _gathers(value) -> list:
     gathers, tables = [], []
 
     def visit(load):
-        if any(_has_load(index) for index in load.indices) and _prefetched(load.source) \
+        if any(has_load(index) for index in load.indices) and _prefetched(load.source) \
                 and not any(load.source.same_as(table) for table in tables):
             gathers.append(load)
             tables.append(load.source)
@@ -62,14 +60,22 @@ def _substituted(expr, values: dict):
     return tvm_ffi.structural_map(expr, [(tirx.Var, lambda var: values.get(var, var))])
 
 
-def _vector_copies(stmt, enclosing: tuple = ()) -> list[tuple]:
-    """(loop, the loops around it within `stmt`) of each vectorized loop whose body is one block
-    storing a value that gathers."""
+@dataclass(frozen=True)
+class _Copy:
+    """A vectorized loop whose body is one block storing a value that gathers rows worth prefetching."""
+
+    loop: tirx.For
+    enclosing: tuple  # the loops around it, within the row loop
+    gathers: list  # (table, its indices in the loops' variables), one per table
+
+
+def _vector_copies(stmt, enclosing: tuple = ()) -> list[_Copy]:
     if isinstance(stmt, tirx.For):
         body = stmt.body
-        if stmt.kind == tirx.ForKind.VECTORIZED and isinstance(body, s_tir.SBlockRealize) and isinstance(body.block.body, tirx.BufferStore) \
-                and _gathers(body.block.body.value):
-            return [(stmt, enclosing)]
+        if stmt.kind == tirx.ForKind.VECTORIZED and isinstance(body, s_tir.SBlockRealize) and isinstance(body.block.body, tirx.BufferStore):
+            bound = {var.var: value for var, value in zip(body.block.iter_vars, body.iter_values)}
+            gathers = [(gather.source, [_substituted(index, bound) for index in gather.indices]) for gather in _gathers(body.block.body.value)]
+            return [_Copy(stmt, enclosing, gathers)] if gathers else []
         return _vector_copies(body, (*enclosing, stmt))
     if isinstance(stmt, tirx.SeqStmt):
         return [copy for child in stmt.seq for copy in _vector_copies(child, enclosing)]
@@ -80,24 +86,16 @@ def _vector_copies(stmt, enclosing: tuple = ()) -> list[tuple]:
     return []
 
 
-def _lookups(copy: tirx.For, enclosing: tuple) -> int:
+def _lookups(copy: _Copy) -> int:
     """How many rows the copy loop's gathers read in one iteration of the loops around it: the product
     of the static extents of those whose variable the ids are read at (a bag's or DeepFM's fields),
     not those running over the columns of one row."""
-    realize = copy.body
-    bound = {var.var: value for var, value in zip(realize.block.iter_vars, realize.iter_values)}
-    ids = [_substituted(index, bound) for gather in _gathers(realize.block.body.value) for index in gather.indices if _has_load(index)]
+    ids = [index for _, indices in copy.gathers for index in indices if has_load(index)]
     lookups = 1
-    for loop in enclosing:
-        if isinstance(loop.extent, tirx.IntImm) and any(_uses(index, loop.loop_var) for index in ids):
+    for loop in copy.enclosing:
+        if isinstance(loop.extent, tirx.IntImm) and any(uses(index, loop.loop_var) for index in ids):
             lookups *= int(loop.extent)
     return lookups
-
-
-def _uses(expr, var) -> bool:
-    found = []
-    tvm_ffi.structural_walk(expr, [(tirx.Var, lambda each: found.append(each) if each.same_as(var) else None)])
-    return bool(found)
 
 
 def prefetching_rows_ahead(function: tirx.PrimFunc) -> tirx.PrimFunc:
@@ -106,22 +104,20 @@ def prefetching_rows_ahead(function: tirx.PrimFunc) -> tirx.PrimFunc:
     rows later, `ahead` being enough rows for LOOKUPS_AHEAD lookups. Unchanged where there is no such loop."""
     root = function.body.block
     rows = root.body
-    found = _vector_copies(rows.body) if isinstance(rows, tirx.For) else []
-    if not found:
+    copies = _vector_copies(rows.body) if isinstance(rows, tirx.For) else []
+    if not copies:
         return function
-    copies = [copy for copy, _ in found]
-    ahead = max(1, -(-LOOKUPS_AHEAD // sum(_lookups(copy, enclosing) for copy, enclosing in found)))
+    ahead = max(1, -(-LOOKUPS_AHEAD // sum(map(_lookups, copies))))
     later_row = tirx.Min(rows.loop_var + tirx.const(ahead, rows.loop_var.ty.dtype), rows.min + rows.extent - 1)
 
     def with_prefetch(loop):
-        if not any(loop.same_as(copy) for copy in copies):
+        copy = next((copy for copy in copies if loop.same_as(copy.loop)), None)
+        if copy is None:
             return loop
-        realize = loop.body
-        bound = {var.var: value for var, value in zip(realize.block.iter_vars, realize.iter_values)}
         prefetches = []
-        for gather in _gathers(realize.block.body.value):
-            indices = [_substituted(_substituted(index, bound), {loop.loop_var: loop.min, rows.loop_var: later_row}) for index in gather.indices]
-            address = tirx.address_of(tirx.BufferLoad(gather.source, indices))
+        for table, indices in copy.gathers:
+            later = [_substituted(index, {loop.loop_var: loop.min, rows.loop_var: later_row}) for index in indices]
+            address = tirx.address_of(tirx.BufferLoad(table, later))
             # a read (0), to be kept in every cache level (3), of data (1)
             prefetches.append(tirx.Evaluate(tirx.call_llvm_intrin("void", "llvm.prefetch.p0", address, 0, 3, 1)))
         return tirx.SeqStmt([*prefetches, loop])
