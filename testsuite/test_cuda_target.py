@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import tvm
@@ -19,7 +20,7 @@ import tvm_ffi
 from conftest import TESTSUITE_MODELS, model_path
 from cuda_code import extract_fatbin, objdump
 from fc_kernels import one_layer_model
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 from tvm import te
 from tvm.s_tir import dlight
 
@@ -222,6 +223,27 @@ def test_check_cuda_builds_each_precision_beside_its_reference_graph(nvcc, tmp_p
         assert read_manifest(folder / artifact).target["arch"] == "sm_90"
     wrong = subprocess.run([*command, "--fc-precision", "fp16"], capture_output=True, text=True)
     assert wrong.returncode == 2 and "precisions must be among fp32, int8, bf16, not 'fp16'" in wrong.stderr
+
+
+def test_check_cuda_checks_an_o3_build_against_its_int8_tables(nvcc, tmp_path):
+    """-O3 stores large tables as int8, so a GPU run of its artifact is checked against onnxruntime's
+    run of the quantized graph, which --build-only writes beside it, not against the fp32 model."""
+    tool = Path(__file__).resolve().parent.parent / "tools" / "check_cuda.py"
+    table = numpy_helper.from_array(np.random.default_rng(0).normal(0, 0.05, (4096, 64)).astype(np.float32), "table")  # 1 MiB
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["rows"])], "lookup",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch"])],
+        [helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["batch", 64])], [table],
+    )
+    source = tmp_path / "lookup.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), source)
+    folder = tmp_path / "built"
+    result = subprocess.run([sys.executable, str(tool), "--build-only", str(folder), "--arch", "sm_90", "-O", "3", str(source)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    index = json.loads((folder / "build.json").read_text())
+    assert index["models"] == [{"model": "lookup.onnx", "precision": "fp32", "reference": "lookup.fp32.onnx", "artifact": "lookup.fp32.so"}]
+    stored = {initializer.data_type for initializer in onnx.load(folder / "lookup.fp32.onnx").graph.initializer}
+    assert TensorProto.UINT8 in stored and TensorProto.FLOAT in stored
 
 
 @pytest.mark.skipif(tvm.cuda(0).exist, reason="this machine has a CUDA GPU")

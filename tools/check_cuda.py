@@ -15,9 +15,9 @@ one process, medians after warm-ups:
   reccc_on_gpu        the artifact's VM entry on inputs already on the GPU, outputs left there (kernels and launches)
   onnxruntime_cpu     onnxruntime, CPU provider, ORT_ENABLE_ALL, all cores
   onnxruntime_cuda    onnxruntime's CUDA provider (numpy in and out), where the installed onnxruntime has it
-With --fc-precision int8 or bf16 (reccc's --fc-precision, FC layers on the tensor cores), the
-artifact is checked against onnxruntime's run of the graph --fc-precision rewrote (which the build
-writes beside it), and its outputs' deviation from the fp32 model is reported beside that graph's;
+With --fc-precision int8 or bf16 (reccc's --fc-precision, FC layers on the tensor cores), or at -O3
+(whose tables are int8 by default), the artifact is checked against onnxruntime's run of the graph
+reccc's lossy passes rewrote (which the build writes beside it), and its outputs' deviation from the fp32 model is reported beside that graph's;
 onnxruntime's timings are of the fp32 model, the baseline. Such a build agrees when each output is
 within reccc's fp32 tolerance of that run, or within half of the graph's own deviation from the fp32
 model (RE_ROUNDING_SHARE): the GPU's fused multiply-adds and the tensor cores' summation order move
@@ -101,8 +101,10 @@ def local_gpu() -> dict | None:
 
 def build(models: list[Path], arch: str, opt_level: int, precisions: list[str], folder: Path) -> dict:
     """Compile each model for `arch` in each FC precision into `folder`, beside a copy of the model and,
-    for int8 / bf16, the graph --fc-precision rewrote (the reference); returns the build index."""
+    for a lossy build (int8 / bf16 FC layers, -O3's int8 tables), the graph reccc rewrote (the reference);
+    returns the build index."""
     import reccc
+    from reccc.pipelines import DEFAULT_EMBEDDING_FORMAT
 
     folder.mkdir(parents=True, exist_ok=True)
     if not models:
@@ -120,7 +122,7 @@ def build(models: list[Path], arch: str, opt_level: int, precisions: list[str], 
         for precision in precisions:
             artifact, reference = folder / f"{path.stem}.{precision}.so", model
             options = {} if precision == "fp32" else {"fc_precision": precision}
-            if options:
+            if options or DEFAULT_EMBEDDING_FORMAT[opt_level]:  # a lossy build: -O3 quantizes the tables
                 reference = folder / f"{path.stem}.{precision}.onnx"
                 reccc.compile(str(path), str(reference), emit="onnx", opt_level=opt_level, **options)
             reccc.compile(str(path), str(artifact), target=target, opt_level=opt_level, **options)
