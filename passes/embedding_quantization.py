@@ -3,7 +3,9 @@
 A table qualifies when it is an embedding table (a float constant [rows, dim]) whose every reader is
 a Gather along axis 0 with run-time ids, and it is not a graph output. It is quantized when it holds
 at least `min_bytes` (small tables are not worth the accuracy), or when `tables` names it; `tables`
-also keeps a named table fp32 ("none") or gives it its own format. The formats and the ops that read
+also keeps a named table fp32 ("none") or gives it its own format. A format that would not make a
+table smaller (rows so narrow that the per-row scale and bias outweigh the codes: dim 1 or 2 for
+int8, dim 1 for int4) leaves it fp32, and is a usage error when `tables` asks for it by name. The formats and the ops that read
 them back are in reccc.passes.embedding_formats; every lookup still yields float32 rows of the same
 shape, so the rest of the graph is untouched.
 
@@ -62,6 +64,14 @@ class EmbeddingQuantization(Pass):
                 self.note(f"table '{table.name}' {size}: kept fp32: cannot store it as {choice}: {reason}")
                 continue
             encoded = encode(table.values, choice)
+            if encoded.nbytes >= table.values.nbytes:
+                # Narrow rows: a row's scale and bias outweigh what its codes save (a dim-1 table
+                # would take 9 bytes a row as int8 instead of 4), and the lookup reads more.
+                grows = f"{choice} would store it in {encoded.nbytes} bytes, not fewer than its {table.values.nbytes}"
+                if table.name in self.tables:
+                    raise UsageError(f"{self.name}: table '{table.name}' {size}: {grows}; choose another format for it")
+                self.note(f"table '{table.name}' {size}: kept fp32: {grows}")
+                continue
             worst = float(np.abs(decode(encoded) - table.values).max())
             stored = {role: new_constant(graph, f"{table.name}.{role}", array) for role, array in encoded.arrays.items()}
             for gather in gathers:

@@ -19,6 +19,7 @@ import reccc
 from reccc.errors import EmbeddingIndexError
 from reccc.ir import Model
 from reccc.pass_manager import create_pass
+from reccc.passes import embedding_quantization  # noqa: F401  (registers the pass create_pass names)
 from reccc.reference import agreement, run_reference
 from reccc.sample_inputs import random_inputs
 
@@ -206,14 +207,15 @@ def test_a_quantized_tables_lookup_wraps_its_ids_around_once(reccc_cli, embeddin
 
 def test_lookups_whose_rows_flow_into_several_readers_are_one_kernel_each(reccc_cli, tmp_path):
     """DeepFM's embeddings feed the FM interaction and the MLP, and its ids, clipped once, feed the
-    first-order table too: each lookup still gathers and dequantizes its rows in one kernel, the
-    embeddings' group ending at the rows (one loop nest) and taking the clipped ids as an input. (The
-    first-order lookup's group goes on through its sum into the FM term it is added to.)"""
+    first-order table too (kept fp32: int8 would not shrink its dim-1 rows): each lookup still gathers
+    (and dequantizes) its rows in one kernel, the embeddings' group ending at the rows (one loop nest)
+    and taking the clipped ids as an input. (The first-order lookup's group goes on through its sum
+    into the FM term it is added to.)"""
     graph = tmp_path / "deepfm.onnx"
     assert reccc_cli(model_path("deepfm"), "--embedding-quant=int8", "--embedding-quant-min-bytes=0", "--emit=onnx", "-o", graph).code == 0
     calls = lowered_lookups(onnx.load(graph), table_rows=300)
     assert sorted(sorted(tables) for tables, _, _ in calls) == [
-        [((300, 1), "uint8"), ((300, 2), "float32")],  # first-order weights
+        [((300, 1), "float32")],  # first-order weights
         [((300, 2), "float32"), ((300, 8), "uint8")],  # the fields' embeddings
     ]
     (embeddings,) = [kernel for tables, _, kernel in calls if ((300, 8), "uint8") in tables]
@@ -265,9 +267,11 @@ def quantized_lookup(table: np.ndarray, format: str) -> np.ndarray:
     return run_reference(model.to_onnx(), {"ids": np.arange(rows, dtype=np.int64)})["out"]
 
 
+# From dim 3, where int8 makes a table smaller (narrower ones stay fp32:
+# test_a_format_that_would_not_shrink_a_table_leaves_it_fp32).
 tables = arrays(
     np.float32,
-    st.tuples(st.integers(1, 12), st.integers(1, 40)),
+    st.tuples(st.integers(1, 12), st.integers(3, 40)),
     elements=st.floats(-1e3, 1e3, width=32),
 ).map(lambda t: (t * 10.0 ** np.random.default_rng(t.size).integers(-4, 2)).astype(np.float32))
 
@@ -353,6 +357,26 @@ def test_tables_get_their_own_format_by_name_and_small_ones_stay_fp32(reccc_cli,
     assert bigger.code == 0 and all(t.data_type == TensorProto.FLOAT for t in onnx.load(tmp_path / "n.onnx").graph.initializer)
 
 
+def test_a_format_that_would_not_shrink_a_table_leaves_it_fp32(reccc_cli, tmp_path):
+    """DeepFM's first-order weights are a dim-1 table: int8 with a per-row scale and bias would take
+    9 bytes a row instead of 4 (and its lookups read more), int4 4.5. fp16 still halves it."""
+    source = Path(__file__).parent / "models" / "deepfm.onnx"
+    result = reccc_cli(source, "--embedding-quant=int8", "--embedding-quant-min-bytes=0", "--time-passes", "--emit=onnx", "-o", tmp_path / "m.onnx")
+    assert result.code == 0, result.stderr
+    assert "table 'emb_1' 300x1: kept fp32: int8 would store it in 2700 bytes, not fewer than its 1200" in result.stderr
+    assert re.search(r"table 'emb_7' 300x8: int8, 9600 -> 4800 bytes", result.stderr)
+    stored = {t.name: t.data_type for t in onnx.load(tmp_path / "m.onnx").graph.initializer}
+    assert stored["emb_1"] == TensorProto.FLOAT and "emb_1.codes" not in stored and stored["emb_7.codes"] == TensorProto.UINT8
+    asked = reccc_cli(source, "--embedding-quant=int8", "--embedding-quant-table=emb_1=int4", "-o", tmp_path / "m.so")
+    assert asked.code == 2 and not (tmp_path / "m.so").exists()
+    assert asked.stderr.strip().splitlines()[-1] == (
+        "reccc: error: embedding-quantization: table 'emb_1' 300x1: int4 would store it in 1350 bytes, "
+        "not fewer than its 1200; choose another format for it"
+    )
+    halved = reccc_cli(source, "--embedding-quant=int8", "--embedding-quant-table=emb_1=fp16", "--emit=onnx", "-o", tmp_path / "h.onnx")
+    assert halved.code == 0 and "emb_1.values" in {t.name for t in onnx.load(tmp_path / "h.onnx").graph.initializer}
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
@@ -379,8 +403,8 @@ def test_out_of_range_ids_into_a_quantized_table_raise_naming_the_input(reccc_cl
 
 @pytest.mark.parametrize("name", ["dlrm", "wide_and_deep", "two_tower", "deepfm"])
 def test_every_bundled_model_with_all_tables_quantized_compiles_to_its_quantized_graph(reccc_cli, tmp_path, name):
-    """All tables, whatever their size (wide_and_deep's dim-1 tables take int4's odd-dim path, deepfm's
-    table feeds a pooling, a product and a flatten at once)."""
+    """All tables, whatever their size, but those int4 would not shrink (wide_and_deep's and deepfm's
+    dim-1 tables; deepfm's other table feeds a pooling, a product and a flatten at once)."""
     source = Path(__file__).parent / "models" / f"{name}.onnx"
     flags = ["--embedding-quant=int4", "--embedding-quant-min-bytes=0"]
     assert reccc_cli(source, *flags, "--emit=onnx", "-o", tmp_path / "q.onnx").code == 0
