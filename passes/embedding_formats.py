@@ -28,6 +28,7 @@ from reccc.passes.patterns import fresh_name, new_constant, new_node
 
 FORMATS = ("int8", "int4", "fp16")
 FP16_MAX = float(np.finfo(np.float16).max)
+CACHE_LINE_BYTES = 64
 
 
 @dataclass
@@ -94,6 +95,15 @@ def _row_ranges(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         block.min(axis=0, out=low[start:start + step])
         block.max(axis=0, out=high[start:start + step])
     return low, high
+
+
+def cache_lines_per_lookup(table: np.ndarray, format: str) -> float:
+    """The cache lines one lookup of `table` stored in `format` reads on average: for each stored array,
+    its row's lines, a row of b bytes straddling a line boundary at a share (b - gcd(b, 64)) / 64 of
+    the rows (arrays start on a line: TVM aligns them to 64 bytes)."""
+    stored = encode(table[:2], format).arrays.values()  # two rows have the layout of all (int4 pairs them)
+    row_bytes = [int(array.itemsize * np.prod(array.shape[1:], dtype=np.int64)) for array in stored]
+    return sum(1 + (b - np.gcd(b, CACHE_LINE_BYTES)) / CACHE_LINE_BYTES for b in row_bytes)
 
 
 def decode(encoded: EncodedTable) -> np.ndarray:

@@ -62,14 +62,15 @@ def _compile_parser() -> argparse.ArgumentParser:
                         help="lossy: zero FC weights with |w| < T (magnitude pruning); reports the sparsity reached")
     parser.add_argument("--prune-neurons", type=float, metavar="FRACTION",
                         help="lossy: remove this fraction of each hidden FC layer's neurons, lowest L2 norm first")
-    parser.add_argument("--embedding-quant", choices=("int8", "int4", "fp16", "none"),
+    parser.add_argument("--embedding-quant", choices=("int8", "int4", "fp16", "auto", "none"),
                         help="lossy: store embedding tables of at least --embedding-quant-min-bytes as row-wise int8 or int4 "
-                        "(scale and bias per row) or fp16; default: int8 at -O3 (within 1%% of the outputs' scale, else "
-                        "the tables stay fp32), none below")
+                        "(scale and bias per row) or fp16, or auto: per table int8 or fp16, whichever a lookup reads fewer "
+                        "cache lines of (fp16 for rows of up to 32 values); default: auto at -O3 (within 1%% of the "
+                        "outputs' scale, else the tables stay fp32), none below")
     parser.add_argument("--embedding-quant-min-bytes", type=int, metavar="N",
                         help="quantize only tables of at least N bytes (default: 1048576)")
     parser.add_argument("--embedding-quant-table", action="append", default=[], metavar="NAME=FORMAT",
-                        help="give one table (by initializer name) its own format: int8, int4, fp16 or none (repeatable)")
+                        help="give one table (by initializer name) its own format: int8, int4, fp16, auto or none (repeatable)")
     parser.add_argument("--fc-precision", choices=("fp32", "bf16", "int8"),
                         help="lossy: run FC layers (Gemm/MatMul of a constant weight, 8 units or more) in int8 (per-unit "
                         "weight scales, per-row dynamic activation scales, int32 accumulation) or bf16 (fp32 accumulation); "
@@ -236,8 +237,8 @@ def _table_formats(values: list[str]) -> dict[str, str]:
     formats = {}
     for value in values:
         name, _, format = value.rpartition("=")
-        if not name or format not in ("int8", "int4", "fp16", "none"):
-            raise UsageError(f"--embedding-quant-table {value}: expected NAME=FORMAT with FORMAT one of int8, int4, fp16, none")
+        if not name or format not in ("int8", "int4", "fp16", "auto", "none"):
+            raise UsageError(f"--embedding-quant-table {value}: expected NAME=FORMAT with FORMAT one of int8, int4, fp16, auto, none")
         if name in formats:
             raise UsageError(f"--embedding-quant-table {value}: table '{name}' is given twice")
         formats[name] = format

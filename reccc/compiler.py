@@ -66,7 +66,7 @@ class CompileOptions:
     # Opt-in lossy passes (see pipelines.LOSSY_PASS_OPTIONS) and the accuracy guard they run under.
     prune_threshold: float | None = None
     prune_neurons: float | None = None
-    # Embedding-table format: int8, int4, fp16 or none; None means the level's default (int8 at -O3,
+    # Embedding-table format: int8, int4, fp16, auto or none; None means the level's default (auto at -O3,
     # under DEFAULT_BUDGET_FRACTION when no budget is given). Tables below the size stay fp32;
     # `embedding_quant_tables` gives single tables (by initializer name) their own format or none.
     embedding_quant: str | None = None
@@ -128,7 +128,7 @@ def _embedding_quantization(options: CompileOptions) -> PipelineStep | None:
     if format in (None, "none"):
         if options.embedding_quant_tables or options.embedding_quant_min_bytes is not None:
             flag = "--embedding-quant-table" if options.embedding_quant_tables else "--embedding-quant-min-bytes"
-            raise UsageError(f"{flag}: embedding tables are not quantized in this build (use --embedding-quant=int8|int4|fp16, or -O3)")
+            raise UsageError(f"{flag}: embedding tables are not quantized in this build (use --embedding-quant=int8|int4|fp16|auto, or -O3)")
         return None
     params = {"format": format}
     if options.embedding_quant_min_bytes is not None:

@@ -54,7 +54,7 @@ LOSSY_PASS_OPTIONS: dict[str, tuple[str, str]] = {
 }
 EMBEDDING_QUANTIZATION = "embedding-quantization"
 # The embedding-table format each level uses when the user does not choose one.
-DEFAULT_EMBEDDING_FORMAT: dict[int, str | None] = {0: None, 1: None, 2: None, 3: "int8"}
+DEFAULT_EMBEDDING_FORMAT: dict[int, str | None] = {0: None, 1: None, 2: None, 3: "auto"}
 FC_QUANTIZATION = "fc-quantization"
 # The FC layer precision each level uses when the user does not choose one (None: fp32, no pass). None
 # at -O3 either: bf16 / int8 layers are faster only on x86 with AMX (int8 also with VNNI), and a level's

@@ -115,9 +115,9 @@ def test_print_pipeline_per_level(print_pipeline):
     assert "concat-fc-fusion" not in cleanup
     fast = print_pipeline("-O2")
     assert fast == [*legalization, *cleanup[:-1], "concat-fc-fusion", "dead-code-elimination"]
-    # -O3 adds the lossy default: int8 embedding tables, before the cleanup that follows lossy passes.
+    # -O3 adds the lossy default: int8 or fp16 embedding tables, before the cleanup that follows lossy passes.
     position = fast.index("prune-dead-neurons")
-    assert print_pipeline("-O3") == [*fast[:position], "embedding-quantization<format=int8>", *fast[position:]]
+    assert print_pipeline("-O3") == [*fast[:position], "embedding-quantization<format=auto>", *fast[position:]]
     assert print_pipeline("-O3", "--embedding-quant=none") == fast
 
 

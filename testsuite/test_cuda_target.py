@@ -226,8 +226,9 @@ def test_check_cuda_builds_each_precision_beside_its_reference_graph(nvcc, tmp_p
 
 
 def test_check_cuda_checks_an_o3_build_against_its_int8_tables(nvcc, tmp_path):
-    """-O3 stores large tables as int8, so a GPU run of its artifact is checked against onnxruntime's
-    run of the quantized graph, which --build-only writes beside it, not against the fp32 model."""
+    """-O3 stores large tables as int8 (rows of 64 values; fp16 narrower ones), so a GPU run of its
+    artifact is checked against onnxruntime's run of the quantized graph, which --build-only writes
+    beside it, not against the fp32 model."""
     tool = Path(__file__).resolve().parent.parent / "tools" / "check_cuda.py"
     table = numpy_helper.from_array(np.random.default_rng(0).normal(0, 0.05, (4096, 64)).astype(np.float32), "table")  # 1 MiB
     graph = helper.make_graph(

@@ -20,6 +20,7 @@ from reccc.errors import EmbeddingIndexError
 from reccc.ir import Model
 from reccc.pass_manager import create_pass
 from reccc.passes import embedding_quantization  # noqa: F401  (registers the pass create_pass names)
+from reccc.passes.embedding_formats import cache_lines_per_lookup, encode
 from reccc.reference import agreement, run_reference
 from reccc.sample_inputs import random_inputs
 
@@ -297,12 +298,46 @@ def test_fp16_error_is_fp16_rounding(table):
 
 def test_O3_quantizes_large_tables_by_default_and_none_turns_it_off(reccc_cli, embedding_dlrm, tmp_path):
     pipeline = reccc_cli("-O3", "--print-pipeline").stdout
-    assert "embedding-quantization<format=int8>" in pipeline
+    assert "embedding-quantization<format=auto>" in pipeline
     assert "embedding-quantization" not in reccc_cli("-O3", "--embedding-quant=none", "--print-pipeline").stdout
     assert "embedding-quantization" not in reccc_cli("-O2", "--print-pipeline").stdout
     result = reccc_cli(embedding_dlrm, "-O3", "--emit=onnx", "-o", tmp_path / "m.onnx")
     assert result.code == 0 and accuracy_line(result.stderr) <= 2e-3
-    assert sum(t.data_type == TensorProto.UINT8 for t in onnx.load(tmp_path / "m.onnx").graph.initializer) == 4
+    assert sum(t.data_type == TensorProto.UINT8 for t in onnx.load(tmp_path / "m.onnx").graph.initializer) == 4  # dim 64: int8
+
+
+def test_auto_stores_each_table_in_the_format_whose_lookup_reads_fewest_cache_lines(reccc_cli, embedding_dlrm, tmp_path):
+    """-O3's default. A 16-value row is one cache line as fp16 or fp32, but int8's scale and bias are a
+    second line beside its codes: fp16. From 64 values int8 reads no more lines than fp16: int8."""
+    narrow = tmp_path / "narrow.onnx"
+    onnx.save(testmodels.deepfm(fields=4, rows=20000, dim=16, seed=5), narrow)  # 1.3 MB shared table
+    result = reccc_cli(narrow, "-O3", "--time-passes", "--emit=onnx", "-o", tmp_path / "n.onnx")
+    assert result.code == 0, result.stderr
+    assert re.search(r"table '(\w+)' 20000x16: fp16 \(auto: a lookup reads 1 cache line as fp16, 2 cache lines as int8\), 1280000 -> 640000 bytes", result.stderr)
+    stored = {t.name: t.data_type for t in onnx.load(tmp_path / "n.onnx").graph.initializer}
+    assert TensorProto.UINT8 not in stored.values() and sum(name.endswith(".values") for name in stored) == 1
+    feeds = random_inputs(Model.from_onnx(onnx.load(narrow)), 33, seed=3)
+    assert reccc_cli(narrow, "-O3", "-o", tmp_path / "n.so").code == 0
+    for output, (error, bound) in agreement(run_reference(onnx.load(tmp_path / "n.onnx"), feeds), reccc.load(tmp_path / "n.so").run(feeds)).items():
+        assert error <= bound, output
+    wide = reccc_cli(embedding_dlrm, "--embedding-quant=auto", "--time-passes", "--emit=onnx", "-o", tmp_path / "w.onnx")
+    assert len(re.findall(r"20000x64: int8 \(auto: a lookup reads 2 cache lines as int8, 2 cache lines as fp16\)", wide.stderr)) == 4
+    assert reccc_cli(narrow, "--embedding-quant=int8", "--emit=onnx", "-o", tmp_path / "i.onnx").code == 0  # asked for: int8
+    assert TensorProto.UINT8 in {t.data_type for t in onnx.load(tmp_path / "i.onnx").graph.initializer}
+
+
+@settings(max_examples=60, deadline=None)
+@given(dim=st.integers(1, 300), format=st.sampled_from(["int8", "int4", "fp16"]))
+def test_cache_lines_per_lookup_is_the_average_over_the_tables_rows(dim, format):
+    """Against counting the lines each of 128 rows (a whole period of any row size's offsets) spans in
+    each stored array, the arrays starting on a line."""
+    table = np.random.default_rng(dim).standard_normal((256, dim)).astype(np.float32)
+    counted = 0.0
+    for array in encode(table, format).arrays.values():
+        row_bytes = array.itemsize * int(np.prod(array.shape[1:]))
+        starts = np.arange(128) * row_bytes
+        counted += np.mean((starts + row_bytes - 1) // 64 - starts // 64 + 1)
+    assert cache_lines_per_lookup(table, format) == pytest.approx(counted)
 
 
 def outlier_model(tmp_path: Path) -> Path:

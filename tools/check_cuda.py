@@ -16,7 +16,7 @@ one process, medians after warm-ups:
   onnxruntime_cpu     onnxruntime, CPU provider, ORT_ENABLE_ALL, all cores
   onnxruntime_cuda    onnxruntime's CUDA provider (numpy in and out), where the installed onnxruntime has it
 With --fc-precision int8 or bf16 (reccc's --fc-precision, FC layers on the tensor cores), or at -O3
-(whose tables are int8 by default), the artifact is checked against onnxruntime's run of the graph
+(whose tables are int8 or fp16 by default), the artifact is checked against onnxruntime's run of the graph
 reccc's lossy passes rewrote (which the build writes beside it), and its outputs' deviation from the fp32 model is reported beside that graph's;
 onnxruntime's timings are of the fp32 model, the baseline. Such a build agrees when each output is
 within reccc's fp32 tolerance of that run, or within half of the graph's own deviation from the fp32
