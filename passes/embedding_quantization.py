@@ -109,7 +109,8 @@ def _fewest_lines_format(table: np.ndarray) -> tuple[str, str]:
     if not lines:  # neither can store it: int8's reason says why
         return AUTO_FORMATS[0], ""
     best = min(lines, key=lines.get)
-    compared = ", ".join(f"{count:.3g} cache line{'' if count == 1 else 's'} as {format}" for format, count in sorted(lines.items(), key=lambda item: item[0] != best))
+    best_first = sorted(lines, key=lambda format: format != best)
+    compared = ", ".join(f"{lines[format]:.3g} cache line{'' if lines[format] == 1 else 's'} as {format}" for format in best_first)
     return best, f" (auto: a lookup reads {compared})"
 
 
