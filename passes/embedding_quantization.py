@@ -69,10 +69,10 @@ class EmbeddingQuantization(Pass):
             if choice == KEEP:
                 self.note(f"table '{table.name}' {size}: kept fp32 ({table.values.nbytes} bytes)")
                 continue
-            why = ""
             if choice == AUTO:
-                choice, why = _fewest_lines_format(table.values)
-            reason = unsupported_reason(table.values, choice)
+                choice, why, reason = _fewest_lines_format(table.values)
+            else:
+                why, reason = "", unsupported_reason(table.values, choice)
             if reason is not None:
                 self.note(f"table '{table.name}' {size}: kept fp32: cannot store it as {choice}: {reason}")
                 continue
@@ -102,16 +102,18 @@ class EmbeddingQuantization(Pass):
         return changed
 
 
-def _fewest_lines_format(table: np.ndarray) -> tuple[str, str]:
+def _fewest_lines_format(table: np.ndarray) -> tuple[str, str, str | None]:
     """The AUTO_FORMATS format whose lookup reads the fewest cache lines (the first on a tie) among
-    those that can store `table`, and a note of the comparison."""
-    lines = {format: cache_lines_per_lookup(table, format) for format in AUTO_FORMATS if unsupported_reason(table, format) is None}
+    those that can store `table`, a note of the comparison, and why that format cannot store it (None
+    but where neither can). Each format's check scans the whole table once."""
+    reasons = {format: unsupported_reason(table, format) for format in AUTO_FORMATS}
+    lines = {format: cache_lines_per_lookup(table, format) for format in AUTO_FORMATS if reasons[format] is None}
     if not lines:  # neither can store it: int8's reason says why
-        return AUTO_FORMATS[0], ""
+        return AUTO_FORMATS[0], "", reasons[AUTO_FORMATS[0]]
     best = min(lines, key=lines.get)
     best_first = sorted(lines, key=lambda format: format != best)
     compared = ", ".join(f"{lines[format]:.3g} cache line{'' if lines[format] == 1 else 's'} as {format}" for format in best_first)
-    return best, f" (auto: a lookup reads {compared})"
+    return best, f" (auto: a lookup reads {compared})", None
 
 
 def _embedding_tables(graph: gs.Graph) -> list[tuple[gs.Constant, list[gs.Node]]]:

@@ -254,18 +254,22 @@ def test_pooled_lookup_dequantizes_and_pools_in_one_kernel(reccc_cli, tmp_path):
         assert error <= bound
 
 
-def quantized_lookup(table: np.ndarray, format: str) -> np.ndarray:
-    """Every row of `table` read back through the quantized graph in onnxruntime."""
-    rows = table.shape[0]
+def lookup_model(table: np.ndarray) -> Model:
+    """One Gather of `table` at run-time ids."""
     graph = helper.make_graph(
         [helper.make_node("Gather", ["table", "ids"], ["out"], name="lookup", axis=0)], "lookup",
         [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n", table.shape[1]])],
         [numpy_helper.from_array(table, "table")],
     )
-    model = Model.from_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    return Model.from_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def quantized_lookup(table: np.ndarray, format: str) -> np.ndarray:
+    """Every row of `table` read back through the quantized graph in onnxruntime."""
+    model = lookup_model(table)
     assert create_pass("embedding-quantization", format=format, min_bytes=0)(model)
-    return run_reference(model.to_onnx(), {"ids": np.arange(rows, dtype=np.int64)})["out"]
+    return run_reference(model.to_onnx(), {"ids": np.arange(table.shape[0], dtype=np.int64)})["out"]
 
 
 # From dim 3, where int8 makes a table smaller (narrower ones stay fp32:
@@ -324,6 +328,19 @@ def test_auto_stores_each_table_in_the_format_whose_lookup_reads_fewest_cache_li
     assert len(re.findall(r"20000x64: int8 \(auto: a lookup reads 2 cache lines as int8, 2 cache lines as fp16\)", wide.stderr)) == 4
     assert reccc_cli(narrow, "--embedding-quant=int8", "--emit=onnx", "-o", tmp_path / "i.onnx").code == 0  # asked for: int8
     assert TensorProto.UINT8 in {t.data_type for t in onnx.load(tmp_path / "i.onnx").graph.initializer}
+
+
+def test_auto_falls_back_to_the_format_that_can_store_the_table():
+    """Values beyond fp16's range leave int8, though fp16 would read fewer lines; a NaN leaves neither."""
+    wide_range = np.random.default_rng(0).standard_normal((100, 16)).astype(np.float32)
+    wide_range[3, 5] = 1e6
+    auto = create_pass("embedding-quantization", format="auto", min_bytes=0)
+    assert auto(lookup_model(wide_range))
+    assert auto.details()[0].startswith("table 'table' 100x16: int8 (auto: a lookup reads 2 cache lines as int8), 6400 -> 2400 bytes")
+    broken = wide_range.copy()
+    broken[7, 0] = np.nan
+    assert not auto(lookup_model(broken))
+    assert auto.details() == ["table 'table' 100x16: kept fp32: cannot store it as int8: it holds NaN or Inf"]
 
 
 @settings(max_examples=60, deadline=None)
