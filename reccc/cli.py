@@ -16,6 +16,7 @@ from pathlib import Path
 
 from reccc import __version__
 from reccc.errors import ReccError, UsageError
+from reccc.pipelines import EMBEDDING_FORMAT_CHOICES
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports usage errors as exit 2 through reccc's own one-line error path."""
@@ -62,7 +63,7 @@ def _compile_parser() -> argparse.ArgumentParser:
                         help="lossy: zero FC weights with |w| < T (magnitude pruning); reports the sparsity reached")
     parser.add_argument("--prune-neurons", type=float, metavar="FRACTION",
                         help="lossy: remove this fraction of each hidden FC layer's neurons, lowest L2 norm first")
-    parser.add_argument("--embedding-quant", choices=("int8", "int4", "fp16", "auto", "none"),
+    parser.add_argument("--embedding-quant", choices=EMBEDDING_FORMAT_CHOICES,
                         help="lossy: store embedding tables of at least --embedding-quant-min-bytes as row-wise int8 or int4 "
                         "(scale and bias per row) or fp16, or auto: per table int8 or fp16, whichever a lookup reads fewer "
                         "cache lines of (fp16 for rows of up to 32 values); default: auto at -O3 (within 1%% of the "
@@ -237,8 +238,8 @@ def _table_formats(values: list[str]) -> dict[str, str]:
     formats = {}
     for value in values:
         name, _, format = value.rpartition("=")
-        if not name or format not in ("int8", "int4", "fp16", "auto", "none"):
-            raise UsageError(f"--embedding-quant-table {value}: expected NAME=FORMAT with FORMAT one of int8, int4, fp16, auto, none")
+        if not name or format not in EMBEDDING_FORMAT_CHOICES:
+            raise UsageError(f"--embedding-quant-table {value}: expected NAME=FORMAT with FORMAT one of {', '.join(EMBEDDING_FORMAT_CHOICES)}")
         if name in formats:
             raise UsageError(f"--embedding-quant-table {value}: table '{name}' is given twice")
         formats[name] = format

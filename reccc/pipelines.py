@@ -53,6 +53,9 @@ LOSSY_PASS_OPTIONS: dict[str, tuple[str, str]] = {
     "prune_neurons": ("neuron-pruning", "fraction"),
 }
 EMBEDDING_QUANTIZATION = "embedding-quantization"
+# What --embedding-quant and --embedding-quant-table accept: the pass's formats, its per-table choice
+# between int8 and fp16 (reccc.passes.embedding_quantization), and fp32 tables.
+EMBEDDING_FORMAT_CHOICES = ("int8", "int4", "fp16", "auto", "none")
 # The embedding-table format each level uses when the user does not choose one.
 DEFAULT_EMBEDDING_FORMAT: dict[int, str | None] = {0: None, 1: None, 2: None, 3: "auto"}
 FC_QUANTIZATION = "fc-quantization"

@@ -41,6 +41,7 @@ import numpy as np
 import onnx
 
 from kernel_profile import print_hot_kernels
+from reccc.pipelines import EMBEDDING_FORMAT_CHOICES
 from round_order import round_order
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -101,7 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--levels", type=level_list, default=[2, 3], help="reccc optimization levels to compare, comma-separated (default: 2,3)")
     parser.add_argument("--tune-trials", type=int, default=256, help="-O3's tuning trials (default: 256, reccc's default)")
     parser.add_argument("--tune-time", type=float, default=600.0, help="-O3's tuning seconds (default: 600, reccc's default)")
-    parser.add_argument("--embedding-quant", choices=("int8", "int4", "fp16", "auto", "none"),
+    parser.add_argument("--embedding-quant", choices=EMBEDDING_FORMAT_CHOICES,
                         help="embedding table format at every level (default: each level's own: -O3's is auto, int8 or fp16 per table)")
     parser.add_argument("--tune-db", type=Path, help="-O3's tuning database (default: a fresh one, so -O3's compile time is the tuning's)")
     parser.add_argument("--json", type=Path, help="where to write the results, the chart beside it with suffix .png "

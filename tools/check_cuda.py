@@ -16,11 +16,11 @@ one process, medians after warm-ups:
   onnxruntime_cpu     onnxruntime, CPU provider, ORT_ENABLE_ALL, all cores
   onnxruntime_cuda    onnxruntime's CUDA provider (numpy in and out), where the installed onnxruntime has it
 With --fc-precision int8 or bf16 (reccc's --fc-precision, FC layers on the tensor cores), or at -O3
-(whose tables are int8 or fp16 by default), the artifact is checked against onnxruntime's run of the graph
-reccc's lossy passes rewrote (which the build writes beside it), and its outputs' deviation from the fp32 model is reported beside that graph's;
-onnxruntime's timings are of the fp32 model, the baseline. Such a build agrees when each output is
-within reccc's fp32 tolerance of that run, or within half of the graph's own deviation from the fp32
-model (RE_ROUNDING_SHARE): the GPU's fused multiply-adds and the tensor cores' summation order move
+(whose tables are int8 or fp16 by default), the artifact is checked against onnxruntime's run of the
+graph reccc's lossy passes rewrote (which the build writes beside it), and its outputs' deviation
+from the fp32 model is reported beside that graph's; onnxruntime's timings are of the fp32 model,
+the baseline. Such a build agrees when each output is within reccc's fp32 tolerance of that run, or
+within half of the graph's own deviation from the fp32 model (RE_ROUNDING_SHARE): the GPU's fused multiply-adds and the tensor cores' summation order move
 intermediate values by an ulp, and where one crosses a rounding boundary of a later layer's bf16
 activation or int8 code, the output moves by that rounding, which is the quantization's own error.
 
@@ -101,7 +101,7 @@ def local_gpu() -> dict | None:
 
 def build(models: list[Path], arch: str, opt_level: int, precisions: list[str], folder: Path) -> dict:
     """Compile each model for `arch` in each FC precision into `folder`, beside a copy of the model and,
-    for a lossy build (int8 / bf16 FC layers, -O3's int8 tables), the graph reccc rewrote (the reference);
+    for a lossy build (int8 / bf16 FC layers, -O3's int8 / fp16 tables), the graph reccc rewrote (the reference);
     returns the build index."""
     import reccc
     from reccc.pipelines import DEFAULT_EMBEDDING_FORMAT
